@@ -1,0 +1,96 @@
+"""When is a series complete? Pure decisions from what the state database knows (no I/O).
+
+DICOM has no "series done" signal. PET carries NumberOfSlices (0054,0081), so a PET series is complete the
+moment that many contiguous slices are here; anything else waits for a quiet period and is then checked for
+contiguity. Association release is only a hint (an SCU may send a series over several associations).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Verdict(enum.StrEnum):
+    WAIT = "wait"
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    reason: str
+
+
+def contiguity_problem(positions: Sequence[Sequence[float] | None], orientations: Sequence[Sequence[float] | None],
+                       tolerance: float = 0.05) -> str | None:
+    """Why these slices do not form one contiguous stack (None when they do).
+
+    Slices are sorted by their position along the slice normal; spacing must be uniform within ``tolerance``
+    (relative) and no two slices may share a position. Single-frame images without geometry pass.
+    """
+    if len(positions) < 2:
+        return None
+    if any(p is None or len(p) != 3 for p in positions) or any(o is None or len(o) != 6 for o in orientations):
+        return "some slices have no ImagePositionPatient / ImageOrientationPatient"
+    iops = np.asarray(orientations, dtype=float)
+    if np.abs(iops - iops[0]).max() > 1e-4:
+        return "slices have different ImageOrientationPatient"
+    normal = np.cross(iops[0, :3], iops[0, 3:])
+    along = np.sort(np.asarray(positions, dtype=float) @ normal)
+    steps = np.diff(along)
+    if np.any(steps < 1e-3):
+        dup = along[1:][steps < 1e-3][0]
+        return f"two slices at the same position ({dup:.2f} mm along the normal)"
+    median = float(np.median(steps))
+    bad = np.abs(steps - median) > tolerance * median
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        gap = int(round(steps[i] / median)) - 1
+        what = f"{gap} slice(s) missing" if gap >= 1 else "irregular spacing"
+        return (f"not contiguous: {what} between {along[i]:.2f} and {along[i + 1]:.2f} mm "
+                f"(spacing {steps[i]:.2f} mm, usual {median:.2f} mm)")
+    return None
+
+
+def decide(*, modality: str, received: int, expected: int | None, seconds_quiet: float, quiet_period_s: float,
+           positions: Sequence[Sequence[float] | None], orientations: Sequence[Sequence[float] | None],
+           forced: bool = False, tolerance: float = 0.05) -> Decision:
+    """Decide whether a series is complete now.
+
+    Parameters
+    ----------
+    modality, received, expected
+        What the series says of itself; ``expected`` is NumberOfSlices for classic PET, else None.
+    seconds_quiet, quiet_period_s
+        Time since the last instance arrived, and how long to wait when the count cannot decide.
+    positions, orientations
+        ImagePositionPatient / ImageOrientationPatient of every received instance.
+    forced
+        An operator said ``petnode series complete``: complete now, whatever the count.
+    """
+    if forced:
+        return Decision(Verdict.COMPLETE, f"forced by operator with {received} instance(s)")
+    counted = modality == "PT" and expected is not None and expected > 0
+    if counted and received >= expected:  # type: ignore[operator]
+        problem = contiguity_problem(positions, orientations, tolerance)
+        if problem is None:
+            return Decision(Verdict.COMPLETE, f"all {expected} slices received and contiguous")
+        if seconds_quiet < quiet_period_s:
+            return Decision(Verdict.WAIT, f"{received} of {expected} slices but {problem}")
+        return Decision(Verdict.INCOMPLETE, f"{received} of {expected} slices but {problem}")
+    if seconds_quiet < quiet_period_s:
+        detail = f"{received} of {expected} slices" if counted else f"{received} instance(s)"
+        return Decision(Verdict.WAIT, f"{detail}, waiting for the quiet period")
+    if counted:
+        return Decision(Verdict.INCOMPLETE, f"only {received} of {expected} slices after "
+                                            f"{seconds_quiet:.0f} s without new instances")
+    has_geometry = all(p is not None for p in positions)
+    problem = contiguity_problem(positions, orientations, tolerance) if modality == "PT" or has_geometry else None
+    if problem is not None:
+        return Decision(Verdict.INCOMPLETE, problem)
+    return Decision(Verdict.COMPLETE, f"{received} instance(s), quiet for {seconds_quiet:.0f} s")

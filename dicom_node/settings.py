@@ -1,0 +1,193 @@
+"""Node configuration: pydantic models loaded once from YAML and passed down.
+
+Every field has an embedded default, so ``petnode serve`` runs with no file at all (AE title PETNODE, port 11112,
+data directory ``./var``). Errors name the file, the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dicom_node.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RULES_FILE = Path("config/rules.yaml")
+_AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value) or "\\" in value:
+        raise ValueError(f"AE title {value!r} must be 1-16 printable ASCII characters without backslash")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Peer(_Frozen):
+    """A DICOM application entity petnode knows: a destination, or a sender to return results to."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class DiskSettings(_Frozen):
+    """Refuse C-STOREs (0xA700) before the disk is really full."""
+
+    min_free_mb: float = Field(500.0, ge=0)
+    max_used_percent: float = Field(95.0, gt=0, le=100)
+
+
+class CompletionSettings(_Frozen):
+    quiet_period_s: float = Field(30.0, gt=0)
+    poll_interval_s: float = Field(1.0, gt=0)
+    # Relative tolerance on slice spacing when checking that slices are contiguous.
+    spacing_tolerance: float = Field(0.05, gt=0, lt=1)
+
+
+class SendSettings(_Frozen):
+    max_attempts: int = Field(8, ge=1)
+    backoff_initial_s: float = Field(5.0, gt=0)
+    backoff_max_s: float = Field(900.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0)
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
+class WorkerSettings(_Frozen):
+    cpu: int = Field(2, ge=1, le=64)
+
+
+class RetentionSettings(_Frozen):
+    """Spool and outputs of delivered series are removed after ``delivered_max_age_h`` hours."""
+
+    delivered_max_age_h: float = Field(72.0, gt=0)
+    interval_min: float = Field(60.0, gt=0)
+
+
+class NodeSettings(_Frozen):
+    """Everything ``petnode serve`` needs. Defaults are the embedded defaults."""
+
+    ae_title: AETitle = "PETNODE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)  # 0 = any free port (tests)
+    data_dir: Path = Path("var")
+    rules_file: Path | None = None  # None: ./config/rules.yaml
+    max_associations: int = Field(10, ge=1, le=1000)
+    allowed_calling_aes: tuple[AETitle, ...] = ()  # empty: accept any calling AE
+    network_timeout_s: float = Field(60.0, gt=0)
+    disk: DiskSettings = DiskSettings()
+    completion: CompletionSettings = CompletionSettings()
+    send: SendSettings = SendSettings()
+    workers: WorkerSettings = WorkerSettings()
+    retention: RetentionSettings = RetentionSettings()
+    peers: tuple[Peer, ...] = ()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _unique_peers(self) -> NodeSettings:
+        names = [p.name for p in self.peers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"peer names must be unique, repeated: {dupes}")
+        return self
+
+    @property
+    def state_db(self) -> Path:
+        return self.data_dir / "state.sqlite3"
+
+    def peer(self, name: str) -> Peer | None:
+        return next((p for p in self.peers if p.name == name), None)
+
+    def peer_by_ae(self, ae_title: str) -> Peer | None:
+        return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
+
+    def resolved_rules_file(self) -> Path:
+        return self.rules_file if self.rules_file is not None else DEFAULT_RULES_FILE
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at ``loc`` (for did-you-mean on unknown keys)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(source: str, model: type[BaseModel], exc: ValidationError) -> str:
+    """One line per problem: file, dotted key path, bad value, message, and a did-you-mean for unknown keys."""
+    lines = []
+    for err in exc.errors():
+        loc = err["loc"]
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
+        value = err.get("input")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden" and loc:
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(model, loc), n=1)
+            msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+            lines.append(f"{source}: {key}: {msg}")
+            continue
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        lines.append(f"{source}: {key} = {shown}: {msg}")
+    return "\n".join(lines)
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
+    """Load node settings from ``path`` (or the embedded defaults), applying keyword overrides last.
+
+    Relative ``data_dir`` and ``rules_file`` in a file are resolved against the file's folder, so a config
+    file works from any working directory.
+    """
+    data: dict[str, Any] = {}
+    source = "(embedded defaults)"
+    if path is not None:
+        source = str(path)
+        loaded = load_yaml(path)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of settings, got {type(loaded).__name__}")
+        data = dict(loaded)
+        for key in ("data_dir", "rules_file"):
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str((path.parent / data[key]).resolve())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return NodeSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, NodeSettings, exc)) from None

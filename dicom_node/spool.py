@@ -1,0 +1,135 @@
+"""Durable files in the data directory: atomic, fsynced writes and the disk watermark.
+
+Layout under the data directory::
+
+    spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   what senders stored, byte for byte as received
+    outputs/<SeriesUID>/<route>/NNNN.dcm                 derived series written by the pipeline
+    state.sqlite3                                         the state database (see state.py)
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from dicom_node.errors import DiskFullError, StorageError
+from dicom_node.settings import DiskSettings
+
+logger = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^[0-9.]{1,64}$")
+
+
+def safe_name(uid: str) -> str:
+    """A file-system-safe name for a UID; anything that is not a plain UID is hashed (no path tricks)."""
+    uid = uid.strip().rstrip("\x00")
+    if _UID_RE.match(uid) and uid not in (".", ".."):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durable(path: Path) -> None:
+    """Create ``path`` and fsync each new directory's parent, so the new entries survive a power cut."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        fsync_dir(d.parent)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync the directory.
+
+    Nothing half-written is ever left under the final name; on failure the temp file is removed and
+    :class:`DiskFullError` (out of space) or :class:`StorageError` is raised.
+    """
+    make_dirs_durable(path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"out of space writing {path.name!r} in {str(path.parent)!r}") from exc
+        raise StorageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+
+
+def disk_problem(data_dir: Path, disk: DiskSettings) -> str | None:
+    """Why the data directory must not take more data now (None when it may)."""
+    try:
+        usage = shutil.disk_usage(data_dir if data_dir.exists() else data_dir.parent)
+    except OSError as exc:
+        return f"cannot stat data directory {str(data_dir)!r}: {exc.strerror or exc}"
+    free_mb = usage.free / 2**20
+    used_pct = 100.0 * (usage.total - usage.free) / usage.total if usage.total else 100.0
+    if free_mb < disk.min_free_mb:
+        return f"free space {free_mb:.0f} MB is below the minimum {disk.min_free_mb:.0f} MB"
+    if used_pct > disk.max_used_percent:
+        return f"disk {used_pct:.1f} % used, above the watermark {disk.max_used_percent:.1f} %"
+    return None
+
+
+class Spool:
+    """Where received instances live, byte for byte as the sender encoded them."""
+
+    def __init__(self, data_dir: Path, disk: DiskSettings) -> None:
+        self.data_dir = data_dir
+        self.root = data_dir / "spool"
+        self.outputs = data_dir / "outputs"
+        self.disk = disk
+        make_dirs_durable(self.root)
+        make_dirs_durable(self.outputs)
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        return self.root / safe_name(study_uid) / safe_name(series_uid) / f"{safe_name(sop_instance_uid)}.dcm"
+
+    def output_dir(self, series_uid: str, route: str) -> Path:
+        return self.outputs / safe_name(series_uid) / route
+
+    def check_space(self) -> None:
+        problem = disk_problem(self.data_dir, self.disk)
+        if problem:
+            raise DiskFullError(problem)
+
+    def store(self, study_uid: str, series_uid: str, sop_instance_uid: str, data: bytes) -> Path:
+        self.check_space()
+        path = self.instance_path(study_uid, series_uid, sop_instance_uid)
+        write_durable(path, data)
+        return path
+
+    def remove_tree(self, path: Path) -> None:
+        """Remove a folder of ours (retention); refuses anything outside the data directory."""
+        resolved = path.resolve()
+        if self.data_dir.resolve() not in resolved.parents:
+            raise StorageError(f"refusing to remove {str(path)!r}: outside the data directory")
+        shutil.rmtree(resolved, ignore_errors=True)

@@ -1,0 +1,410 @@
+"""The node's state: one SQLite database (WAL) in the data directory, and every state transition.
+
+Disk plus this database are the truth. Each instance is recorded with ``synchronous=FULL`` before its C-STORE is
+acknowledged, so after ``kill -9`` a restart finds every acknowledged instance, and :meth:`StateDB.recover`
+puts interrupted work (processing, sending) back where it can resume.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import StorageError
+
+
+class SeriesState(enum.StrEnum):
+    RECEIVING = "receiving"  # instances arriving
+    COMPLETE = "complete"  # all slices here; waiting for a worker
+    PROCESSING = "processing"  # denoising / writing outputs
+    SENDING = "sending"  # outputs written; at least one destination not yet done
+    DELIVERED = "delivered"  # every destination acknowledged every instance
+    FAILED = "failed"  # processing failed, or a destination gave up (see error / sends)
+    INCOMPLETE = "incomplete"  # quiet period over but slices missing or not contiguous: operator decides
+    UNROUTED = "unrouted"  # no rule matched (kept, nothing sent)
+    REFUSED = "refused"  # a rule matched but refused the series (e.g. not quantitative)
+    OWN_OUTPUT = "own_output"  # our own derived series came back: never processed again (loop guard)
+
+
+class SendState(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    ipp TEXT,
+    iop TEXT,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT,
+    modality TEXT,
+    sop_class_uid TEXT,
+    calling_ae TEXT,
+    called_ae TEXT,
+    peer_host TEXT,
+    expected_count INTEGER,
+    received_count INTEGER NOT NULL DEFAULT 0,
+    first_received REAL,
+    last_received REAL,
+    state TEXT NOT NULL,
+    rule TEXT,
+    error TEXT,
+    force_complete INTEGER NOT NULL DEFAULT 0,
+    output_series_uid TEXT,
+    output_dir TEXT,
+    processed_at REAL,
+    delivered_at REAL,
+    purged_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE INDEX IF NOT EXISTS series_output ON series(output_series_uid);
+CREATE TABLE IF NOT EXISTS sends (
+    id INTEGER PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    ae_title TEXT NOT NULL,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    sent INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    UNIQUE (series_uid, destination)
+);
+CREATE TABLE IF NOT EXISTS associations (
+    id TEXT PRIMARY KEY,
+    calling_ae TEXT,
+    called_ae TEXT,
+    peer TEXT,
+    started_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    modality: str
+    path: Path
+    ipp: tuple[float, ...] | None
+    iop: tuple[float, ...] | None
+    expected_count: int | None
+    calling_ae: str
+    called_ae: str
+    peer_host: str
+
+
+def _row_dict(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    return dict(row) if row is not None else None
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    return tuple(json.loads(text)) if text else None
+
+
+class StateDB:
+    """Thread-safe access to the state database (one connection, one lock; WAL for the CLI's readers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open state database {str(path)!r}: {exc}") from exc
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before it returns, which the C-STORE acknowledgement relies on.
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._conn.execute(sql, tuple(args)).fetchall()]
+
+    # --- receive ---------------------------------------------------------------------------------------------
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return row is not None
+
+    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
+        """Record a durable instance; False when the SOP Instance UID was already recorded (duplicate)."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.sop_instance_uid,
+                    rec.series_uid,
+                    rec.sop_class_uid,
+                    str(rec.path),
+                    json.dumps(rec.ipp) if rec.ipp else None,
+                    json.dumps(rec.iop) if rec.iop else None,
+                    now,
+                ),
+            )
+            if cur.rowcount == 0:
+                return False
+            c.execute(
+                """INSERT INTO series (series_uid, study_uid, modality, sop_class_uid, calling_ae, called_ae,
+                       peer_host, expected_count, received_count, first_received, last_received, state, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)
+                   ON CONFLICT(series_uid) DO UPDATE SET
+                       received_count = received_count + 1,
+                       last_received = excluded.last_received,
+                       expected_count = COALESCE(series.expected_count, excluded.expected_count),
+                       state = CASE WHEN series.state IN ('complete', 'incomplete')
+                                         OR series.purged_at IS NOT NULL THEN 'receiving'
+                                    ELSE series.state END,
+                       purged_at = NULL,
+                       updated_at = excluded.updated_at""",
+                (
+                    rec.series_uid,
+                    rec.study_uid,
+                    rec.modality,
+                    rec.sop_class_uid,
+                    rec.calling_ae,
+                    rec.called_ae,
+                    rec.peer_host,
+                    rec.expected_count,
+                    now,
+                    now,
+                    SeriesState.RECEIVING.value,
+                    now,
+                ),
+            )
+        return True
+
+    def instances(self, series_uid: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at", (series_uid,))
+        for r in rows:
+            r["ipp"], r["iop"] = _floats(r["ipp"]), _floats(r["iop"])
+        return rows
+
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        return [Path(r["path"]) for r in self._query(
+            "SELECT path FROM instances WHERE series_uid = ? ORDER BY received_at", (series_uid,))]
+
+    # --- series ----------------------------------------------------------------------------------------------
+    def series(self, series_uid: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM series WHERE series_uid = ?", (series_uid,))
+        return rows[0] if rows else None
+
+    def find_series(self, prefix: str) -> list[dict[str, Any]]:
+        """Series whose UID equals ``prefix`` or starts with it (operators type short prefixes)."""
+        exact = self.series(prefix)
+        if exact is not None:
+            return [exact]
+        return self._query("SELECT * FROM series WHERE series_uid LIKE ? ORDER BY first_received",
+                           (prefix.replace("%", "") + "%",))
+
+    def list_series(self, states: Sequence[str] = (), limit: int = 200) -> list[dict[str, Any]]:
+        if states:
+            marks = ",".join("?" * len(states))
+            return self._query(
+                f"SELECT * FROM series WHERE state IN ({marks}) ORDER BY first_received DESC LIMIT ?",
+                [*states, limit],
+            )
+        return self._query("SELECT * FROM series ORDER BY first_received DESC LIMIT ?", (limit,))
+
+    def is_own_output(self, series_uid: str) -> bool:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT 1 FROM series WHERE output_series_uid = ? LIMIT 1", (series_uid,)
+            ).fetchone()
+        return row is not None
+
+    def set_state(self, series_uid: str, state: SeriesState, *, error: str | None = None,
+                  rule: str | None = None, expect: Sequence[SeriesState] = ()) -> bool:
+        """Move a series to ``state``; with ``expect``, only from one of those states. True when it moved."""
+        now = time.time()
+        sql = ("UPDATE series SET state = ?, error = ?, updated_at = ?, rule = COALESCE(?, rule), "
+               "force_complete = 0")
+        args: list[Any] = [state.value, error, now, rule]
+        if state is SeriesState.DELIVERED:
+            sql += ", delivered_at = ?"
+            args.append(now)
+        sql += " WHERE series_uid = ?"
+        args.append(series_uid)
+        if expect:
+            sql += f" AND state IN ({','.join('?' * len(expect))})"
+            args.extend(s.value for s in expect)
+        with self._tx() as c:
+            return c.execute(sql, args).rowcount > 0
+
+    def request_complete(self, series_uid: str) -> bool:
+        """Operator's force: the scheduler completes the series at its next check, whatever the count."""
+        with self._tx() as c:
+            return c.execute(
+                "UPDATE series SET force_complete = 1, updated_at = ? WHERE series_uid = ? AND state IN (?, ?)",
+                (time.time(), series_uid, SeriesState.RECEIVING.value, SeriesState.INCOMPLETE.value),
+            ).rowcount > 0
+
+    def set_outputs(self, series_uid: str, output_series_uid: str, output_dir: Path) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE series SET output_series_uid = ?, output_dir = ?, processed_at = ?, updated_at = ? "
+                "WHERE series_uid = ?",
+                (output_series_uid, str(output_dir), time.time(), time.time(), series_uid),
+            )
+
+    def mark_purged(self, series_uid: str) -> None:
+        """Files are gone: forget the instances, so a later re-send is stored again instead of "duplicate"."""
+        with self._tx() as c:
+            c.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            c.execute("UPDATE series SET purged_at = ?, received_count = 0, updated_at = ? WHERE series_uid = ?",
+                      (time.time(), time.time(), series_uid))
+
+    # --- sends -----------------------------------------------------------------------------------------------
+    def add_send(self, series_uid: str, ae_title: str, host: str, port: int, total: int,
+                 *, failed_reason: str | None = None) -> None:
+        """Queue one destination for a series (idempotent: a second call for the same destination is a no-op)."""
+        key = f"{ae_title}@{host}:{port}"
+        state = SendState.FAILED if failed_reason else SendState.PENDING
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO sends (series_uid, destination, ae_title, host, port, state, total, "
+                "last_error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (series_uid, key, ae_title, host, port, state.value, total, failed_reason, time.time()),
+            )
+
+    def sends(self, series_uid: str | None = None) -> list[dict[str, Any]]:
+        if series_uid is None:
+            return self._query("SELECT * FROM sends ORDER BY id")
+        return self._query("SELECT * FROM sends WHERE series_uid = ? ORDER BY id", (series_uid,))
+
+    def claim_due_sends(self, now: float, busy: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Atomically move due pending sends to ``sending`` (skipping destinations in ``busy``) and return them."""
+        with self._tx() as c:
+            rows = [dict(r) for r in c.execute(
+                "SELECT * FROM sends WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id",
+                (SendState.PENDING.value, now),
+            ).fetchall()]
+            claimed = []
+            taken = set(busy)
+            for row in rows:
+                if row["destination"] in taken:
+                    continue
+                taken.add(row["destination"])
+                c.execute("UPDATE sends SET state = ?, updated_at = ? WHERE id = ?",
+                          (SendState.SENDING.value, now, row["id"]))
+                claimed.append(row)
+        return claimed
+
+    def finish_send(self, send_id: int, *, ok: bool, sent: int, error: str | None,
+                    retry_at: float | None) -> SendState:
+        """Record an attempt. ``retry_at`` None with ``ok`` False means the send gave up (failed)."""
+        state = SendState.DONE if ok else (SendState.PENDING if retry_at is not None else SendState.FAILED)
+        with self._tx() as c:
+            c.execute(
+                "UPDATE sends SET state = ?, attempts = attempts + 1, sent = ?, last_error = ?, "
+                "next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                (state.value, sent, error, retry_at or 0.0, time.time(), send_id),
+            )
+        return state
+
+    def settle_series(self, series_uid: str) -> SeriesState | None:
+        """After a send finished: DELIVERED when every destination is done, FAILED when the rest gave up."""
+        with self._tx() as c:
+            states = [r[0] for r in c.execute("SELECT state FROM sends WHERE series_uid = ?", (series_uid,))]
+            if not states or any(s in (SendState.PENDING, SendState.SENDING) for s in states):
+                return None
+            now = time.time()
+            if all(s == SendState.DONE for s in states):
+                c.execute("UPDATE series SET state = ?, error = NULL, delivered_at = ?, updated_at = ? "
+                          "WHERE series_uid = ?", (SeriesState.DELIVERED.value, now, now, series_uid))
+                return SeriesState.DELIVERED
+            failed = [r[0] for r in c.execute(
+                "SELECT destination FROM sends WHERE series_uid = ? AND state = ?",
+                (series_uid, SendState.FAILED.value))]
+            c.execute("UPDATE series SET state = ?, error = ?, updated_at = ? WHERE series_uid = ?",
+                      (SeriesState.FAILED.value, f"send failed to {', '.join(failed)}", now, series_uid))
+            return SeriesState.FAILED
+
+    def retry_sends(self, series_uid: str) -> int:
+        """Operator's retry: failed (and not yet done) sends of a series go back to pending, attempts reset."""
+        with self._tx() as c:
+            n = c.execute(
+                "UPDATE sends SET state = ?, attempts = 0, next_attempt_at = 0, updated_at = ? "
+                "WHERE series_uid = ? AND state = ?",
+                (SendState.PENDING.value, time.time(), series_uid, SendState.FAILED.value),
+            ).rowcount
+            if n:
+                c.execute("UPDATE series SET state = ?, error = NULL, updated_at = ? WHERE series_uid = ?",
+                          (SeriesState.SENDING.value, time.time(), series_uid))
+        return n
+
+    # --- associations (for `petnode status`) -----------------------------------------------------------------
+    def association_opened(self, assoc_id: str, calling_ae: str, called_ae: str, peer: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO associations VALUES (?, ?, ?, ?, ?)",
+                      (assoc_id, calling_ae, called_ae, peer, time.time()))
+
+    def association_closed(self, assoc_id: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM associations WHERE id = ?", (assoc_id,))
+
+    def associations(self) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM associations ORDER BY started_at")
+
+    # --- restart ---------------------------------------------------------------------------------------------
+    def recover(self) -> dict[str, int]:
+        """After a crash: interrupted processing restarts, interrupted sends retry, stale associations go."""
+        with self._tx() as c:
+            processing = c.execute(
+                "UPDATE series SET state = ?, updated_at = ? WHERE state = ?",
+                (SeriesState.COMPLETE.value, time.time(), SeriesState.PROCESSING.value),
+            ).rowcount
+            sending = c.execute(
+                "UPDATE sends SET state = ?, next_attempt_at = 0 WHERE state = ?",
+                (SendState.PENDING.value, SendState.SENDING.value),
+            ).rowcount
+            c.execute("DELETE FROM associations")
+        return {"processing": processing, "sending": sending}
