@@ -1,0 +1,529 @@
+"""Write a denoised PET volume as a classic PET Image Storage series derived from its source slices.
+
+One output instance per source slice, same Study, Frame of Reference and geometry, so a PACS files it beside the
+source and any viewer fuses or compares the two. Everything SUV depends on (Units, DecayCorrection, the
+radiopharmaceutical sequence, PatientWeight, SeriesDate/Time, AcquisitionDate/Time) is copied unchanged, and the
+pixels are re-quantised per slice with a new RescaleSlope so nothing clips: SUV read from the derived series equals
+SUV computed from the denoised volume with the source's SUV factor.
+
+Codes (PS3.16), with the reason each was chosen:
+
+- DerivationCodeSequence, CID 7203 "Image Derivation": (113088, DCM, "Gaussian blur") for the Gaussian filter, and
+  (113087, DCM, "Smoothing") for every other denoiser, the closest CID 7203 concept to noise reduction (the group
+  holds no "denoising" concept; 113085 "Spatial resampling" or 113072 "Multiplanar reformatting" would be wrong: the
+  grid is unchanged).
+- SourceImageSequence Purpose of Reference, CID 7202 "Source Image Purposes of Reference":
+  (121322, DCM, "Source image for image processing operation").
+- RelatedSeriesSequence Purpose of Reference, CID 7210 "Related Series Purposes of Reference":
+  (121323, DCM, "Source series for image processing operation") -- each output slice depends on its neighbours too
+  (3-D filters), so the whole source series is referenced once beside the per-slice source image.
+- ContributingEquipmentSequence Purpose of Reference, CID 7005 "Contributing Equipment Purposes of Reference":
+  (109102, DCM, "Processing Equipment"), defined as equipment that processed composite instances to create new
+  ones. IHE AI Results (AIR, trial implementation) uses the placeholder (Newcode1, 99IHE, "Processing Algorithm")
+  for the same role; a placeholder code is not stable enough to write into archives, and the Sequence allows a
+  single item, so the standard DCM code wins. The IHE AIR pattern is otherwise followed: Manufacturer names the
+  software ("petnode", also the loop guard), ManufacturerModelName the algorithm, SoftwareVersions the software and
+  model versions, ContributionDescription the parameters.
+
+Made to pass ``dciodvfy`` with zero errors also on real, slightly non-conformant sources: see
+:func:`_conform_to_pet_iod` for the corrections and why each is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import format_number_as_ds
+
+from dicom_node import __version__
+from dicom_node.errors import OutputWriteError
+from dicom_node.outputs.uids import derive_uid
+from dicom_node.series import PET_IMAGE_STORAGE, PetVolume
+
+__all__ = [
+    "CONTRIBUTING_EQUIPMENT_PURPOSE",
+    "DEFAULT_DERIVATION_CODE",
+    "DERIVATION_CODES",
+    "PETNODE_MANUFACTURER",
+    "Provenance",
+    "derived_series_uid",
+    "is_petnode_output",
+    "write_derived_pet",
+]
+
+logger = logging.getLogger(__name__)
+
+Code = tuple[str, str, str]  # (CodeValue, CodingSchemeDesignator, CodeMeaning)
+
+PETNODE_MANUFACTURER = "petnode"
+# CID 7203 Image Derivation, by denoiser name; anything else gets DEFAULT_DERIVATION_CODE.
+DERIVATION_CODES: Mapping[str, Code] = {"gaussian": ("113088", "DCM", "Gaussian blur")}
+DEFAULT_DERIVATION_CODE: Code = ("113087", "DCM", "Smoothing")
+# CID 7202 Source Image Purposes of Reference.
+SOURCE_IMAGE_PURPOSE: Code = ("121322", "DCM", "Source image for image processing operation")
+# CID 7210 Related Series Purposes of Reference.
+SOURCE_SERIES_PURPOSE: Code = ("121323", "DCM", "Source series for image processing operation")
+# CID 7005 Contributing Equipment Purposes of Reference.
+CONTRIBUTING_EQUIPMENT_PURPOSE: Code = ("109102", "DCM", "Processing Equipment")
+
+# Fixed identity of this writer in the file meta header (PS3.10 7.1): a UID and a name of at most 16 characters.
+IMPLEMENTATION_CLASS_UID = derive_uid("petnode", "implementation-class")
+IMPLEMENTATION_VERSION_NAME = f"PETNODE_{__version__}"[:16]
+
+_INT16_MAX = 32767
+_LO_MAX = 64
+_ST_MAX = 1024
+
+# Attributes that describe the source's stored pixels or its own creation and would be false on a derived instance.
+_DROP_FROM_SOURCE = (
+    "SmallestImagePixelValue",  # stored-value statistics: the stored values change
+    "LargestImagePixelValue",
+    "SmallestPixelValueInSeries",
+    "LargestPixelValueInSeries",
+    "PixelPaddingValue",  # a stored value: meaningless after re-quantisation
+    "PixelPaddingRangeLimit",
+    "IconImageSequence",  # thumbnail of the source pixels
+    "InstanceCreatorUID",  # identified the source's creator
+    "SourceImageSequence",  # replaced by references to the source
+    "DerivationCodeSequence",
+    "DerivationDescription",
+    "PixelData",
+)
+
+_DROP_TAGS = frozenset(tag_for_keyword(k) for k in _DROP_FROM_SOURCE)
+
+# Body parts (PS3.16 Annex L, "paired" structures and regions) for which General Series Laterality is required when
+# no Image Laterality is sent.
+_PAIRED_BODY_PARTS = frozenset(
+    {
+        "ACJOINT", "ADRENAL", "ANKLE", "ARM", "AXILLA", "BREAST", "CALCANEUS", "CAROTID", "CLAVICLE", "EAR",
+        "ELBOW", "EXTREMITY", "EYE", "FEMUR", "FIBULA", "FINGER", "FOOT", "FOREARM", "HAND", "HIP", "HUMERUS",
+        "KIDNEY", "KNEE", "LEG", "LOWER LIMB", "LUNG", "ORBIT", "OVARY", "PAROTID", "PATELLA", "RADIUS", "RIB",
+        "SCAPULA", "SHOULDER", "SJOINT", "SUBMANDIBULAR", "TESTIS", "THIGH", "TIBIA", "TMJ", "TOE", "ULNA",
+        "UPPER LIMB", "URETER", "WRIST",
+    }
+)  # fmt: skip
+
+# Clinical Trial Subject module (PS3.3 C.7.1.3) attributes.
+_CLINICAL_TRIAL_SUBJECT = (
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a derived series; written into the DICOM provenance and the derived UIDs.
+
+    Attributes
+    ----------
+    method
+        Denoiser name (registry key), e.g. "gaussian".
+    params
+        Validated denoiser parameters (copied; JSON-serialisable values expected).
+    route
+        Name of the rule that routed the series.
+    model_version
+        Trained model version, None for methods without weights.
+    series_description_suffix
+        Appended to the source SeriesDescription (the total is cut to 64 characters, keeping the suffix).
+    series_number_offset
+        Added to the source SeriesNumber.
+    software_version
+        petnode version written to SoftwareVersions.
+    """
+
+    method: str
+    params: Mapping[str, Any]
+    route: str
+    model_version: str | None = None
+    series_description_suffix: str = " [petnode]"
+    series_number_offset: int = 1000
+    software_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if not self.method:
+            raise ValueError("Provenance.method must not be empty")
+        # A private copy: a caller mutating its dict later must not change UIDs or the written description.
+        object.__setattr__(self, "params", dict(self.params))
+
+    def canonical_params(self) -> str:
+        """Parameters as compact JSON with sorted keys (stable across runs and dict orders)."""
+        return json.dumps(dict(self.params), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def derived_series_uid(source_series_uid: str, provenance: Provenance) -> str:
+    """Deterministic SeriesInstanceUID of the derived series.
+
+    Depends on the source series, the route, the method, the model version and the parameters, not on the
+    software version or the time: re-running a job yields the same UIDs, so re-sending replaces rather than
+    duplicates.
+    """
+    return str(
+        derive_uid(
+            "petnode/derived-pet/series/v1",
+            str(source_series_uid),
+            provenance.route,
+            provenance.method,
+            provenance.model_version or "",
+            provenance.canonical_params(),
+        )
+    )
+
+
+def _instance_uid(series_uid: str, source_sop_uid: str) -> str:
+    return str(derive_uid("petnode/derived-pet/instance/v1", series_uid, source_sop_uid))
+
+
+def is_petnode_output(ds: Dataset) -> bool:
+    """True when ``ds`` was written by petnode (ContributingEquipmentSequence names petnode): the routing loop guard."""
+    for item in ds.get("ContributingEquipmentSequence", None) or []:
+        if str(item.get("Manufacturer", "") or "").strip().lower() == PETNODE_MANUFACTURER:
+            return True
+    return False
+
+
+def _code(code: Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code
+    return item
+
+
+def _clean_text(text: str, limit: int) -> str:
+    # LO/ST may not contain backslashes (value separator in LO) or control characters other than the usual ones.
+    cleaned = "".join(ch for ch in text.replace("\\", "/") if ch >= " ")
+    return cleaned[:limit]
+
+
+def _series_description(source: str, suffix: str) -> str:
+    suffix = _clean_text(suffix, _LO_MAX)
+    return _clean_text(source, _LO_MAX - len(suffix)).rstrip() + suffix if suffix else _clean_text(source, _LO_MAX)
+
+
+def _series_number(source: object, offset: int) -> int:
+    try:
+        number = int(str(source).strip()) if source not in (None, "") else 0
+    except ValueError:
+        number = 0
+    return number + int(offset)
+
+
+def quantise_slice(values: np.ndarray) -> tuple[np.ndarray, str]:
+    """Signed 16-bit stored values and the RescaleSlope (DS string) with ``stored * slope ~= values``, no clipping.
+
+    The slope is max|v| / 32767 as written in the DS string (16 characters), and the stored values are computed
+    from the written slope, so the reader reconstructs exactly what we quantised. Intercept is 0.
+    """
+    peak = float(np.max(np.abs(values))) if values.size else 0.0
+    if peak == 0.0:
+        return np.zeros(values.shape, dtype=np.int16), "1"
+    slope = peak / _INT16_MAX
+    text = format_number_as_ds(slope)
+    while peak / float(text) > _INT16_MAX + 0.5:  # DS formatting rounded the slope down: nudge it up
+        slope *= 1.0 + 1e-9
+        text = format_number_as_ds(slope)
+    stored = np.clip(np.rint(values / float(text)), -_INT16_MAX - 1, _INT16_MAX).astype(np.int16)
+    return stored, text
+
+
+def _conform_to_pet_iod(ds: Dataset) -> list[str]:
+    """Correct source attributes that would make the derived instance fail the PET Image IOD; return what changed.
+
+    Real GE/TCIA sources fail dciodvfy on exactly these (see shared/data READMEs); a new instance we sign as ours
+    must not carry them forward.
+    """
+    changes: list[str] = []
+    # General Series: Patient Position shall be absent when the NM/PET Patient Orientation Code Sequence is
+    # present (the coded orientation carries the same information).
+    if "PatientPosition" in ds and ds.get("PatientOrientationCodeSequence") is not None:
+        del ds.PatientPosition
+        changes.append("removed PatientPosition (PatientOrientationCodeSequence present)")
+    # PET Series: Number of Time Slices only for DYNAMIC, time slots and R-R intervals only for GATED series
+    # (GE writes the number of bed positions into NumberOfTimeSlices of WHOLE BODY/STATIC series).
+    series_type = [str(v).upper() for v in (ds.get("SeriesType") or [])]
+    kind = series_type[0] if series_type else ""
+    for keyword, wanted in (
+        ("NumberOfTimeSlices", "DYNAMIC"),
+        ("NumberOfTimeSlots", "GATED"),
+        ("NumberOfRRIntervals", "GATED"),
+    ):
+        if keyword in ds and kind != wanted:
+            del ds[keyword]
+            changes.append(f"removed {keyword} (SeriesType {kind or 'absent'})")
+    # General Series: Laterality (Type 2C) is required, empty meaning unknown, when the examined body part may be
+    # paired (or is not stated) and no Image Laterality is sent; it must be absent otherwise.
+    body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if "Laterality" not in ds and not ds.get("ImageLaterality"):
+        if not body_part or body_part in _PAIRED_BODY_PARTS:
+            ds.Laterality = ""
+            changes.append(f"added empty Laterality (BodyPartExamined {body_part or 'absent'})")
+    # Clinical Trial Subject: Sponsor Name and Protocol ID are Type 1, and Subject ID or Subject Reading ID is
+    # required. A module that fails this (TCIA writes an empty sponsor and no subject ID) is dropped as a whole
+    # rather than completed with invented identifiers.
+    if any(k in ds for k in _CLINICAL_TRIAL_SUBJECT):
+        complete = (
+            bool(ds.get("ClinicalTrialSponsorName"))
+            and bool(ds.get("ClinicalTrialProtocolID"))
+            and (bool(ds.get("ClinicalTrialSubjectID")) or bool(ds.get("ClinicalTrialSubjectReadingID")))
+        )
+        if not complete:
+            for keyword in _CLINICAL_TRIAL_SUBJECT:
+                if keyword in ds:
+                    del ds[keyword]
+            changes.append("removed the incomplete Clinical Trial Subject module")
+        else:
+            for keyword in ("ClinicalTrialProtocolName", "ClinicalTrialSiteID", "ClinicalTrialSiteName"):
+                if keyword not in ds:  # Type 2: present, empty when unknown
+                    setattr(ds, keyword, "")
+                    changes.append(f"added empty {keyword}")
+    return changes
+
+
+def _copy_public(source: Dataset) -> Dataset:
+    """Copy ``source`` without private attributes and without :data:`_DROP_FROM_SOURCE`, leaving it untouched.
+
+    Vendor private attributes are dropped: their meaning is unknown to us and some would be false on a derived
+    instance (GE GEMS_PETD_01 repeats source UIDs, counts and scan statistics). SUV needs none of them because
+    SeriesDate/Time and AcquisitionDate/Time are kept as in the source. Only sequences and multi-valued elements
+    are copied deeply (everything else is immutable), which is several times faster than ``copy.deepcopy``.
+    """
+    out = Dataset()
+    for tag in source.keys():
+        if tag.is_private or tag in _DROP_TAGS:
+            continue  # decided on the tag alone: private elements are never even decoded
+        elem = source[tag]
+        if elem.VR == "SQ":
+            out.add(DataElement(tag, "SQ", DicomSequence([_copy_public(item) for item in elem.value or []])))
+        elif isinstance(elem.value, MultiValue):
+            out.add(copy.deepcopy(elem))
+        else:
+            out.add(copy.copy(elem))  # str, numbers and bytes are immutable: sharing the value is safe
+    return out
+
+
+def _derive_header(
+    header: Dataset,
+    *,
+    series_uid: str,
+    series_number: int,
+    description: str,
+    derivation_text: str,
+    derivation_code: Code,
+    contributing: Dataset,
+    related: Dataset,
+    created_date: str,
+    created_time: str,
+) -> Dataset:
+    ds = _copy_public(header)
+    source_sop_uid = str(header.SOPInstanceUID)
+    ds.SOPClassUID = PET_IMAGE_STORAGE
+    ds.SOPInstanceUID = _instance_uid(series_uid, source_sop_uid)
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = description
+    # PET Image module: Value 1 ORIGINAL or DERIVED, Value 2 shall be PRIMARY (PS3.3 C.8.9.4.1.1), so "DERIVED\
+    # SECONDARY" would be invalid; later values of the source are kept.
+    source_type = [str(v) for v in (header.get("ImageType") or [])]
+    ds.ImageType = ["DERIVED", "PRIMARY", *source_type[2:]]
+    ds.DerivationDescription = derivation_text
+    ds.DerivationCodeSequence = DicomSequence([_code(derivation_code)])
+    source = Dataset()
+    source.ReferencedSOPClassUID = str(header.get("SOPClassUID", PET_IMAGE_STORAGE))
+    source.ReferencedSOPInstanceUID = source_sop_uid
+    source.PurposeOfReferenceCodeSequence = DicomSequence([_code(SOURCE_IMAGE_PURPOSE)])
+    ds.SourceImageSequence = DicomSequence([source])
+    ds.RelatedSeriesSequence = DicomSequence([*(ds.get("RelatedSeriesSequence") or []), copy.deepcopy(related)])
+    ds.ContributingEquipmentSequence = DicomSequence(
+        [*(ds.get("ContributingEquipmentSequence") or []), copy.deepcopy(contributing)]
+    )
+    # Creation of this instance and of its pixel content. SeriesDate/SeriesTime and AcquisitionDate/Time stay as in
+    # the source on purpose: with DecayCorrection START the PET series time is the decay-correction reference
+    # (PS3.3 C.8.9.1 PET Series module: Series Date/Time is the reference for all temporally related PET values,
+    # including activity), so a new series time would change every SUV computed from this series.
+    ds.InstanceCreationDate = created_date
+    ds.InstanceCreationTime = created_time
+    ds.ContentDate = created_date
+    ds.ContentTime = created_time
+    # Image Pixel / PET Image: signed 16-bit, one sample, per-slice slope set by the caller, intercept 0.
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = "0"
+    changes = _conform_to_pet_iod(ds)
+    if changes:
+        logger.debug("derived instance %s: %s", ds.SOPInstanceUID, "; ".join(changes))
+    return ds
+
+
+def write_derived_pet(
+    volume: PetVolume,
+    denoised: np.ndarray,
+    out_dir: Path,
+    provenance: Provenance,
+    *,
+    fsync: bool = True,
+) -> list[Path]:
+    """Write ``denoised`` as a PET Image Storage series derived from ``volume``, one file per source slice.
+
+    Parameters
+    ----------
+    volume
+        The source series as loaded by :func:`dicom_node.series.load_pet_series` (its headers are not modified).
+    denoised
+        (z, y, x) values in the source units, same shape as ``volume.array``, finite.
+    out_dir
+        Created if needed; files are ``<index:04d>.dcm`` in the volume's slice order, each written under a temporary
+        name and renamed into place (an existing file of the same name is replaced).
+    provenance
+        Method, parameters, route and versions, written into the provenance attributes and the UIDs.
+    fsync
+        Flush each file and the directory to disk before returning (durability after a crash).
+
+    Returns
+    -------
+    list of Path
+        The written files, in slice order.
+
+    Raises
+    ------
+    OutputWriteError
+        Shape mismatch, non-finite values, or a file that could not be written.
+    """
+    values = np.asarray(denoised)
+    if values.shape != volume.array.shape:
+        raise OutputWriteError(f"denoised shape {values.shape} does not match the source volume {volume.array.shape}")
+    if len(volume.headers) != values.shape[0]:
+        raise OutputWriteError(f"{len(volume.headers)} source headers for {values.shape[0]} slices")
+    if not np.all(np.isfinite(values)):
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        raise OutputWriteError(f"denoised volume has {bad} non-finite values")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create output directory {out_dir}: {exc}") from exc
+
+    first = volume.headers[0]
+    series_uid = derived_series_uid(volume.series_uid, provenance)
+    series_number = _series_number(first.get("SeriesNumber"), provenance.series_number_offset)
+    description = _series_description(
+        str(first.get("SeriesDescription", "") or ""), provenance.series_description_suffix
+    )
+    params = provenance.canonical_params()
+    model = f", model {provenance.model_version}" if provenance.model_version else ""
+    derivation_text = _clean_text(
+        f"Denoised by petnode {provenance.software_version}: method {provenance.method}{model}, "
+        f"route {provenance.route}, parameters {params}",
+        _ST_MAX,
+    )
+    derivation_code = DERIVATION_CODES.get(provenance.method, DEFAULT_DERIVATION_CODE)
+    now = dt.datetime.now().astimezone()
+    created_date, created_time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+
+    contributing = Dataset()
+    contributing.Manufacturer = PETNODE_MANUFACTURER
+    contributing.ManufacturerModelName = _clean_text(provenance.method, _LO_MAX)
+    contributing.SoftwareVersions = [
+        _clean_text(provenance.software_version, _LO_MAX),
+        *([_clean_text(f"model {provenance.model_version}", _LO_MAX)] if provenance.model_version else []),
+    ]
+    contributing.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f%z")
+    contributing.ContributionDescription = _clean_text(
+        f"{provenance.method} denoising{model}, route {provenance.route}, parameters {params}", _ST_MAX
+    )
+    contributing.PurposeOfReferenceCodeSequence = DicomSequence([_code(CONTRIBUTING_EQUIPMENT_PURPOSE)])
+    related = Dataset()
+    related.StudyInstanceUID = volume.study_uid
+    related.SeriesInstanceUID = volume.series_uid
+    related.PurposeOfReferenceCodeSequence = DicomSequence([_code(SOURCE_SERIES_PURPOSE)])
+
+    paths: list[Path] = []
+    for k, header in enumerate(volume.headers):
+        ds = _derive_header(
+            header,
+            series_uid=series_uid,
+            series_number=series_number,
+            description=description,
+            derivation_text=derivation_text,
+            derivation_code=derivation_code,
+            contributing=contributing,
+            related=related,
+            created_date=created_date,
+            created_time=created_time,
+        )
+        stored, slope = quantise_slice(np.asarray(values[k], dtype=np.float64))
+        ds.RescaleSlope = slope
+        ds.add_new(0x7FE00010, "OW", stored.tobytes())  # explicit VR: 16-bit pixel data is OW
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        ds.file_meta = meta
+        paths.append(_write_atomically(ds, out_dir / f"{k:04d}.dcm", fsync=fsync))
+    if fsync:
+        _fsync_directory(out_dir)
+    logger.info(
+        "wrote derived series %s (%d instances, method %s, route %s) from series %s to %s",
+        series_uid,
+        len(paths),
+        provenance.method,
+        provenance.route,
+        volume.series_uid,
+        out_dir,
+    )
+    return paths
+
+
+def _write_atomically(ds: Dataset, path: Path, *, fsync: bool) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except Exception as exc:  # disk full, permissions, encoding errors: one error type for the pipeline
+        tmp.unlink(missing_ok=True)
+        raise OutputWriteError(f"cannot write {path}: {type(exc).__name__}: {exc}") from exc
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported on this platform or filesystem
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
