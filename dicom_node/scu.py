@@ -91,8 +91,8 @@ def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, ca
         report.error = f"cannot connect: {exc}"
         return report
     if not assoc.is_established:
-        report.error = ("association rejected" if assoc.is_rejected else
-                        "association aborted" if assoc.is_aborted else "no association (peer down or refused)")
+        report.error = ("association rejected by the peer" if assoc.is_rejected else
+                        "no association: peer unreachable, connection refused, or aborted")
         return report
     try:
         for path in paths:
@@ -126,7 +126,8 @@ def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "PETNODE", ti
     except Exception as exc:  # noqa: BLE001
         return f"cannot connect: {exc}"
     if not assoc.is_established:
-        return "association rejected" if assoc.is_rejected else "no association (peer down or refused)"
+        return ("association rejected by the peer" if assoc.is_rejected else
+                "no association: peer unreachable, connection refused, or aborted")
     try:
         status = assoc.send_c_echo()
         code = int(getattr(status, "Status", -1)) if status else -1

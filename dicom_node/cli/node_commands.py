@@ -1,0 +1,225 @@
+"""Commands that run or inspect a node: ``serve``, ``status``, ``series ...``, ``config check``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import DicomNodeError
+from dicom_node.settings import NodeSettings, load_settings
+
+logger = logging.getLogger(__name__)
+
+
+def add_subparsers(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the node (C-STORE/C-ECHO SCP, processing, sending)")
+    p.add_argument("--rules", type=Path, default=None, help="rules YAML (default: config/rules.yaml)")
+    p.add_argument("--port", type=int, default=None, help="listen port (overrides the config)")
+    p.add_argument("--ae-title", default=None, help="AE title (overrides the config)")
+    p.add_argument("--data-dir", type=Path, default=None, help="data directory (overrides the config)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="series in the node with counts, states, attempts, errors; associations")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--all", action="store_true", help="include delivered and unrouted series")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("series", help="list, show, force-complete or retry series")
+    ssub = p.add_subparsers(dest="series_command", metavar="ACTION")
+    ssub.required = True
+    q = ssub.add_parser("list", help="one line per series")
+    q.add_argument("--state", action="append", default=[], help="only series in this state (repeatable)")
+    q.add_argument("--data-dir", type=Path, default=None)
+    q.set_defaults(func=cmd_series_list)
+    for name, helptext, func in (
+        ("show", "everything known about one series", cmd_series_show),
+        ("complete", "force completion now, whatever the count (the running node picks it up)", cmd_series_complete),
+        ("retry", "send failed destinations again, or reprocess a series whose processing failed", cmd_series_retry),
+    ):
+        q = ssub.add_parser(name, help=helptext)
+        q.add_argument("uid", help="Series Instance UID (or a unique prefix)")
+        q.add_argument("--data-dir", type=Path, default=None)
+        q.set_defaults(func=func)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    csub.required = True
+    q = csub.add_parser("check", help="validate node settings and rules without starting anything")
+    q.add_argument("--rules", type=Path, default=None)
+    q.set_defaults(func=cmd_config_check)
+
+
+def settings_from(args: argparse.Namespace, **overrides: Any) -> NodeSettings:
+    return load_settings(args.config, **overrides)
+
+
+def load_node_config(args: argparse.Namespace, **overrides: Any) -> tuple[NodeSettings, Any]:
+    from dicom_node.rules import load_rules
+
+    settings = settings_from(args, **overrides)
+    rules_path = getattr(args, "rules", None) or settings.resolved_rules_file()
+    ruleset = load_rules(rules_path, peer_names=[p.name for p in settings.peers])
+    return settings, ruleset
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings, ruleset = load_node_config(args)
+    print(f"settings ok: AE {settings.ae_title} port {settings.port} data {settings.data_dir} "
+          f"peers {len(settings.peers)}")
+    rules_path = args.rules or settings.resolved_rules_file()
+    print(f"rules ok: {rules_path}: {len(ruleset.rules)} rule(s): "
+          + ", ".join(r.name + (" (disabled)" if r.disabled else "") for r in ruleset.rules))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.cli import configure_logging
+    from dicom_node.node import Node
+
+    settings, ruleset = load_node_config(args, port=args.port, ae_title=args.ae_title, data_dir=args.data_dir)
+    configure_logging(args.log_level or settings.log_level)
+    node = Node(settings, ruleset)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        logger.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    node.start()
+    # One line on stdout that scripts (and tests) can wait for.
+    print(f"petnode listening ae={settings.ae_title} port={node.port} data={settings.data_dir}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        node.stop()
+    return 0
+
+
+def _open_db(args: argparse.Namespace) -> Any:
+    from dicom_node.state import StateDB
+
+    data_dir = args.data_dir or settings_from(args).data_dir
+    db_path = data_dir / "state.sqlite3"
+    if not db_path.exists():
+        raise DicomNodeError(f"no state database at {str(db_path)!r}: has a node run with this data directory? "
+                             "(use --data-dir or --config)")
+    return StateDB(db_path)
+
+
+def _age(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = time.time() - ts
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+def _print_series_table(db: Any, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("(no series)")
+        return
+    print(f"{'SERIES INSTANCE UID':<64} {'MOD':<3} {'RECV':>9} {'STATE':<11} {'RULE':<16} {'SENDS':<12} "
+          f"{'AGE':>5}  LAST ERROR")
+    for r in rows:
+        sends = db.sends(r["series_uid"])
+        done = sum(1 for s in sends if s["state"] == "done")
+        attempts = max((s["attempts"] for s in sends), default=0)
+        sends_txt = f"{done}/{len(sends)} a{attempts}" if sends else "-"
+        recv = f"{r['received_count']}/{r['expected_count'] or '?'}"
+        err = r["error"] or next((s["last_error"] for s in sends if s["last_error"] and s["state"] != "done"), "")
+        print(f"{r['series_uid']:<64} {r['modality'] or '':<3} {recv:>9} {r['state']:<11} {r['rule'] or '-':<16} "
+              f"{sends_txt:<12} {_age(r['last_received']):>5}  {(err or '')[:100]}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    db = _open_db(args)
+    try:
+        active = ["receiving", "complete", "processing", "sending", "incomplete", "failed", "refused"]
+        rows = db.list_series([] if args.all else active)
+        _print_series_table(db, rows)
+        assocs = db.associations()
+        print(f"\nactive associations: {len(assocs)}")
+        for a in assocs:
+            print(f"  {a['calling_ae']} -> {a['called_ae']} from {a['peer']} for {_age(a['started_at'])}")
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_series_list(args: argparse.Namespace) -> int:
+    db = _open_db(args)
+    try:
+        _print_series_table(db, db.list_series(args.state))
+    finally:
+        db.close()
+    return 0
+
+
+def _one_series(db: Any, uid: str) -> dict[str, Any]:
+    found = db.find_series(uid)
+    if not found:
+        raise DicomNodeError(f"no series {uid!r} in this node")
+    if len(found) > 1:
+        raise DicomNodeError(f"{uid!r} matches {len(found)} series; give more of the UID")
+    return dict(found[0])
+
+
+def cmd_series_show(args: argparse.Namespace) -> int:
+    db = _open_db(args)
+    try:
+        row = _one_series(db, args.uid)
+        for key, value in row.items():
+            if key.endswith(("_at", "received")) and isinstance(value, float):
+                value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+            print(f"{key:<18} {value}")
+        print(f"{'instances':<18} {len(db.instances(row['series_uid']))} on disk")
+        for s in db.sends(row["series_uid"]):
+            print(f"send {s['destination']}: {s['state']}, {s['sent']}/{s['total']} sent, {s['attempts']} "
+                  f"attempt(s){', next in ' + _age(2 * time.time() - s['next_attempt_at']) if s['state'] == 'pending' and s['next_attempt_at'] else ''}"
+                  f"{', last error: ' + s['last_error'] if s['last_error'] else ''}")
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_series_complete(args: argparse.Namespace) -> int:
+    db = _open_db(args)
+    try:
+        row = _one_series(db, args.uid)
+        if not db.request_complete(row["series_uid"]):
+            print(f"series {row['series_uid']} is {row['state']}: only receiving or incomplete series can be "
+                  "forced complete", file=sys.stderr)
+            return 1
+        print(f"series {row['series_uid']}: completion forced with {row['received_count']} instance(s); "
+              "the node processes it at its next check")
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_series_retry(args: argparse.Namespace) -> int:
+    from dicom_node.state import SeriesState
+
+    db = _open_db(args)
+    try:
+        row = _one_series(db, args.uid)
+        uid = row["series_uid"]
+        n = db.retry_sends(uid)
+        if n:
+            print(f"series {uid}: {n} failed destination(s) queued again")
+            return 0
+        if row["state"] == SeriesState.FAILED and not db.sends(uid):
+            db.set_state(uid, SeriesState.COMPLETE, expect=[SeriesState.FAILED])
+            print(f"series {uid}: queued for processing again")
+            return 0
+        print(f"series {uid} is {row['state']}: nothing to retry", file=sys.stderr)
+        return 1
+    finally:
+        db.close()

@@ -1,0 +1,216 @@
+"""Commands that do not need a running node: ``echo``, ``send``, ``rules test``, ``denoise``."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dicom_node.errors import ConfigError, DicomNodeError
+
+_ADDRESS_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+def parse_address(text: str) -> tuple[str, str, int]:
+    """``AE@HOST:PORT`` -> (ae, host, port); a clear usage error otherwise."""
+    m = _ADDRESS_RE.match(text.strip())
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242)")
+    return m["ae"], m["host"], int(m["port"])
+
+
+def add_subparsers(sub: Any) -> None:
+    p = sub.add_parser("echo", help="C-ECHO a peer: petnode echo AE@HOST:PORT")
+    p.add_argument("address", type=parse_address, metavar="AE@HOST:PORT")
+    p.add_argument("--calling-ae", default="PETNODE")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("send", help="C-STORE files or folders to a peer")
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    p.add_argument("--to", type=parse_address, required=True, metavar="AE@HOST:PORT")
+    p.add_argument("--calling-ae", default="PETNODE")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("rules", help="rules tools")
+    rsub = p.add_subparsers(dest="rules_command", metavar="ACTION")
+    rsub.required = True
+    q = rsub.add_parser("test", help="which rule matches a DICOM file or series folder, and why the others do not")
+    q.add_argument("path", type=Path, metavar="FILE_OR_DIR")
+    q.add_argument("--rules", type=Path, default=None, help="rules YAML (default: the node's)")
+    q.add_argument("--calling-ae", default=None, help="pretend the series came from this AE")
+    q.add_argument("--called-ae", default=None, help="pretend it was sent to this AE (default: the node's)")
+    q.set_defaults(func=cmd_rules_test)
+
+    p = sub.add_parser("denoise", help="offline: denoise a PET series folder into a derived series folder")
+    p.add_argument("in_dir", type=Path, metavar="IN_DIR")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument("--method", default="gaussian", help="denoiser name (petnode denoisers list)")
+    p.add_argument("--fwhm-mm", type=float, default=None, help="gaussian FWHM in mm")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="denoiser parameter (repeatable; VALUE is read as YAML, e.g. 4.0 or true)")
+    p.add_argument("--suffix", default=None, help="SeriesDescription suffix (default: ' [petnode METHOD]')")
+    p.add_argument("--series-number-offset", type=int, default=1000)
+    p.add_argument("--refuse-non-quantitative", action="store_true",
+                   help="fail instead of processing a series that is not in BQML with SUV attributes")
+    p.set_defaults(func=cmd_denoise)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
+    bsub.required = True
+    q = bsub.add_parser("receive", help="receive rate beside DCMTK storescp (same series, same run) and the "
+                                        "latency from last instance received to last derived instance delivered")
+    q.add_argument("series_dir", type=Path, metavar="SERIES_DIR")
+    q.add_argument("--repeats", type=int, default=3)
+    q.set_defaults(func=cmd_bench_receive)
+
+
+def dicom_files(paths: Iterable[Path]) -> list[Path]:
+    """Files given, and every file below folders given (sorted; hidden files skipped)."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise DicomNodeError(f"{str(path)!r} does not exist")
+    return out
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node import scu
+
+    ae, host, port = args.address
+    t0 = time.perf_counter()
+    problem = scu.echo(ae, host, port, calling_ae=args.calling_ae, timeout_s=args.timeout)
+    if problem:
+        print(f"C-ECHO {ae}@{host}:{port} failed: {problem}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO {ae}@{host}:{port} ok ({1000 * (time.perf_counter() - t0):.0f} ms)")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dicom_node import scu
+
+    ae, host, port = args.to
+    files = dicom_files(args.paths)
+    t0 = time.perf_counter()
+    report = scu.send_files(files, ae, host, port, calling_ae=args.calling_ae, timeout_s=args.timeout)
+    elapsed = time.perf_counter() - t0
+    print(f"C-STORE to {ae}@{host}:{port}: {report.summary()} in {elapsed:.2f} s"
+          f" ({report.sent / elapsed if elapsed > 0 else 0:.0f} instances/s)")
+    for name, why in list(report.failures.items())[:20]:
+        print(f"  {name}: {why}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _first_dicom(path: Path) -> tuple[Any, int]:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    files = dicom_files([path])
+    series: dict[str, Any] = {}
+    for f in files:
+        try:
+            ds = dcmread(f, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), [ds, 0])[1] += 1
+    if not series:
+        raise DicomNodeError(f"no DICOM file found in {str(path)!r}")
+    if len(series) > 1:
+        print(f"note: {len(series)} series in {path}; testing the first one "
+              f"({next(iter(series))})", file=sys.stderr)
+    ds, count = next(iter(series.values()))
+    return ds, count
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from dicom_node.cli.node_commands import load_node_config
+    from dicom_node.rules import MatchContext, attribute_values, explain
+
+    settings, ruleset = load_node_config(args)
+    ds, count = _first_dicom(args.path)
+    ctx = MatchContext(ds, calling_ae=args.calling_ae, called_ae=args.called_ae or settings.ae_title)
+    print(f"series {ds.get('SeriesInstanceUID', '?')} ({count} instance(s)); calling AE "
+          f"{ctx.calling_ae or '(not given)'}, called AE {ctx.called_ae}")
+    print("\nattributes the rules use:")
+    for key, value in attribute_values(ctx, ruleset).items():
+        print(f"  {key:<44} {value}")
+    print("\nrules:")
+    matched = None
+    for ex in explain(ruleset, ctx):
+        mark = "MATCH" if ex.matched else "no"
+        print(f"  [{mark:>5}] {ex.rule}")
+        for reason in ex.reasons:
+            print(f"          - {reason}")
+        if ex.matched and matched is None:
+            matched = ex.rule
+    print(f"\nresult: {'rule ' + repr(matched) + ' applies' if matched else 'no rule matches: not processed'}")
+    return 0
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    from denoisers import registry
+    from denoisers.errors import DenoiserError
+    from dicom_node.pipeline import Plan, process_series
+
+    params = _parse_params(args.param)
+    if args.fwhm_mm is not None:
+        params["fwhm_mm"] = args.fwhm_mm
+    try:
+        registry.validate_params(args.method, params)
+    except DenoiserError as exc:
+        raise ConfigError(f"--method {args.method}: {exc}") from None
+    plan = Plan(route="offline", denoiser=args.method, params=params,
+                non_quantitative="refuse" if args.refuse_non_quantitative else "process",
+                series_description_suffix=args.suffix if args.suffix is not None else f" [petnode {args.method}]",
+                series_number_offset=args.series_number_offset)
+    files = dicom_files([args.in_dir])
+    try:
+        result = process_series(files, plan, args.out_dir, log_id="offline")
+    except DenoiserError as exc:
+        raise DicomNodeError(f"denoiser {args.method!r} failed: {exc}") from exc
+    print(f"wrote {len(result.files)} derived instance(s) to {args.out_dir} (series {result.output_series_uid}); "
+          f"total activity ratio {result.activity_ratio:.5f}; load {result.timings['load']:.2f} s, denoise "
+          f"{result.timings['denoise']:.2f} s, write {result.timings['write']:.2f} s")
+    if not result.quantitative:
+        print("note: the input is not quantitative (not BQML or SUV attributes missing); processed in its own units",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_bench_receive(args: argparse.Namespace) -> int:
+    import statistics
+
+    from dicom_node.bench import bench_receive
+
+    f = bench_receive(args.series_dir, repeats=args.repeats)
+    ref, ours, lat = (statistics.median(x) for x in (f.storescp_per_s, f.petnode_per_s, f.latency_s))
+    print(f"series: {f.instances} instances from DCMTK storescu (TCP_NODELAY=1), {args.repeats} repeat(s), medians")
+    print(f"{'receiver':<34} {'instances/s':>12}")
+    print(f"{'DCMTK storescp (no fsync)':<34} {ref:>12.1f}")
+    print(f"{'petnode (fsync file+dir+db)':<34} {ours:>12.1f}")
+    print(f"ratio petnode / storescp: {ours / ref:.2f}")
+    print(f"last instance received -> last derived instance acknowledged (gaussian 4 mm): {lat:.2f} s "
+          f"(runs: {', '.join(f'{x:.2f}' for x in f.latency_s)})")
+    return 0

@@ -1,0 +1,274 @@
+"""The running node: SCP + APScheduler jobs (completion, sends, retention) + worker pools.
+
+Processing runs on a pool of CPU workers and every destination has its own single-thread sender, so a slow
+series never blocks receiving, and a destination that is down never delays another one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node import scu
+from dicom_node.completion import Verdict, decide
+from dicom_node.errors import DicomNodeError, RoutingError
+from dicom_node.handlers import ReceiveContext
+from dicom_node.outputs.derived_pet import is_petnode_output
+from dicom_node.pipeline import Destination, Plan, process_series, resolve_destinations
+from dicom_node.rules import MatchContext, Rule, RuleSet, select_rule
+from dicom_node.scp import start_scp
+from dicom_node.settings import NodeSettings
+from dicom_node.spool import Spool, safe_name
+from dicom_node.state import SeriesState, SendState, StateDB
+
+logger = logging.getLogger(__name__)
+
+
+def backoff_delay(attempts: int, initial_s: float, max_s: float) -> float:
+    """Seconds before the next try after ``attempts`` failed tries (1 -> initial, doubling, capped)."""
+    return float(min(max_s, initial_s * 2 ** max(0, attempts - 1)))
+
+
+class Node:
+    """One petnode instance. ``start()`` returns once it listens; ``stop()`` shuts everything down."""
+
+    def __init__(self, settings: NodeSettings, ruleset: RuleSet) -> None:
+        self.settings = settings
+        self.ruleset = ruleset
+        self.db = StateDB(settings.state_db)
+        self.spool = Spool(settings.data_dir, settings.disk)
+        self._server: Any = None
+        self._scheduler: Any = None
+        self._workers = ThreadPoolExecutor(settings.workers.cpu, thread_name_prefix="petnode-worker")
+        self._senders: dict[str, ThreadPoolExecutor] = {}
+        self._processing: set[str] = set()
+        self._sending: set[str] = set()
+        self._lock = threading.Lock()
+        self._headers: dict[str, Dataset] = {}
+        self._stopped = threading.Event()
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        recovered = self.db.recover()
+        if any(recovered.values()):
+            logger.warning("recovered after an unclean stop: %d series back to processing, %d sends to retry",
+                           recovered["processing"], recovered["sending"])
+        self._server = start_scp(self.settings, ReceiveContext(spool=self.spool, db=self.db))
+        self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
+                                                            "misfire_grace_time": None})
+        now = datetime.now()
+        self._scheduler.add_job(self.check_completion, "interval", id="completion", next_run_time=now,
+                                seconds=self.settings.completion.poll_interval_s)
+        self._scheduler.add_job(self.dispatch_sends, "interval", id="sends", next_run_time=now,
+                                seconds=self.settings.send.poll_interval_s)
+        self._scheduler.add_job(self.run_retention, "interval", id="retention", next_run_time=now,
+                                minutes=self.settings.retention.interval_min)
+        self._scheduler.start()
+        logger.info("petnode %s started: AE %s port %d, data %s, %d rule(s)", self.settings.ae_title,
+                    self.settings.ae_title, self.port, self.settings.data_dir, len(self.ruleset.rules))
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        if self._server is not None:
+            self._server.shutdown()
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        for ex in list(self._senders.values()):
+            ex.shutdown(wait=True, cancel_futures=True)
+        self.db.close()
+
+    # --- completion ------------------------------------------------------------------------------------------
+    def _header(self, series_uid: str) -> Dataset:
+        cached = self._headers.get(series_uid)
+        if cached is None:
+            paths = self.db.instance_paths(series_uid)
+            cached = dcmread(paths[0], stop_before_pixels=True)
+            self._headers[series_uid] = cached
+        return cached
+
+    def rule_by_name(self, name: str | None) -> Rule | None:
+        return next((r for r in self.ruleset.rules if r.name == name), None)
+
+    def check_completion(self) -> None:
+        """Scheduler job: decide completion of receiving series; queue complete ones for processing."""
+        now = time.time()
+        rows = self.db.list_series([SeriesState.RECEIVING, SeriesState.INCOMPLETE, SeriesState.COMPLETE],
+                                   limit=10_000)
+        for row in rows:
+            uid = row["series_uid"]
+            try:
+                if row["state"] == SeriesState.COMPLETE:
+                    self._submit(uid)  # queued before a restart, or a worker was busy
+                elif row["state"] == SeriesState.RECEIVING or row["force_complete"]:
+                    self._check_one(row, now)
+            except Exception:  # noqa: BLE001 - one bad series must not stop the others
+                logger.exception("series=%s: completion check failed", uid)
+
+    def _check_one(self, row: dict[str, Any], now: float) -> None:
+        uid = row["series_uid"]
+        header = self._header(uid)
+        if is_petnode_output(header) or self.db.is_own_output(uid):
+            self.db.set_state(uid, SeriesState.OWN_OUTPUT, error="petnode's own derived series: not processed")
+            logger.info("series=%s: our own derived series came back; never routed again (loop guard)", uid)
+            self._headers.pop(uid, None)
+            return
+        rule = select_rule(self.ruleset, MatchContext(header, row["calling_ae"], row["called_ae"]))
+        quiet = (rule.quiet_period_s if rule is not None and rule.quiet_period_s is not None
+                 else self.settings.completion.quiet_period_s)
+        instances = self.db.instances(uid)
+        decision = decide(
+            modality=row["modality"] or "", received=len(instances), expected=row["expected_count"],
+            seconds_quiet=now - (row["last_received"] or now), quiet_period_s=quiet,
+            positions=[i["ipp"] for i in instances], orientations=[i["iop"] for i in instances],
+            forced=bool(row["force_complete"]), tolerance=self.settings.completion.spacing_tolerance,
+        )
+        if decision.verdict is Verdict.WAIT:
+            return
+        self._headers.pop(uid, None)
+        if decision.verdict is Verdict.INCOMPLETE:
+            if row["state"] != SeriesState.INCOMPLETE:
+                self.db.set_state(uid, SeriesState.INCOMPLETE, error=decision.reason,
+                                  expect=[SeriesState.RECEIVING])
+                logger.warning("series=%s: incomplete: %s (petnode series complete %s forces it)", uid,
+                               decision.reason, uid)
+            return
+        if rule is None:
+            self.db.set_state(uid, SeriesState.UNROUTED, error="no rule matched (petnode rules test explains)")
+            logger.info("series=%s modality=%s: complete (%s); no rule matched, nothing to do", uid,
+                        row["modality"], decision.reason)
+            return
+        if self.db.set_state(uid, SeriesState.COMPLETE, rule=rule.name,
+                             expect=[SeriesState.RECEIVING, SeriesState.INCOMPLETE]):
+            logger.info("series=%s route=%s: complete (%s)", uid, rule.name, decision.reason)
+            self._submit(uid)
+
+    # --- processing ------------------------------------------------------------------------------------------
+    def _submit(self, series_uid: str) -> None:
+        with self._lock:
+            if series_uid in self._processing or self._stopped.is_set():
+                return
+            self._processing.add(series_uid)
+        self._workers.submit(self._process, series_uid)
+
+    def _process(self, uid: str) -> None:
+        try:
+            if not self.db.set_state(uid, SeriesState.PROCESSING, expect=[SeriesState.COMPLETE]):
+                return
+            row = self.db.series(uid) or {}
+            rule = self.rule_by_name(row.get("rule"))
+            if rule is None:
+                raise DicomNodeError(f"rule {row.get('rule')!r} is no longer in the rules file")
+            log_id = f"series={uid} route={rule.name} denoiser={rule.denoiser.name}"
+            out_dir = self.spool.output_dir(uid, rule.name)
+            t0 = time.perf_counter()
+            result = process_series(self.db.instance_paths(uid), Plan.from_rule(rule), out_dir, log_id=log_id)
+            self.db.set_outputs(uid, result.output_series_uid, out_dir)
+            logger.info("%s: %d derived instances written in %.2f s (load %.2f, denoise %.2f, write %.2f)",
+                        log_id, len(result.files), time.perf_counter() - t0, result.timings["load"],
+                        result.timings["denoise"], result.timings["write"])
+            for dest in resolve_destinations(rule, self.settings, row.get("calling_ae")):
+                if isinstance(dest, Destination):
+                    self.db.add_send(uid, dest.ae_title, dest.host, dest.port, len(result.files))
+                else:
+                    logger.error("%s: destination %s cannot be resolved: %s", log_id, dest.label, dest.reason)
+                    self.db.add_send(uid, dest.label, "-", 0, len(result.files), failed_reason=dest.reason)
+            self.db.set_state(uid, SeriesState.SENDING, expect=[SeriesState.PROCESSING])
+            self.db.settle_series(uid)
+        except RoutingError as exc:
+            logger.warning("series=%s: refused: %s", uid, exc)
+            self.db.set_state(uid, SeriesState.REFUSED, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - the one broad catch: mark failed, keep the node going
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.error("series=%s: processing failed: %s", uid, reason,
+                         exc_info=not isinstance(exc, DicomNodeError))
+            self.db.set_state(uid, SeriesState.FAILED, error=reason)
+        finally:
+            with self._lock:
+                self._processing.discard(uid)
+        self.dispatch_sends()
+
+    # --- sending ---------------------------------------------------------------------------------------------
+    def dispatch_sends(self) -> None:
+        """Scheduler job: hand every due send to its destination's own sender thread."""
+        if self._stopped.is_set():
+            return
+        with self._lock:
+            due = self.db.claim_due_sends(time.time(), busy=sorted(self._sending))
+            for row in due:
+                self._sending.add(row["destination"])
+                ex = self._senders.get(row["destination"])
+                if ex is None:
+                    ex = ThreadPoolExecutor(1, thread_name_prefix=f"petnode-send-{row['ae_title']}")
+                    self._senders[row["destination"]] = ex
+                ex.submit(self._send, row)
+
+    def _send(self, row: dict[str, Any]) -> None:
+        uid, dest = row["series_uid"], row["destination"]
+        try:
+            series = self.db.series(uid) or {}
+            files = sorted(Path(series["output_dir"]).glob("*.dcm")) if series.get("output_dir") else []
+            if not files:
+                report = scu.SendReport(total=row["total"], error="no derived files on disk (purged?)")
+            else:
+                t0 = time.perf_counter()
+                report = scu.send_files(files, row["ae_title"], row["host"], row["port"],
+                                        calling_ae=self.settings.ae_title, timeout_s=self.settings.send.timeout_s)
+                logger.info("series=%s dest=%s: %s in %.2f s", uid, dest, report.summary(),
+                            time.perf_counter() - t0)
+            attempts = row["attempts"] + 1
+            retry_at = None
+            if not report.ok and attempts < self.settings.send.max_attempts:
+                retry_at = time.time() + backoff_delay(attempts, self.settings.send.backoff_initial_s,
+                                                       self.settings.send.backoff_max_s)
+            state = self.db.finish_send(row["id"], ok=report.ok, sent=report.sent,
+                                        error=None if report.ok else report.summary(), retry_at=retry_at)
+            if state is SendState.PENDING:
+                logger.warning("series=%s dest=%s: attempt %d/%d failed (%s); next try in %.1f s", uid, dest,
+                               attempts, self.settings.send.max_attempts, report.summary(),
+                               (retry_at or 0) - time.time())
+            elif state is SendState.FAILED:
+                logger.error("series=%s dest=%s: gave up after %d attempts (%s); `petnode series retry` "
+                             "sends again", uid, dest, attempts, report.summary())
+            settled = self.db.settle_series(uid)
+            if settled is SeriesState.DELIVERED:
+                logger.info("series=%s: delivered to every destination", uid)
+        except Exception:  # noqa: BLE001
+            logger.exception("series=%s dest=%s: send crashed; will retry", uid, dest)
+            self.db.finish_send(row["id"], ok=False, sent=0, error="internal error (see log)",
+                                retry_at=time.time() + self.settings.send.backoff_initial_s)
+        finally:
+            with self._lock:
+                self._sending.discard(dest)
+
+    # --- retention -------------------------------------------------------------------------------------------
+    def run_retention(self, now: float | None = None) -> int:
+        """Remove spool and outputs of series delivered longer ago than the retention age."""
+        now = time.time() if now is None else now
+        cutoff = now - self.settings.retention.delivered_max_age_h * 3600.0
+        purged = 0
+        for row in self.db.list_series([SeriesState.DELIVERED, SeriesState.OWN_OUTPUT], limit=100_000):
+            done_at = row["delivered_at"] or row["updated_at"]
+            if row["purged_at"] is not None or done_at > cutoff:
+                continue
+            uid = row["series_uid"]
+            self.spool.remove_tree(self.spool.root / safe_name(row["study_uid"] or "") / safe_name(uid))
+            self.spool.remove_tree(self.spool.outputs / safe_name(uid))
+            self.db.mark_purged(uid)
+            purged += 1
+            logger.info("series=%s: spool and outputs removed (retention)", uid)
+        return purged

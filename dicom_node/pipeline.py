@@ -1,0 +1,170 @@
+"""Process one complete series with one rule: load, denoise, check, write the derived series, plan the sends.
+
+:func:`process_series` is the single place that catches broadly: whatever goes wrong, the series is marked
+failed with a reason an operator can read, and the worker moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicom_node.errors import DicomNodeError, RoutingError
+from dicom_node.outputs.derived_pet import Provenance, derived_series_uid, write_derived_pet
+from dicom_node.rules import Address, PeerRef, ReturnToSender, Rule
+from dicom_node.series import PetVolume, load_pet_series
+from dicom_node.settings import NodeSettings
+
+logger = logging.getLogger(__name__)
+
+# A denoiser that moves total activity by more than this has produced a quantitatively wrong image.
+MAX_ACTIVITY_CHANGE = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    label: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with one series: the part of a rule the processing needs (the offline CLI builds one too)."""
+
+    route: str
+    denoiser: str
+    params: dict[str, Any] = field(default_factory=dict)
+    non_quantitative: str = "process"  # or "refuse"
+    series_description_suffix: str = " [petnode]"
+    series_number_offset: int = 1000
+
+    @classmethod
+    def from_rule(cls, rule: Rule) -> Plan:
+        return cls(route=rule.name, denoiser=rule.denoiser.name, params=dict(rule.denoiser.params),
+                   non_quantitative=rule.non_quantitative,
+                   series_description_suffix=rule.output.series_description_suffix,
+                   series_number_offset=rule.output.series_number_offset)
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    output_series_uid: str
+    files: list[Path]
+    timings: dict[str, float]
+    activity_ratio: float
+    quantitative: bool
+
+
+def resolve_destinations(rule: Rule, settings: NodeSettings, calling_ae: str | None
+                         ) -> list[Destination | Unresolved]:
+    """Turn a rule's destinations into addresses; a sender we cannot return to is reported, not guessed."""
+    out: list[Destination | Unresolved] = []
+    for dest in rule.destinations:
+        if isinstance(dest, ReturnToSender):
+            peer = settings.peer_by_ae(calling_ae) if calling_ae else None
+            if peer is None:
+                out.append(Unresolved(f"return_to_sender ({calling_ae or 'unknown AE'})",
+                                      f"calling AE {calling_ae!r} is not in the node's peers table, so petnode "
+                                      "does not know its port: add it under `peers:` in node.yaml"))
+            else:
+                out.append(Destination(peer.ae_title, peer.host, peer.port))
+        elif isinstance(dest, PeerRef):
+            peer = settings.peer(dest.peer)
+            if peer is None:  # load_rules refuses unknown peers; this guards a node.yaml edited later
+                out.append(Unresolved(dest.peer, f"peer {dest.peer!r} is not in the peers table"))
+            else:
+                out.append(Destination(peer.ae_title, peer.host, peer.port))
+        elif isinstance(dest, Address):
+            out.append(Destination(dest.ae_title, dest.host, dest.port))
+        else:  # pragma: no cover - the rules model has no other kind
+            raise RoutingError(f"unknown destination {dest!r}")
+    # The same address twice would send twice.
+    seen: set[Destination] = set()
+    unique: list[Destination | Unresolved] = []
+    for d in out:
+        if isinstance(d, Destination):
+            if d in seen:
+                continue
+            seen.add(d)
+        unique.append(d)
+    return unique
+
+
+def _activity_ratio(before: np.ndarray, after: np.ndarray) -> float:
+    total = float(np.sum(before, dtype=np.float64))
+    return float(np.sum(after, dtype=np.float64)) / total if total > 0 else 1.0
+
+
+def denoise_volume(volume: PetVolume, plan: Plan) -> tuple[np.ndarray, dict[str, object]]:
+    """Run the plan's denoiser on the volume (imported lazily: torch only loads for learned methods)."""
+    from denoisers import registry
+    from denoisers.base import DenoiseInputs
+
+    denoiser = registry.create(plan.denoiser, plan.params)
+    try:
+        result = denoiser.denoise(DenoiseInputs(pet=volume.array, spacing=volume.spacing))
+    finally:
+        denoiser.close()
+    return result.denoised, dict(result.info)
+
+
+def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: str = "") -> ProcessResult:
+    """Load, denoise, check and write; raises :class:`DicomNodeError` (or a denoiser error) on failure."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    volume = load_pet_series(paths)
+    timings["load"] = time.perf_counter() - t0
+
+    if not volume.is_quantitative:
+        why = volume.suv_problem or f"Units are {volume.units!r}, not BQML"
+        if plan.non_quantitative == "refuse":
+            raise RoutingError(f"rule {plan.route!r} refuses non-quantitative series: {why}")
+        logger.warning("%s: series is not quantitative (%s); processing in its own units %r as the rule "
+                       "allows", log_id, why, volume.units)
+
+    t0 = time.perf_counter()
+    denoised, info = denoise_volume(volume, plan)
+    timings["denoise"] = time.perf_counter() - t0
+
+    ratio = _activity_ratio(volume.array, denoised)
+    if not np.all(np.isfinite(denoised)) or abs(ratio - 1.0) > MAX_ACTIVITY_CHANGE:
+        raise DicomNodeError(f"denoiser {plan.denoiser!r} changed total activity by "
+                             f"{100 * (ratio - 1):+.2f} % (limit {100 * MAX_ACTIVITY_CHANGE:.0f} %): "
+                             "output withheld")
+    if volume.suv_factor is not None:
+        logger.info("%s: SUVmax %.2f -> %.2f, total activity ratio %.5f", log_id,
+                    float(volume.array.max()) * volume.suv_factor, float(denoised.max()) * volume.suv_factor,
+                    ratio)
+
+    provenance = Provenance(
+        method=plan.denoiser,
+        params=dict(plan.params),
+        route=plan.route,
+        model_version=None,
+        series_description_suffix=plan.series_description_suffix,
+        series_number_offset=plan.series_number_offset,
+    )
+    t0 = time.perf_counter()
+    files = write_derived_pet(volume, denoised, out_dir, provenance)
+    timings["write"] = time.perf_counter() - t0
+
+    return ProcessResult(
+        output_series_uid=derived_series_uid(volume.series_uid, provenance),
+        files=files,
+        timings=timings,
+        activity_ratio=ratio,
+        quantitative=volume.is_quantitative,
+    )

@@ -1,0 +1,53 @@
+"""Shared fixtures: real data location, external tools (DCMTK, Orthanc, dciodvfy), a node on loopback."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.dicomtools import in_ci, orthanc, orthanc_server, storescp_sink  # noqa: F401 - fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def realdata_root() -> Path:
+    return Path(os.environ.get("PETNODE_REALDATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    """The shared real DICOM; skipped locally when absent, a failure in CI (which must run these tests)."""
+    root = realdata_root()
+    if not root.is_dir():
+        if in_ci():
+            pytest.fail(f"real data not found at {root} (set PETNODE_REALDATA)")
+        pytest.skip(f"real data not found at {root}")
+    return root
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Wait for ``predicate()`` to be truthy and return it; None on timeout (no bare sleeps in tests)."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        pause.wait(interval)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_libraries() -> None:
+    """APScheduler logs every job run at INFO; the CLI silences it too (see dicom_node.cli.configure_logging)."""
+    import logging
+
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
