@@ -218,6 +218,9 @@ class Denoiser(abc.ABC, Generic[ParamsT]):
 
     name: ClassVar[str]
     Params: ClassVar[type[DenoiserParams]]
+    # Where the method can run, known before an instance exists, so the node can pick a worker lane (a GPU
+    # worker or the CPU pool) without loading weights. The instance ``spec.device`` must agree.
+    device_need: ClassVar[DeviceNeed] = DeviceNeed.CPU
 
     def __init__(
         self,

@@ -175,7 +175,6 @@ def handle_store(event: Event, ctx: ReceiveContext) -> int:
     try:
         try:
             ds = event.dataset
-            ds.file_meta = event.file_meta
             study_uid = str(ds.StudyInstanceUID)
             series_uid = str(ds.SeriesInstanceUID)
             sop_class = str(ds.SOPClassUID)

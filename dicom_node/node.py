@@ -6,6 +6,7 @@ series never blocks receiving, and a destination that is down never delays anoth
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -47,7 +48,7 @@ class Node:
         self.spool = Spool(settings.data_dir, settings.disk)
         self._server: Any = None
         self._scheduler: Any = None
-        self._workers = ThreadPoolExecutor(settings.workers.cpu, thread_name_prefix="petnode-worker")
+        self._lanes: dict[str, ThreadPoolExecutor] = {}
         self._senders: dict[str, ThreadPoolExecutor] = {}
         self._processing: set[str] = set()
         self._sending: set[str] = set()
@@ -87,8 +88,7 @@ class Node:
             self._scheduler.shutdown(wait=False)
         if self._server is not None:
             self._server.shutdown()
-        self._workers.shutdown(wait=True, cancel_futures=True)
-        for ex in list(self._senders.values()):
+        for ex in [*self._lanes.values(), *self._senders.values()]:
             ex.shutdown(wait=True, cancel_futures=True)
         self.db.close()
 
@@ -158,14 +158,45 @@ class Node:
             self._submit(uid)
 
     # --- processing ------------------------------------------------------------------------------------------
+    def lane_for(self, rule: Rule) -> tuple[str, str]:
+        """(lane, device) for a rule: one single-worker lane per GPU; on the CPU one lane per method.
+
+        Separate CPU lanes mean a slow method (NLM on a big series) never queues a Gaussian route behind it.
+        """
+        from denoisers import registry
+        from denoisers.devices import resolve_device
+
+        need = registry.get_class(rule.denoiser.name).device_need
+        device = resolve_device(getattr(rule, "device", None) or self.settings.device, need)
+        return (device if device.startswith("cuda") else f"cpu:{rule.denoiser.name}"), device
+
+    def _executor(self, lane: str) -> ThreadPoolExecutor:
+        with self._lock:
+            ex = self._lanes.get(lane)
+            if ex is None:
+                workers = 1 if lane.startswith("cuda") else self.settings.workers.cpu
+                ex = ThreadPoolExecutor(workers, thread_name_prefix=f"petnode-{lane.replace(':', '-')}")
+                self._lanes[lane] = ex
+            return ex
+
     def _submit(self, series_uid: str) -> None:
         with self._lock:
             if series_uid in self._processing or self._stopped.is_set():
                 return
             self._processing.add(series_uid)
-        self._workers.submit(self._process, series_uid)
+        try:
+            rule = self.rule_by_name((self.db.series(series_uid) or {}).get("rule"))
+            lane, device = self.lane_for(rule) if rule is not None else ("cpu:unknown", "cpu")
+        except Exception as exc:  # noqa: BLE001 - e.g. cuda:1 configured on a one-GPU machine
+            with self._lock:
+                self._processing.discard(series_uid)
+            logger.error("series=%s: cannot schedule: %s", series_uid, exc)
+            self.db.set_state(series_uid, SeriesState.FAILED, error=f"{type(exc).__name__}: {exc}",
+                              expect=[SeriesState.COMPLETE])
+            return
+        self._executor(lane).submit(self._process, series_uid, device)
 
-    def _process(self, uid: str) -> None:
+    def _process(self, uid: str, device: str = "cpu") -> None:
         try:
             if not self.db.set_state(uid, SeriesState.PROCESSING, expect=[SeriesState.COMPLETE]):
                 return
@@ -176,7 +207,8 @@ class Node:
             log_id = f"series={uid} route={rule.name} denoiser={rule.denoiser.name}"
             out_dir = self.spool.output_dir(uid, rule.name)
             t0 = time.perf_counter()
-            result = process_series(self.db.instance_paths(uid), Plan.from_rule(rule), out_dir, log_id=log_id)
+            plan = dataclasses.replace(Plan.from_rule(rule), device=device)
+            result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id)
             self.db.set_outputs(uid, result.output_series_uid, out_dir)
             logger.info("%s: %d derived instances written in %.2f s (load %.2f, denoise %.2f, write %.2f)",
                         log_id, len(result.files), time.perf_counter() - t0, result.timings["load"],

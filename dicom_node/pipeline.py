@@ -50,6 +50,7 @@ class Plan:
     non_quantitative: str = "process"  # or "refuse"
     series_description_suffix: str = " [petnode]"
     series_number_offset: int = 1000
+    device: str = "cpu"  # concrete device (cpu or cuda:N), chosen by the node's worker lane
 
     @classmethod
     def from_rule(cls, rule: Rule) -> Plan:
@@ -113,7 +114,7 @@ def denoise_volume(volume: PetVolume, plan: Plan) -> tuple[np.ndarray, dict[str,
     from denoisers import registry
     from denoisers.base import DenoiseInputs
 
-    denoiser = registry.create(plan.denoiser, plan.params)
+    denoiser = registry.create(plan.denoiser, plan.params, device=plan.device)
     try:
         result = denoiser.denoise(DenoiseInputs(pet=volume.array, spacing=volume.spacing))
     finally:
@@ -145,7 +146,7 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
                              f"{100 * (ratio - 1):+.2f} % (limit {100 * MAX_ACTIVITY_CHANGE:.0f} %): "
                              "output withheld")
     if volume.suv_factor is not None:
-        logger.info("%s: SUVmax %.2f -> %.2f, total activity ratio %.5f", log_id,
+        logger.info("%s device=%s: SUVmax %.2f -> %.2f, total activity ratio %.5f", log_id, plan.device,
                     float(volume.array.max()) * volume.suv_factor, float(denoised.max()) * volume.suv_factor,
                     ratio)
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from denoisers.devices import check_device_name
 from dicom_node.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class SendSettings(_Frozen):
 
 
 class WorkerSettings(_Frozen):
+    """Processing threads: ``cpu`` per CPU lane (one lane per method), and one worker per GPU."""
+
     cpu: int = Field(2, ge=1, le=64)
 
 
@@ -94,6 +97,7 @@ class NodeSettings(_Frozen):
     completion: CompletionSettings = CompletionSettings()
     send: SendSettings = SendSettings()
     workers: WorkerSettings = WorkerSettings()
+    device: Annotated[str, AfterValidator(check_device_name)] = "auto"  # auto | cpu | cuda | cuda:N; rules override
     retention: RetentionSettings = RetentionSettings()
     peers: tuple[Peer, ...] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -57,13 +57,17 @@ def make_dirs_durable(path: Path) -> None:
         fsync_dir(d.parent)
 
 
-def write_durable(path: Path, data: bytes) -> None:
+def write_durable(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync the directory.
 
     Nothing half-written is ever left under the final name; on failure the temp file is removed and
-    :class:`DiskFullError` (out of space) or :class:`StorageError` is raised.
+    :class:`DiskFullError` (out of space) or :class:`StorageError` is raised. ``fsync=False`` keeps the
+    atomic rename but leaves flushing to the caller (e.g. one directory fsync after many files).
     """
-    make_dirs_durable(path.parent)
+    if fsync:
+        make_dirs_durable(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -72,11 +76,13 @@ def write_durable(path: Path, data: bytes) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if fsync:
+            fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -62,6 +62,12 @@ def add_subparsers(sub: Any) -> None:
                    help="fail instead of processing a series that is not in BQML with SUV attributes")
     p.set_defaults(func=cmd_denoise)
 
+    p = sub.add_parser("denoisers", help="denoiser plugins")
+    dsub = p.add_subparsers(dest="denoisers_command", metavar="ACTION")
+    dsub.required = True
+    q = dsub.add_parser("list", help="each denoiser: parameters, what it requires and produces, availability here")
+    q.set_defaults(func=cmd_denoisers_list)
+
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     bsub.required = True
@@ -213,4 +219,39 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
     print(f"ratio petnode / storescp: {ours / ref:.2f}")
     print(f"last instance received -> last derived instance acknowledged (gaussian 4 mm): {lat:.2f} s "
           f"(runs: {', '.join(f'{x:.2f}' for x in f.latency_s)})")
+    return 0
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
+def cmd_denoisers_list(args: argparse.Namespace) -> int:
+    from denoisers import registry
+    from denoisers.devices import cuda_count
+
+    for name, reason in registry.available().items():
+        if reason is not None:
+            print(f"{name}: NOT AVAILABLE here: {reason}\n")
+            continue
+        cls = registry.get_class(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name}: {doc}")
+        try:
+            spec = registry.create_example(name).spec
+            print(f"  requires: {', '.join(sorted(spec.requires))}; produces: {', '.join(sorted(spec.produces))}; "
+                  f"device: {spec.device}; weights: {'yes (model registry)' if spec.needs_weights else 'no'}; "
+                  f"stochastic: {'yes' if spec.stochastic else 'no'}")
+        except Exception as exc:  # noqa: BLE001 - e.g. a learned method whose example needs a model
+            print(f"  (spec needs a configured instance: {exc})")
+        print("  params:")
+        for field_name, field in cls.Params.model_fields.items():
+            default = "required" if field.is_required() else f"default {field.default!r}"
+            desc = f": {field.description}" if field.description else ""
+            print(f"    {field_name} ({_type_name(field.annotation)}, {default}){desc}")
+        print()
+    gpus = cuda_count() if any(registry.get_class(n).device_need != "cpu"
+                               for n, r in registry.available().items() if r is None) else 0
+    print(f"CUDA devices here: {gpus}")
     return 0

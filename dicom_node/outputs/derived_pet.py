@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import io
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,7 @@ from dicom_node import __version__
 from dicom_node.errors import OutputWriteError
 from dicom_node.outputs.uids import derive_uid
 from dicom_node.series import PET_IMAGE_STORAGE, PetVolume
+from dicom_node.spool import write_durable
 
 __all__ = [
     "CONTRIBUTING_EQUIPMENT_PURPOSE",
@@ -487,8 +488,6 @@ def write_derived_pet(
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         ds.file_meta = meta
         paths.append(_write_atomically(ds, out_dir / f"{k:04d}.dcm", fsync=fsync))
-    if fsync:
-        _fsync_directory(out_dir)
     logger.info(
         "wrote derived series %s (%d instances, method %s, route %s) from series %s to %s",
         series_uid,
@@ -502,28 +501,10 @@ def write_derived_pet(
 
 
 def _write_atomically(ds: Dataset, path: Path, *, fsync: bool) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
     try:
-        with open(tmp, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        ds.save_as(buffer, enforce_file_format=True)
+        write_durable(path, buffer.getvalue(), fsync=fsync)
     except Exception as exc:  # disk full, permissions, encoding errors: one error type for the pipeline
-        tmp.unlink(missing_ok=True)
         raise OutputWriteError(f"cannot write {path}: {type(exc).__name__}: {exc}") from exc
     return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on this platform or filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -131,3 +131,23 @@ def test_node_process_reports_bad_config(tmp_path: Path):
     config = write_config(tmp_path, [pet_rule([{"peer": "nobody"}])])
     with pytest.raises(RuntimeError, match="nobody"):
         NodeProcess(config, tmp_path / "log").start()
+
+
+def test_offline_denoise_non_bqml_real_series(realdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """ACRIN PT_NAC is in PROPCNTS: processed in its own units with a clear note, or refused on request."""
+    nac = realdata / "ohif_acrin_nsclc_fdg_pet_042" / "PT_NAC"
+    assert main(["denoise", str(nac), str(tmp_path / "out"), "--fwhm-mm", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "not quantitative" in captured.err
+    d = dcmread(sorted((tmp_path / "out").glob("*.dcm"))[0])
+    assert d.Units == "PROPCNTS"
+    assert main(["denoise", str(nac), str(tmp_path / "o2"), "--refuse-non-quantitative"]) == 1
+    assert "PROPCNTS" in capsys.readouterr().err
+    assert not list((tmp_path / "o2").glob("*.dcm"))
+
+
+def test_denoisers_list(capsys: pytest.CaptureFixture[str]):
+    assert main(["denoisers", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "gaussian:" in out and "fwhm_mm (float, default 4.0)" in out and "requires: pet, spacing" in out
+    assert "CUDA devices here:" in out
