@@ -51,3 +51,20 @@ def _quiet_libraries() -> None:
 
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run when CUDA is present and are skipped (with the reason) otherwise."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+        for item in gpu_items:
+            item.add_marker(skip)
