@@ -28,3 +28,7 @@ class DenoiserUnavailableError(DenoiserError):
 
 class WeightsError(DenoiserError):
     """Model weights are missing, unreadable or fail their checksum."""
+
+
+class ModelRegistryError(DenoiserError):
+    """A model-store operation was refused or failed (unknown model or version, in use, duplicate, bad card)."""

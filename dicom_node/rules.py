@@ -597,6 +597,22 @@ class DenoiserRef(_Strict):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    # Trained weights from the model store: "name" (its active version, read per series) or "name@version"
+    # (pinned). Only the syntax is checked here; whether it is installed is the model store's business.
+    model: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from denoisers.errors import ModelRegistryError
+        from denoisers.models import format_ref, parse_ref
+
+        try:
+            return format_ref(*parse_ref(value))
+        except ModelRegistryError as exc:
+            raise _error("model", str(exc)) from None
 
     @model_validator(mode="before")
     @classmethod
@@ -625,9 +641,9 @@ class DenoiserRef(_Strict):
         return {**data, "params": validated.model_dump(mode="json")}
 
     def describe(self) -> str:
-        """``gaussian(fwhm_mm=4.0, fwhm_mm_z=None)``."""
+        """``gaussian(fwhm_mm=4.0, fwhm_mm_z=None)`` (plus `` model unet-fdg@1.0.0`` when a model is named)."""
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{self.name}({args})"
+        return f"{self.name}({args})" + (f" model {self.model}" if self.model else "")
 
 
 class OutputOptions(_Strict):

@@ -90,6 +90,9 @@ class NodeSettings(_Frozen):
     port: int = Field(11112, ge=0, le=65535)  # 0 = any free port (tests)
     data_dir: Path = Path("var")
     rules_file: Path | None = None  # None: ./config/rules.yaml
+    # Model versions shipped with petnode (models/<name>/<version>/card.yaml), registered into the model store
+    # (<data_dir>/models) on first use; None: register nothing.
+    shipped_models_dir: Path | None = Path("models")
     max_associations: int = Field(10, ge=1, le=1000)
     allowed_calling_aes: tuple[AETitle, ...] = ()  # empty: accept any calling AE
     network_timeout_s: float = Field(60.0, gt=0)
@@ -119,6 +122,11 @@ class NodeSettings(_Frozen):
 
     def peer_by_ae(self, ae_title: str) -> Peer | None:
         return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
+
+    @property
+    def model_store_dir(self) -> Path:
+        """The model store (``petnode models ...``): installed weights, cards, ACTIVE pointers, audit log."""
+        return self.data_dir / "models"
 
     def resolved_rules_file(self) -> Path:
         return self.rules_file if self.rules_file is not None else DEFAULT_RULES_FILE
@@ -174,8 +182,8 @@ def load_yaml(path: Path) -> Any:
 def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
     """Load node settings from ``path`` (or the embedded defaults), applying keyword overrides last.
 
-    Relative ``data_dir`` and ``rules_file`` in a file are resolved against the file's folder, so a config
-    file works from any working directory.
+    Relative ``data_dir``, ``rules_file`` and ``shipped_models_dir`` in a file are resolved against the file's
+    folder, so a config file works from any working directory.
     """
     data: dict[str, Any] = {}
     source = "(embedded defaults)"
@@ -187,7 +195,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of settings, got {type(loaded).__name__}")
         data = dict(loaded)
-        for key in ("data_dir", "rules_file"):
+        for key in ("data_dir", "rules_file", "shipped_models_dir"):
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str((path.parent / data[key]).resolve())
     data.update({k: v for k, v in overrides.items() if v is not None})

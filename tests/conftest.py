@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -51,6 +52,25 @@ def _quiet_libraries() -> None:
 
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``main()`` configures logging (basicConfig(force=True) on the root logger, with a handler on this test's
+    captured stderr); undo it so later tests do not log into a closed capture stream at WARNING level."""
+    names = ("", "pynetdicom", "apscheduler")
+    saved = {name: (logging.getLogger(name).level, list(logging.getLogger(name).handlers)) for name in names}
+    yield
+    for name, (level, handlers) in saved.items():
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if handler not in handlers:
+                logger.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.setLevel(level)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
