@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -30,7 +30,25 @@ from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool, safe_name
 from dicom_node.state import SeriesState, SendState, StateDB
 
+if TYPE_CHECKING:
+    from denoisers.models import ModelStore
+
 logger = logging.getLogger(__name__)
+
+
+def open_model_store(settings: NodeSettings) -> ModelStore:
+    """The node's model store, with the shipped models (``models/``) registered on first use."""
+    from denoisers.models import ModelStore
+
+    store = ModelStore(settings.model_store_dir)
+    shipped = settings.shipped_models_dir
+    if shipped is not None and shipped.is_dir():
+        result = store.register_shipped(shipped)
+        for ref in result.registered:
+            logger.info("shipped model %s registered", ref)
+        for problem in result.problems:
+            logger.warning("shipped model problem: %s", problem)
+    return store
 
 
 def backoff_delay(attempts: int, initial_s: float, max_s: float) -> float:
@@ -46,6 +64,7 @@ class Node:
         self.ruleset = ruleset
         self.db = StateDB(settings.state_db)
         self.spool = Spool(settings.data_dir, settings.disk)
+        self.models = open_model_store(settings)
         self._server: Any = None
         self._scheduler: Any = None
         self._lanes: dict[str, ThreadPoolExecutor] = {}
@@ -167,7 +186,7 @@ class Node:
         from denoisers.devices import resolve_device
 
         need = registry.get_class(rule.denoiser.name).device_need
-        device = resolve_device(getattr(rule, "device", None) or self.settings.device, need)
+        device = resolve_device(rule.device or self.settings.device, need)
         return (device if device.startswith("cuda") else f"cpu:{rule.denoiser.name}"), device
 
     def _executor(self, lane: str) -> ThreadPoolExecutor:
@@ -208,7 +227,7 @@ class Node:
             out_dir = self.spool.output_dir(uid, rule.name)
             t0 = time.perf_counter()
             plan = dataclasses.replace(Plan.from_rule(rule), device=device)
-            result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id)
+            result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id, models=self.models)
             self.db.set_outputs(uid, result.output_series_uid, out_dir)
             logger.info("%s: %d derived instances written in %.2f s (load %.2f, denoise %.2f, write %.2f)",
                         log_id, len(result.files), time.perf_counter() - t0, result.timings["load"],

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from dicom_node.outputs.derived_pet import Provenance, derived_series_uid, write
 from dicom_node.rules import Address, PeerRef, ReturnToSender, Rule
 from dicom_node.series import PetVolume, load_pet_series
 from dicom_node.settings import NodeSettings
+
+if TYPE_CHECKING:
+    from denoisers.models import ModelStore, ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +54,12 @@ class Plan:
     series_description_suffix: str = " [petnode]"
     series_number_offset: int = 1000
     device: str = "cpu"  # concrete device (cpu or cuda:N), chosen by the node's worker lane
+    model: str | None = None  # model registry ref: "name" (its active version) or "name@version"
 
     @classmethod
     def from_rule(cls, rule: Rule) -> Plan:
         return cls(route=rule.name, denoiser=rule.denoiser.name, params=dict(rule.denoiser.params),
+                   model=rule.denoiser.model,
                    non_quantitative=rule.non_quantitative,
                    series_description_suffix=rule.output.series_description_suffix,
                    series_number_offset=rule.output.series_number_offset)
@@ -109,12 +114,31 @@ def _activity_ratio(before: np.ndarray, after: np.ndarray) -> float:
     return float(np.sum(after, dtype=np.float64)) / total if total > 0 else 1.0
 
 
-def denoise_volume(volume: PetVolume, plan: Plan) -> tuple[np.ndarray, dict[str, object]]:
+def resolve_model(volume: PetVolume, plan: Plan, models: ModelStore | None) -> ResolvedModel | None:
+    """The plan's model with its card checked against this series; refuses early instead of a wrong image."""
+    if plan.model is None:
+        return None
+    if models is None:
+        raise DicomNodeError(f"rule {plan.route!r} names model {plan.model!r} but no model store is configured")
+    from denoisers.models import check_card
+    from dicom_node.tracers import canonical_tracer
+
+    resolved = models.resolve(plan.model)  # WeightsError: missing, tampered, retired-and-pinned
+    problem = check_card(resolved.card, spacing_mm=volume.spacing, units=volume.units,
+                         provided_inputs={"pet", "spacing"}, suv_available=volume.suv_factor is not None,
+                         tracer=canonical_tracer(volume.headers[0]), denoiser=plan.denoiser)
+    if problem:
+        raise DicomNodeError(f"model {resolved.ref} cannot process this series: {problem}")
+    return resolved
+
+
+def denoise_volume(volume: PetVolume, plan: Plan, weights: Path | None = None
+                   ) -> tuple[np.ndarray, dict[str, object]]:
     """Run the plan's denoiser on the volume (imported lazily: torch only loads for learned methods)."""
     from denoisers import registry
     from denoisers.base import DenoiseInputs
 
-    denoiser = registry.create(plan.denoiser, plan.params, device=plan.device)
+    denoiser = registry.create(plan.denoiser, plan.params, device=plan.device, weights=weights)
     try:
         result = denoiser.denoise(DenoiseInputs(pet=volume.array, spacing=volume.spacing))
     finally:
@@ -122,7 +146,8 @@ def denoise_volume(volume: PetVolume, plan: Plan) -> tuple[np.ndarray, dict[str,
     return result.denoised, dict(result.info)
 
 
-def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: str = "") -> ProcessResult:
+def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: str = "",
+                   models: ModelStore | None = None) -> ProcessResult:
     """Load, denoise, check and write; raises :class:`DicomNodeError` (or a denoiser error) on failure."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -136,8 +161,9 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         logger.warning("%s: series is not quantitative (%s); processing in its own units %r as the rule "
                        "allows", log_id, why, volume.units)
 
+    resolved = resolve_model(volume, plan, models)
     t0 = time.perf_counter()
-    denoised, info = denoise_volume(volume, plan)
+    denoised, info = denoise_volume(volume, plan, resolved.weights_path if resolved else None)
     timings["denoise"] = time.perf_counter() - t0
 
     ratio = _activity_ratio(volume.array, denoised)
@@ -154,7 +180,7 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         method=plan.denoiser,
         params=dict(plan.params),
         route=plan.route,
-        model_version=None,
+        model_version=resolved.ref if resolved else None,
         series_description_suffix=plan.series_description_suffix,
         series_number_offset=plan.series_number_offset,
     )

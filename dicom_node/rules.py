@@ -759,8 +759,21 @@ class Rule(_Strict):
     denoiser: DenoiserRef
     non_quantitative: Literal["process", "refuse"] = "process"
     quiet_period_s: float | None = Field(None, gt=0, le=86400, strict=True)
+    device: str | None = None  # auto | cpu | cuda | cuda:N; None: the node's `device` setting
     output: OutputOptions = Field(default_factory=OutputOptions)
     destinations: tuple[Destination, ...]
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from denoisers.devices import check_device_name
+
+        try:
+            return check_device_name(value)
+        except ValueError as exc:
+            raise _error("device", str(exc)) from None
 
     @field_validator("name", mode="before")
     @classmethod

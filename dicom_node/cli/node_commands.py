@@ -75,7 +75,22 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     rules_path = args.rules or settings.resolved_rules_file()
     print(f"rules ok: {rules_path}: {len(ruleset.rules)} rule(s): "
           + ", ".join(r.name + (" (disabled)" if r.disabled else "") for r in ruleset.rules))
-    return 0
+    problems = []
+    with_models = [r for r in ruleset.rules if r.denoiser.model and not r.disabled]
+    if with_models:
+        from denoisers.errors import DenoiserError
+        from dicom_node.node import open_model_store
+
+        store = open_model_store(settings)
+        for rule in with_models:
+            try:
+                resolved = store.resolve(str(rule.denoiser.model))
+                print(f"model ok: rule {rule.name!r} -> {resolved.ref}")
+            except DenoiserError as exc:
+                problems.append(f"rule {rule.name!r}: model {rule.denoiser.model!r}: {exc}")
+    for problem in problems:
+        print(f"petnode: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
