@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 _BUILTIN: dict[str, str] = {
     "gaussian": "denoisers.gaussian:GaussianDenoiser",
+    "nlm": "denoisers.nlm:NLMDenoiser",
     # Later plugins plug in here by one entry each (and the contract test picks them up), e.g.
-    # "nlm": "denoisers.nlm:NLMDenoiser",
     # "cnn": "denoisers.cnn:CNNDenoiser",
     # "cdip": "denoisers.cdip:ConditionalDIPDenoiser",
     # "bcdpm": "denoisers.bcdpm:BCDPMDenoiser",
