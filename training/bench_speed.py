@@ -218,3 +218,38 @@ def format_nlm_table(result: dict[str, Any]) -> str:
             f"({100 * result['max_rel_diff_vs_skimage']:.3g} % of the volume maximum)"
         )
     return "\n".join(lines)
+
+
+def bench_methods(
+    methods: list[str],
+    shape: tuple[int, int, int] = (200, 192, 192),
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0),
+    repeats: int = 1,
+    devices: list[str] | None = None,
+    *,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Time each registered method with its default parameters, per volume and per slice, on each device.
+
+    ``devices`` defaults to the CPU plus ``cuda:0`` when present (CPU-only methods are timed on the CPU only).
+    """
+    from denoisers import registry
+    from denoisers.base import DeviceNeed, DenoiseInputs
+    from denoisers.devices import cuda_count
+
+    volume = bench_volume(shape, seed)
+    inputs = DenoiseInputs(pet=volume, spacing=spacing)
+    devices = devices or (["cpu", "cuda:0"] if cuda_count() else ["cpu"])
+    rows: list[dict[str, Any]] = []
+    for method in methods:
+        cls = registry.get_class(method)
+        for device in devices:
+            if device != "cpu" and cls.device_need is DeviceNeed.CPU:
+                continue
+            denoiser = registry.create(method, {}, device=device)
+            denoiser.denoise(inputs)  # warm-up: imports, kernels, CUDA context
+            times, _ = _time(lambda d=denoiser: d.denoise(inputs).denoised, repeats, f"{method} on {device}")
+            rows.append({"method": method, "device": device, "shape": "x".join(map(str, shape)),
+                         "best_s": min(times), "median_s": statistics.median(times),
+                         "per_slice_ms": 1000.0 * min(times) / shape[0], "repeats": repeats})
+    return rows

@@ -76,6 +76,14 @@ def add_subparsers(sub: Any) -> None:
     q.add_argument("series_dir", type=Path, metavar="SERIES_DIR")
     q.add_argument("--repeats", type=int, default=3)
     q.set_defaults(func=cmd_bench_receive)
+    q = bsub.add_parser("speed", help="time each method per volume and per slice (CPU, and CUDA when present); "
+                                      "NLM against scikit-image in the same run")
+    q.add_argument("--methods", default="gaussian,nlm", help="comma-separated denoiser names")
+    q.add_argument("--shape", default="200,192,192", help="volume size z,y,x")
+    q.add_argument("--repeats", type=int, default=3)
+    q.add_argument("--no-reference", action="store_true", help="skip the scikit-image NLM reference")
+    q.add_argument("--out", type=Path, default=None, help="write speed.csv here")
+    q.set_defaults(func=cmd_bench_speed)
 
 
 def dicom_files(paths: Iterable[Path]) -> list[Path]:
@@ -254,4 +262,34 @@ def cmd_denoisers_list(args: argparse.Namespace) -> int:
     gpus = cuda_count() if any(registry.get_class(n).device_need != "cpu"
                                for n, r in registry.available().items() if r is None) else 0
     print(f"CUDA devices here: {gpus}")
+    return 0
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    import csv
+
+    from training.bench_speed import bench_methods, bench_nlm, format_nlm_table
+
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+        assert len(shape) == 3 and min(shape) > 0
+    except (ValueError, AssertionError):
+        raise ConfigError(f"--shape {args.shape!r}: expected three positive integers z,y,x") from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = bench_methods(methods, shape, repeats=args.repeats)  # type: ignore[arg-type]
+    print(f"{'method':<12}{'device':<9}{'volume':>14}{'best s':>9}{'median s':>10}{'ms/slice':>10}")
+    for r in rows:
+        print(f"{r['method']:<12}{r['device']:<9}{r['shape']:>14}{r['best_s']:>9.3f}{r['median_s']:>10.3f}"
+              f"{r['per_slice_ms']:>10.2f}")
+    if "nlm" in methods and not args.no_reference:
+        print()
+        result = bench_nlm(shape, repeats=args.repeats)  # type: ignore[arg-type]
+        print(format_nlm_table(result))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with (args.out / "speed.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"\nwrote {args.out / 'speed.csv'}")
     return 0

@@ -151,3 +151,12 @@ def test_denoisers_list(capsys: pytest.CaptureFixture[str]):
     out = capsys.readouterr().out
     assert "gaussian:" in out and "fwhm_mm (float, default 4.0)" in out and "requires: pet, spacing" in out
     assert "CUDA devices here:" in out
+
+
+def test_bench_speed_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["bench", "speed", "--shape", "8,24,24", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "gaussian" in out and "nlm" in out and "skimage" in out and "speed-up" in out
+    rows = (tmp_path / "speed.csv").read_text().splitlines()
+    assert rows[0].startswith("method,device") and len(rows) == 3
+    assert main(["bench", "speed", "--shape", "8,24"]) == 2
