@@ -20,11 +20,8 @@ from tests.dicomtools import (
     echoscu,
     free_port,
     have_tool,
-    orthanc,  # noqa: F401  (pytest fixture)
-    orthanc_server,  # noqa: F401  (pytest fixture)
     require_tool,
     run_dciodvfy,
-    storescp_sink,  # noqa: F401  (pytest fixture)
     storescu,
 )
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
