@@ -1,0 +1,45 @@
+"""The quality bench at CI size: real phantom, physics, denoisers and metrics, and a report a person can read."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.bench_quality import matched_noise_row, rois_for, run_quality_bench
+from training.phantoms import brain_phantom
+
+pytestmark = pytest.mark.slow
+
+
+def test_quality_bench_ci_brain(tmp_path: Path):
+    report = run_quality_bench("brain", [0.5, 0.1], ["gaussian", "nlm"], tmp_path, size="ci", realizations=2,
+                               progress=False, sweeps={"gaussian": ("fwhm_mm", (2.0, 6.0, 10.0)),
+                                                       "nlm": ("h_factor", (0.25, 1.0))})
+    names = {f.name for f in report.files}
+    assert {"results.csv", "table.md", "crc_vs_std.png", "ptv_vs_std.png", "panel_L0.5.png",
+            "panel_L0.1.png"} <= names
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 2 * (3 + 2)
+    gauss = {(float(r["level"]), float(r["value"])): r for r in rows if r["method"] == "gaussian"}
+    for level in (0.5, 0.1):
+        light, heavy = gauss[(level, 2.0)], gauss[(level, 10.0)]
+        # More smoothing: less noise and less contrast recovery (the trade-off the curves show).
+        assert float(heavy["uniform_std_pct"]) < float(light["uniform_std_pct"])
+        assert float(heavy["crc"]) < float(light["crc"])
+        assert float(light["activity_ratio"]) == pytest.approx(1.0, abs=0.02)
+    # Lower counts are noisier at the same setting.
+    assert float(gauss[(0.1, 2.0)]["uniform_std_pct"]) > float(gauss[(0.5, 2.0)]["uniform_std_pct"])
+    table = (tmp_path / "table.md").read_text()
+    assert "| 0.5 | gaussian |" in table and "| 0.1 | nlm |" in table and "At matched noise" in table
+
+
+def test_rois_and_matched_noise():
+    ph = brain_phantom((16, 48, 48), (3.0, 3.0, 3.0), seed=4)
+    rois = rois_for(ph.activity, ph.labels, ph.legend, "brain")
+    assert len(rois.hot) >= 1 and len(rois.background) >= 4
+    assert not np.any(np.stack(rois.background).any(axis=0) & np.stack(rois.hot).any(axis=0))
+    rows = [{"uniform_std_pct": s, "value": v} for s, v in ((30.0, 1), (12.0, 2), (5.0, 3))]
+    assert matched_noise_row(rows, 10.0)["value"] == 2

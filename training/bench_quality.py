@@ -1,0 +1,364 @@
+"""``petnode bench quality``: the papers' image-quality evaluation on held-out simulated phantoms.
+
+For each count level, every method's smoothing knob is swept (Gaussian FWHM, NLM h, ML-EM iterations) and each
+setting is scored over noise realizations with the papers' metrics (``denoisers.metrics``): contrast recovery vs
+background noise (Gong 2018 eqs 6-7), peak-to-valley vs noise (brain), PSNR / SSIM / NRMSE (Xu 2017), SUVmean /
+SUVmax bias in the lesions and total activity. The report folder holds a markdown table like the papers' tables,
+a CSV of every sweep point, CRC-vs-STD and peak-to-valley-vs-STD plots, and image panels at matched noise.
+
+Held-out means the phantoms are drawn with seeds no training run uses (``HELD_OUT_SEED``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from denoisers import metrics
+from training import TrainingError
+
+logger = logging.getLogger(__name__)
+
+HELD_OUT_SEED = 90_001  # training draws phantoms from seeds below 10_000
+
+# The knob each method trades noise for resolution with, swept from light to heavy smoothing.
+SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "gaussian": ("fwhm_mm", (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)),
+    "nlm": ("h_factor", (0.125, 0.25, 0.5, 1.0, 2.0)),
+    "mlem": ("iterations", (100.0, 50.0, 30.0, 20.0, 10.0)),  # fewer iterations = smoother (early stopping)
+}
+
+
+@dataclass
+class Rois:
+    """Regions the metrics need, all boolean masks on the volume grid."""
+
+    body: np.ndarray
+    hot: list[np.ndarray]  # lesions (or hot structures) for CRC
+    background: list[np.ndarray]  # small uniform-region spheres for CRC and Gong's background STD
+    uniform: np.ndarray  # white matter (brain) / liver (torso): noise STD
+    peak: np.ndarray | None = None  # hot structure for peak-to-valley (brain)
+    valley: np.ndarray | None = None
+    names: dict[str, str] = field(default_factory=dict)
+
+
+def _legend_mask(labels: np.ndarray, legend: dict[str, Any] | None, *words: str) -> np.ndarray:
+    """Voxels whose label name (from the phantom legend) contains any of ``words``."""
+    mask = np.zeros(labels.shape, dtype=bool)
+    for key, value in (legend or {}).items():
+        name, code = (key, value) if isinstance(value, int) else (str(value), int(key))
+        if any(w in name.lower() for w in words):
+            mask |= labels == code
+    return mask
+
+
+def _spheres_in(region: np.ndarray, avoid: np.ndarray, radius_vox: int, count: int, seed: int) -> list[np.ndarray]:
+    """Up to ``count`` small spheres fully inside ``region`` and away from ``avoid`` (deterministic)."""
+    ball = np.zeros((2 * radius_vox + 1,) * 3, dtype=bool)
+    zz, yy, xx = np.mgrid[-radius_vox:radius_vox + 1, -radius_vox:radius_vox + 1, -radius_vox:radius_vox + 1]
+    ball[zz**2 + yy**2 + xx**2 <= radius_vox**2] = True
+    inner = ndimage.binary_erosion(region, structure=ball) & ~ndimage.binary_dilation(avoid, structure=ball,
+                                                                                       iterations=2)
+    candidates = np.argwhere(inner)
+    if len(candidates) == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    taken = np.zeros(region.shape, dtype=bool)
+    for idx in rng.permutation(len(candidates)):
+        c = candidates[idx]
+        sl = tuple(slice(int(ci) - radius_vox, int(ci) + radius_vox + 1) for ci in c)
+        if taken[sl].any():
+            continue
+        mask = np.zeros(region.shape, dtype=bool)
+        mask[sl] = ball
+        chosen.append(mask)
+        taken[sl] |= ball
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def rois_for(truth: np.ndarray, labels: np.ndarray | None, legend: dict[str, Any] | None, kind: str) -> Rois:
+    """Build the metric ROIs of a simulated case from its label map and legend."""
+    if labels is None:
+        raise TrainingError("the simulated case has no label map: cannot place ROIs")
+    body = truth > 0.02 * float(truth.max())
+    lesion_mask = _legend_mask(labels, legend, "lesion", "tumour", "tumor")
+    comps, n = ndimage.label(lesion_mask)
+    hot = [comps == i for i in range(1, n + 1) if np.count_nonzero(comps == i) >= 2]
+    if kind == "brain":
+        uniform = _legend_mask(labels, legend, "white")
+        peak = _legend_mask(labels, legend, "nucle", "caudate", "putamen", "thalam", "striat")
+        if not peak.any():
+            peak = _legend_mask(labels, legend, "grey", "gray", "cortex")
+        valley = uniform
+        if not hot:
+            hot = [m for m in _split(peak)]
+    else:
+        uniform = _legend_mask(labels, legend, "liver")
+        peak = valley = None
+    if not uniform.any():
+        raise TrainingError(f"no uniform region (white matter / liver) in the {kind} phantom's legend {legend}")
+    background = _spheres_in(uniform, lesion_mask, radius_vox=1, count=12, seed=0)
+    if not hot or not background:
+        raise TrainingError(f"could not place ROIs: {len(hot)} hot, {len(background)} background")
+    # Noise is measured away from tissue edges: partial volume at a 4:1 grey/white edge is structure, not noise.
+    core = ndimage.binary_erosion(uniform & ~lesion_mask, iterations=1)
+    return Rois(body=body, hot=hot, background=background, uniform=core if core.sum() >= 20 else uniform,
+                peak=peak, valley=valley)
+
+
+def _split(mask: np.ndarray) -> list[np.ndarray]:
+    comps, n = ndimage.label(mask)
+    return [comps == i for i in range(1, n + 1)]
+
+
+def score(images: Sequence[np.ndarray], truth: np.ndarray, rois: Rois, spacing: Sequence[float]) -> dict[str, float]:
+    """All metrics of one method setting over its realizations (each image in the truth's units)."""
+    stack = np.stack([np.asarray(i, dtype=np.float64) for i in images])
+    hot_union = np.any(np.stack(rois.hot), axis=0)
+    out: dict[str, float] = {
+        "crc": metrics.crc(stack, rois.hot, rois.background, truth),
+        "background_std_pct": 100.0 * (metrics.background_std(stack, rois.background) if len(stack) > 1
+                                       else float("nan")),
+        # Noise across realizations (voxel-wise, averaged over the region): smoothing blurs grey matter into a
+        # white-matter ROI, which a spatial STD would count as noise; with one realization the spatial STD is all
+        # there is.
+        "uniform_std_pct": 100.0 * (metrics.ensemble_std(stack, rois.uniform, relative=True) if len(stack) > 1
+                                    else metrics.roi_std(stack[0], rois.uniform, relative=True)),
+        "psnr_db": float(np.mean([metrics.psnr(i, truth, rois.body) for i in stack])),
+        "ssim": float(np.mean([metrics.ssim(i, truth, rois.body) for i in stack])),
+        "nrmse": float(np.mean([metrics.nrmse(i, truth, rois.body) for i in stack])),
+        "suvmean_bias_pct": 100.0 * float(np.mean([metrics.suv_mean_bias(i, truth, hot_union) for i in stack])),
+        "suvmax_bias_pct": 100.0 * float(np.mean([metrics.suv_max_bias(i, truth, hot_union) for i in stack])),
+        "activity_ratio": float(np.mean([metrics.total_activity_ratio(i, truth) for i in stack])),
+    }
+    if rois.peak is not None and rois.valley is not None and rois.peak.any():
+        out["peak_to_valley"] = float(np.mean([metrics.peak_to_valley_ratio(i, rois.peak, rois.valley)
+                                               for i in stack]))
+    return out
+
+
+def _denoise(method: str, params: dict[str, Any], volume: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    from denoisers import registry
+    from denoisers.base import DenoiseInputs
+
+    denoiser = registry.create(method, params)
+    return denoiser.denoise(DenoiseInputs(pet=volume.astype(np.float32), spacing=tuple(spacing))).denoised
+
+
+@dataclass
+class QualityReport:
+    rows: list[dict[str, Any]]
+    out_dir: Path
+    table_md: Path
+    files: list[Path]
+    seconds: float
+
+
+def run_quality_bench(
+    phantom: str,
+    count_levels: Sequence[float],
+    methods: Sequence[str],
+    out_dir: Path,
+    *,
+    size: str = "ci",
+    realizations: int = 3,
+    seed: int = HELD_OUT_SEED,
+    progress: bool = True,
+    sweeps: dict[str, tuple[str, tuple[float, ...]]] | None = None,
+) -> QualityReport:
+    """Simulate a held-out phantom, sweep every method, score, and write the report folder."""
+    from tqdm import tqdm
+
+    from training.phantoms import brain_phantom, torso_phantom
+    from training.simulate import preset, simulate_case
+
+    t0 = time.perf_counter()
+    sweeps = {**SWEEPS, **(sweeps or {})}
+    unknown = [m for m in methods if m not in sweeps]
+    if unknown:
+        raise TrainingError(f"no smoothing sweep defined for {unknown}: known {sorted(sweeps)}")
+    params = preset(phantom, size)
+    ph = (brain_phantom if phantom == "brain" else torso_phantom)(**params["phantom"], seed=seed)
+    sim = dict(params["simulation"])
+    case = simulate_case(ph, count_levels=tuple(count_levels), realizations=realizations, seed=seed,
+                         progress=progress, **sim)
+    truth = case.truth.astype(np.float64)
+    rois = rois_for(truth, case.labels, case.meta["phantom"].get("legend"), phantom)
+    spacing = case.spacing
+    rows: list[dict[str, Any]] = []
+    panels: dict[float, dict[str, tuple[float, np.ndarray]]] = {}
+
+    jobs: list[tuple[float, str, float]] = [(lvl, m, v) for lvl in case.levels for m in methods
+                                            for v in sweeps[m][1]]
+    mlem_cache: dict[tuple[float, float], list[np.ndarray]] = {}
+    for level, method, value in tqdm(jobs, desc=f"bench quality {phantom}", disable=not progress):
+        knob = sweeps[method][0]
+        t = time.perf_counter()
+        if method == "mlem":
+            key = (level, value)
+            if key not in mlem_cache:
+                if int(value) == int(sim["iterations"]):
+                    mlem_cache[key] = case.recons[level]
+                else:  # same seed: the same counts, only the number of iterations differs
+                    other = simulate_case(ph, count_levels=(level,), realizations=realizations, seed=seed,
+                                          progress=False, **{**sim, "iterations": int(value)})
+                    mlem_cache[key] = other.recons[level]
+            images = mlem_cache[key]
+        else:
+            images = [_denoise(method, {knob: value}, r, spacing) for r in case.recons[level]]
+        seconds = (time.perf_counter() - t) / max(1, len(images))
+        row = {"phantom": phantom, "size": size, "level": level, "method": method, "knob": knob, "value": value,
+               "realizations": realizations, **score(images, truth, rois, spacing), "seconds_per_volume": seconds}
+        rows.append(row)
+        panels.setdefault(level, {})[f"{method} {knob}={value:g}"] = (row["uniform_std_pct"], images[0])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [_write_csv(rows, out_dir / "results.csv")]
+    table = out_dir / "table.md"
+    table.write_text(_markdown(rows, phantom, size, realizations, case.meta))
+    files.append(table)
+    files += _plots(rows, out_dir)
+    low_counts = {lvl: case.recons[lvl][0] for lvl in case.levels}
+    files += _panels(panels, truth, low_counts, out_dir, phantom, rois)
+    return QualityReport(rows, out_dir, table, files, time.perf_counter() - t0)
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 999)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _best(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    return max(rows, key=lambda r: r[key])
+
+
+def matched_noise_row(rows: list[dict[str, Any]], target_std: float) -> dict[str, Any]:
+    """The setting whose white-matter / liver noise is closest to ``target_std`` (percent)."""
+    return min(rows, key=lambda r: abs(r["uniform_std_pct"] - target_std))
+
+
+def _markdown(rows: list[dict[str, Any]], phantom: str, size: str, realizations: int, meta: dict[str, Any]) -> str:
+    levels = sorted({r["level"] for r in rows}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    p = meta.get("parameters", {})
+    lines = [f"# petnode bench quality: {phantom} phantom ({size}), {realizations} realization(s)", "",
+             f"Simulation: {meta.get('shape')} voxels of {meta.get('spacing')} mm, full counts "
+             f"{p.get('full_counts', 0):.3g}, {p.get('algorithm')} {p.get('iterations')} iterations, PSF "
+             f"{p.get('psf_fwhm_mm')} mm, randoms {p.get('randoms_fraction')}, scatter {p.get('scatter_fraction')}.",
+             "", "Best PSNR setting of each method per count level (means over realizations; CRC and background "
+             "STD as Gong 2018 eqs 6-7; PSNR/SSIM/NRMSE as Xu 2017, in the body; biases in the lesions):", "",
+             "| count level | method | setting | PSNR dB | SSIM | NRMSE | CRC | bkg STD % | WM/liver STD % | "
+             "PtV | SUVmean bias % | SUVmax bias % | activity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for level in levels:
+        for method in methods:
+            sub = [r for r in rows if r["level"] == level and r["method"] == method]
+            if not sub:
+                continue
+            r = _best(sub, "psnr_db")
+            ptv = f"{r['peak_to_valley']:.2f}" if "peak_to_valley" in r else "-"
+            lines.append(f"| {level:g} | {method} | {r['knob']}={r['value']:g} | {r['psnr_db']:.2f} | "
+                         f"{r['ssim']:.3f} | {r['nrmse']:.3f} | {r['crc']:.3f} | {r['background_std_pct']:.2f} | "
+                         f"{r['uniform_std_pct']:.2f} | {ptv} | {r['suvmean_bias_pct']:+.1f} | "
+                         f"{r['suvmax_bias_pct']:+.1f} | {r['activity_ratio']:.4f} |")
+    lines += ["", "At matched noise (the setting of each method whose WM/liver STD is closest to the median of the "
+              "best-PSNR settings' noise):", "", "| count level | method | setting | WM/liver STD % | CRC | PSNR dB |",
+              "|---|---|---|---|---|---|"]
+    for level in levels:
+        at_level = [r for r in rows if r["level"] == level]
+        target = float(np.median([_best([r for r in at_level if r["method"] == m], "psnr_db")["uniform_std_pct"]
+                                  for m in methods]))
+        for method in methods:
+            r = matched_noise_row([x for x in at_level if x["method"] == method], target)
+            lines.append(f"| {level:g} | {method} | {r['knob']}={r['value']:g} | {r['uniform_std_pct']:.2f} | "
+                         f"{r['crc']:.3f} | {r['psnr_db']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    levels = sorted({r["level"] for r in rows}, reverse=True)
+    curves: list[tuple[str, str, str]] = [("crc", "background_std_pct", "crc_vs_std"),
+                                          ("crc", "uniform_std_pct", "crc_vs_uniform_std")]
+    if any("peak_to_valley" in r for r in rows):
+        curves.append(("peak_to_valley", "uniform_std_pct", "ptv_vs_std"))
+    for ykey, xkey, name in curves:
+        fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 4.2), squeeze=False)
+        for ax, level in zip(axes[0], levels, strict=True):
+            for method in dict.fromkeys(r["method"] for r in rows):
+                sub = [r for r in rows if r["level"] == level and r["method"] == method and ykey in r]
+                if not sub or all(np.isnan(r[xkey]) for r in sub):
+                    continue
+                ax.plot([r[xkey] for r in sub], [r[ykey] for r in sub], "o-", label=method)
+                for r in sub:
+                    ax.annotate(f"{r['value']:g}", (r[xkey], r[ykey]), fontsize=7, alpha=0.7)
+            ax.set_xlabel({"background_std_pct": "background STD % (Gong eq. 7)",
+                           "uniform_std_pct": "WM / liver STD %"}[xkey])
+            ax.set_ylabel({"crc": "CRC (Gong eq. 6)", "peak_to_valley": "peak-to-valley"}[ykey])
+            ax.set_title(f"count level {level:g}")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def _panels(panels: dict[float, dict[str, tuple[float, np.ndarray]]], truth: np.ndarray,
+            low: dict[float, np.ndarray], out_dir: Path, phantom: str, rois: Rois) -> list[Path]:
+    """Ground truth, low-count input and each method at matched noise: the papers' figure layout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    hot = rois.hot[0] if rois.hot else truth > 0
+    z = int(np.argmax(hot.reshape(hot.shape[0], -1).sum(axis=1)))  # the slice through the first lesion
+    for level, entries in panels.items():
+        by_method: dict[str, list[tuple[str, float, np.ndarray]]] = {}
+        for label, (std, img) in entries.items():
+            by_method.setdefault(label.split()[0], []).append((label, std, img))
+        target = float(np.median([min(v, key=lambda e: e[1])[1] for v in by_method.values()] +
+                                 [max(v, key=lambda e: e[1])[1] for v in by_method.values()]))
+        chosen = [min(v, key=lambda e: abs(e[1] - target)) for v in by_method.values()]
+        images: list[tuple[str, np.ndarray]] = [("ground truth", truth), (f"input (level {level:g})", low[level])]
+        images += [(f"{label}\nSTD {std:.1f} %", img) for label, std, img in chosen]
+        vmax = float(np.percentile(truth[rois.body], 99.5))
+        fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 3.6), squeeze=False)
+        for ax, (title, img) in zip(axes[0], images, strict=True):
+            ax.imshow(img[z], cmap="gray_r", vmin=0, vmax=vmax)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        fig.suptitle(f"{phantom} phantom, slice {z}, count level {level:g}, methods at matched noise "
+                     f"(~{target:.1f} %)", y=0.99)
+        fig.tight_layout()
+        path = out_dir / f"panel_L{level:g}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
