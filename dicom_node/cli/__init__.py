@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from dicom_node import __version__
-from dicom_node.cli import model_commands, node_commands, tool_commands
+from dicom_node.cli import model_commands, node_commands, tool_commands, train_commands
 from dicom_node.errors import ConfigError, DicomNodeError
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_commands.add_subparsers(sub)
     tool_commands.add_subparsers(sub)
     model_commands.add_subparsers(sub)
+    train_commands.add_subparsers(sub)
     return parser
 
 
