@@ -91,7 +91,8 @@ class _Sink:
             self._server.shutdown()
 
 
-def _panel(truth: Any, source_dir: Path, derived_files: list[Path], out: Path, title: str) -> None:
+def _panel(truth: Any, source_dir: Path, derived_files: list[Path], out: Path, title: str,
+           truth_suv_per_unit: float = 1.0) -> None:
     """Truth, low-count input and derived series: a middle transverse slice, a coronal slice and a profile."""
     import matplotlib
 
@@ -106,8 +107,8 @@ def _panel(truth: Any, source_dir: Path, derived_files: list[Path], out: Path, t
     scale = src.suv_factor or 1.0
     unit = "SUVbw" if src.suv_factor else src.units
     images = [("low-count input", src.array * scale), ("petnode output", out_vol.array * scale)]
-    if truth is not None:  # the phantom is in SUV units already (training.phantoms: suv_per_unit = 1)
-        images.insert(0, ("ground truth", np.asarray(truth)))
+    if truth is not None:  # phantom units -> SUV with the phantom's documented scale
+        images.insert(0, ("ground truth", np.asarray(truth) * truth_suv_per_unit))
     reference = images[0][1]
     z = int(np.argmax(reference.reshape(reference.shape[0], -1).max(axis=1)))  # the slice with the hottest spot
     y = int(np.unravel_index(int(np.argmax(reference[z])), reference[z].shape)[0])
@@ -116,7 +117,7 @@ def _panel(truth: Any, source_dir: Path, derived_files: list[Path], out: Path, t
     for col, (name, vol) in enumerate(images):
         axes[0, col].imshow(vol[z], cmap="gray_r", vmin=0, vmax=vmax)
         axes[0, col].set_title(f"{name}\ntransverse slice {z}")
-        axes[1, col].imshow(vol[:, :, vol.shape[2] // 2], cmap="gray_r", vmin=0, vmax=vmax, aspect="auto")
+        axes[1, col].imshow(vol[::-1, :, vol.shape[2] // 2], cmap="gray_r", vmin=0, vmax=vmax, aspect="auto")  # head up
         axes[1, col].set_title("sagittal")
         for ax in axes[:2, col]:
             ax.axis("off")
@@ -189,5 +190,6 @@ def run_demo(workdir: Path, *, phantom: str = "torso", count_level: float = 0.25
     panel = workdir / "demo_panel.png"
     truth = getattr(case, "truth", None)
     _panel(truth, source_dir, sink.files(), panel,
-           f"petnode demo: {phantom} phantom at {count_level:g} of full counts, gaussian {fwhm_mm:g} mm")
+           f"petnode demo: {phantom} phantom at {count_level:g} of full counts, gaussian {fwhm_mm:g} mm",
+           truth_suv_per_unit=float(case.meta["activity"]["suv_per_unit"]))
     return DemoResult(workdir, source_dir, sink.directory, panel, sink.kind, time.perf_counter() - t_start)

@@ -160,3 +160,17 @@ def test_bench_speed_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     rows = (tmp_path / "speed.csv").read_text().splitlines()
     assert rows[0].startswith("method,device") and len(rows) == 3
     assert main(["bench", "speed", "--shape", "8,24"]) == 2
+
+
+@pytest.mark.slow
+def test_demo_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`petnode demo`: simulated patient -> node -> sink, and a panel a person can look at."""
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "comparison panel" in out
+    panel = tmp_path / "demo_panel.png"
+    assert panel.stat().st_size > 10_000 and panel.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sent = sorted((tmp_path / "simulated" / "dicom").glob("PET_*/*"))
+    received = [dcmread(p) for p in (tmp_path / "received").iterdir()]
+    assert len(received) == len(sent) > 0
+    assert all(d.ImageType[0] == "DERIVED" for d in received)
