@@ -98,8 +98,11 @@ class Node:
         self._scheduler.add_job(self.run_retention, "interval", id="retention", next_run_time=now,
                                 minutes=self.settings.retention.interval_min)
         self._scheduler.start()
-        logger.info("petnode %s started: AE %s port %d, data %s, %d rule(s)", self.settings.ae_title,
-                    self.settings.ae_title, self.port, self.settings.data_dir, len(self.ruleset.rules))
+        from dicom_node import __version__
+
+        logger.info("petnode %s started: AE %s port %d, data %s, %d rule(s), device %s", __version__,
+                    self.settings.ae_title, self.port, self.settings.data_dir, len(self.ruleset.rules),
+                    self.settings.device)
 
     def stop(self) -> None:
         self._stopped.set()
