@@ -27,7 +27,7 @@ class ReceiveFigures:
     latency_s: list[float]  # last instance acknowledged -> last derived instance acknowledged by the destination
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -40,7 +40,7 @@ def _tool(name: str) -> str:
     return path
 
 
-def _wait_port(port: int, timeout: float = 15.0) -> None:
+def wait_listening(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -71,7 +71,7 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
     env = {**os.environ, "TCP_NODELAY": "1"}
     with tempfile.TemporaryDirectory(prefix="petnode-bench-") as tmp:
         tmpdir = Path(tmp)
-        ref_port, sink_port = _free_port(), _free_port()
+        ref_port, sink_port = free_port(), free_port()
         ref = subprocess.Popen([_tool("storescp"), "-aet", "REF", "-od", str(tmpdir / "ref"), "-uf", str(ref_port)],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         (tmpdir / "ref").mkdir()
@@ -79,8 +79,8 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
         sink = subprocess.Popen([_tool("storescp"), "-aet", "SINK", "-od", str(tmpdir / "sink"), "-uf",
                                  str(sink_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            _wait_port(ref_port)
-            _wait_port(sink_port)
+            wait_listening(ref_port)
+            wait_listening(sink_port)
             for i in tqdm(range(repeats), desc="bench receive", disable=not progress):
                 figures.storescp_per_s.append(len(files) / _storescu(series_dir, ref_port, "REF"))
                 rules_path = tmpdir / f"rules{i}.yaml"

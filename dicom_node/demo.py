@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicom_node.bench import free_port, wait_listening
 from dicom_node.errors import DicomNodeError
 
 logger = logging.getLogger(__name__)
@@ -32,19 +32,13 @@ class DemoResult:
     seconds: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _Sink:
     """Where the derived series lands: DCMTK storescp if installed, else an in-process pynetdicom SCP."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._server: Any = None
         exe = shutil.which("storescp")
@@ -52,7 +46,7 @@ class _Sink:
             self.kind = "DCMTK storescp"
             self._proc = subprocess.Popen([exe, "-aet", "SINK", "-od", str(directory), "-uf", str(self.port)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self._wait_listening()
+            wait_listening(self.port)
         else:
             from pynetdicom import AE, evt
 
@@ -70,15 +64,6 @@ class _Sink:
                 ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
             self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                            evt_handlers=[(evt.EVT_C_STORE, store)])
-
-    def _wait_listening(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            threading.Event().wait(0.05)
-        raise DicomNodeError("the demo's storescp sink did not start")
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.directory.iterdir() if p.is_file())

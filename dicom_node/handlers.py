@@ -150,20 +150,23 @@ def _floats(ds: Dataset, keyword: str) -> tuple[float, ...] | None:
         return None
 
 
-def _pixel_problem(ds: Dataset, transfer_syntax: UID) -> str | None:
-    """Why the Pixel Data cannot be right (None when it looks complete)."""
+def _pixel_problem(ds: Dataset, transfer_syntax: UID) -> tuple[Status, str] | None:
+    """The status and reason when the Pixel Data cannot be right (None when it looks complete)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        return "no Pixel Data"
+        return Status.DATASET_MISMATCH, "no Pixel Data"
     if "PixelData" not in ds or transfer_syntax.is_compressed:
         return None  # encapsulated frames are checked when decoded for processing
     try:
         expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
                     * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated)) // 8
     except (AttributeError, TypeError, ValueError) as exc:
-        return f"image pixel attributes unreadable ({exc})"
-    actual = len(ds.PixelData)
+        return Status.DATASET_MISMATCH, f"image pixel attributes unreadable ({exc})"
+    try:
+        actual = len(ds.PixelData)
+    except Exception as exc:  # noqa: BLE001 - reading the value hit the truncation
+        return Status.CANNOT_UNDERSTAND, f"Pixel Data cannot be read ({type(exc).__name__}: {exc})"
     if actual < expected:
-        return f"Pixel Data truncated: {actual} bytes, {expected} expected"
+        return Status.CANNOT_UNDERSTAND, f"Pixel Data truncated: {actual} bytes, {expected} expected"
     return None
 
 
@@ -198,15 +201,11 @@ def handle_store(event: Event, ctx: ReceiveContext) -> int:
             return Status.SUCCESS
 
         if sop_class in IMAGE_STORAGE_CLASSES:
-            try:
-                problem = _pixel_problem(ds, UID(event.context.transfer_syntax))
-            except Exception as exc:  # noqa: BLE001 - reading Pixel Data hit the truncation
-                problem = f"Pixel Data cannot be read ({type(exc).__name__}: {exc})"
+            problem = _pixel_problem(ds, UID(event.context.transfer_syntax))
             if problem:
-                status = Status.CANNOT_UNDERSTAND if "truncated" in problem or "read" in problem \
-                    else Status.DATASET_MISMATCH
+                status, reason = problem
                 logger.warning("C-STORE refused 0x%04X sop=%s series=%s: %s", status, sop_uid, series_uid,
-                               problem)
+                               reason)
                 _count(stats, "refused")
                 return status
 

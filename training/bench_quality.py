@@ -191,8 +191,14 @@ def run_quality_bench(
     params = preset(phantom, size)
     ph = (brain_phantom if phantom == "brain" else torso_phantom)(**params["phantom"], seed=seed)
     sim = dict(params["simulation"])
+    # The ML-EM sweep reads the intermediate iterates of this one reconstruction (same counts, fewer iterations).
+    keep = sorted({int(v) for v in sweeps["mlem"][1] if int(v) < int(sim["iterations"])}) if "mlem" in methods \
+        else []
+    if "mlem" in methods and max(sweeps["mlem"][1]) > int(sim["iterations"]):
+        raise TrainingError(f"the ML-EM sweep {sweeps['mlem'][1]} goes past the preset's {sim['iterations']} "
+                            "iterations")
     case = simulate_case(ph, count_levels=tuple(count_levels), realizations=realizations, seed=seed,
-                         progress=progress, **sim)
+                         progress=progress, keep_iterations=keep, **sim)
     truth = case.truth.astype(np.float64)
     rois = rois_for(truth, case.labels, case.meta["phantom"].get("legend"), phantom)
     spacing = case.spacing
@@ -201,20 +207,12 @@ def run_quality_bench(
 
     jobs: list[tuple[float, str, float]] = [(lvl, m, v) for lvl in case.levels for m in methods
                                             for v in sweeps[m][1]]
-    mlem_cache: dict[tuple[float, float], list[np.ndarray]] = {}
     for level, method, value in tqdm(jobs, desc=f"bench quality {phantom}", disable=not progress):
         knob = sweeps[method][0]
         t = time.perf_counter()
         if method == "mlem":
-            key = (level, value)
-            if key not in mlem_cache:
-                if int(value) == int(sim["iterations"]):
-                    mlem_cache[key] = case.recons[level]
-                else:  # same seed: the same counts, only the number of iterations differs
-                    other = simulate_case(ph, count_levels=(level,), realizations=realizations, seed=seed,
-                                          progress=False, **{**sim, "iterations": int(value)})
-                    mlem_cache[key] = other.recons[level]
-            images = mlem_cache[key]
+            its = int(value)
+            images = case.recons[level] if its == int(sim["iterations"]) else case.iterates[level][its]
         else:
             images = [_denoise(method, {knob: value}, r, spacing) for r in case.recons[level]]
         seconds = (time.perf_counter() - t) / max(1, len(images))

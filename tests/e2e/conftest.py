@@ -17,7 +17,7 @@ from pynetdicom import AE
 
 from dicom_node.node import Node
 from dicom_node.rules import load_rules
-from dicom_node.settings import NodeSettings, load_settings
+from dicom_node.settings import load_settings
 from dicom_node.state import StateDB
 from tests.conftest import wait_until
 
@@ -133,7 +133,3 @@ def series_state(node_or_db: Node | StateDB, uid: str) -> str | None:
 
 def wait_state(node: Node, uid: str, states: Sequence[str], timeout: float = 60.0) -> str | None:
     return wait_until(lambda: series_state(node, uid) in states and series_state(node, uid), timeout)
-
-
-def settings_of(node: Node) -> NodeSettings:
-    return node.settings
