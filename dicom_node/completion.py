@@ -57,9 +57,44 @@ def contiguity_problem(positions: Sequence[Sequence[float] | None], orientations
     return None
 
 
+def _ranges(values: Sequence[int]) -> str:
+    """1,2,3,7,9,10 -> '1-3, 7, 9-10' (at most five ranges shown)."""
+    out: list[str] = []
+    start = prev = values[0]
+    for v in [*values[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(out[:5]) + (f" and {len(out) - 5} more range(s)" if len(out) > 5 else "")
+
+
+def image_index_problem(indices: Sequence[int | None]) -> str | None:
+    """Why the PET Image Index values (0054,1330) show slices missing (None when they run 1..N without holes).
+
+    Image Index numbers the slices of a PET series from 1; without NumberOfSlices it still tells a partial
+    series (indices 69..135, or 1..135 with holes) from a short one. Series whose instances lack it pass.
+    """
+    if not indices or any(i is None for i in indices):
+        return None
+    values = sorted(int(i) for i in indices if i is not None)
+    if len(set(values)) != len(values):
+        dup = next(a for a, b in zip(values, values[1:]) if a == b)
+        return f"two slices with Image Index {dup}"
+    missing = sorted(set(range(1, values[-1] + 1)) - set(values))
+    if values[0] < 1:
+        return f"Image Index {values[0]} out of range (PET Image Index starts at 1)"
+    if missing:
+        return (f"{len(missing)} slice(s) missing by Image Index (0054,1330): {_ranges(missing)} "
+                f"(received {len(values)}, highest index {values[-1]})")
+    return None
+
+
 def decide(*, modality: str, received: int, expected: int | None, seconds_quiet: float, quiet_period_s: float,
            positions: Sequence[Sequence[float] | None], orientations: Sequence[Sequence[float] | None],
-           forced: bool = False, tolerance: float = 0.05) -> Decision:
+           forced: bool = False, tolerance: float = 0.05, image_indices: Sequence[int | None] = ()) -> Decision:
     """Decide whether a series is complete now.
 
     Parameters
@@ -72,6 +107,9 @@ def decide(*, modality: str, received: int, expected: int | None, seconds_quiet:
         ImagePositionPatient / ImageOrientationPatient of every received instance.
     forced
         An operator said ``petnode series complete``: complete now, whatever the count.
+    image_indices
+        Image Index (0054,1330) of every received PET instance (None where absent): when NumberOfSlices is
+        missing, indices that do not run 1..N show slices are missing.
     """
     if forced:
         return Decision(Verdict.COMPLETE, f"forced by operator with {received} instance(s)")
@@ -91,6 +129,8 @@ def decide(*, modality: str, received: int, expected: int | None, seconds_quiet:
                                             f"{seconds_quiet:.0f} s without new instances")
     has_geometry = all(p is not None for p in positions)
     problem = contiguity_problem(positions, orientations, tolerance) if modality == "PT" or has_geometry else None
+    if problem is None and modality == "PT":
+        problem = image_index_problem(image_indices)
     if problem is not None:
         return Decision(Verdict.INCOMPLETE, problem)
     return Decision(Verdict.COMPLETE, f"{received} instance(s), quiet for {seconds_quiet:.0f} s")

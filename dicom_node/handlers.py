@@ -7,7 +7,9 @@ dataset, writes it durably, records it and answers. Completion, routing and deno
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
+import re
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -18,10 +20,13 @@ from pydicom.uid import UID
 
 from dicom_node.errors import DiskFullError, StorageError
 from dicom_node.spool import Spool
-from dicom_node.state import InstanceRecord, StateDB
+from dicom_node.state import InstanceRecord, StateDB, StoreOutcome
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
+
+    from dicom_node.scp import ConnectionGuard
+    from dicom_node.settings import NodeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ class Status(enum.IntEnum):
     DATASET_MISMATCH = 0xA900  # a required attribute (UIDs, Pixel Data) is missing or wrong
     CANNOT_UNDERSTAND = 0xC210  # the dataset cannot be decoded (truncated, malformed)
     PROCESSING_FAILURE = 0x0110  # anything unexpected (bug, database error): the sender should retry
+    DUPLICATE_SOP_INSTANCE = 0x0111  # conflicting_instance: refuse, and this UID is stored with other content
 
 
 # SOP classes whose instances must carry Pixel Data (everything we accept is an image).
@@ -67,24 +73,34 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 class AssociationStats:
     calling_ae: str
     peer: str
+    called_ae: str = ""
     received: int = 0
     duplicates: int = 0
+    replaced: int = 0
     refused: int = 0
 
 
 @dataclass
 class ReceiveContext:
-    """What the handlers need; bound once when the server starts."""
+    """What the handlers need; bound once when the server starts (``guard`` and ``settings`` by start_scp)."""
 
     spool: Spool
     db: StateDB
     on_received: Any = None  # optional callable(series_uid) -> None: a hint for the scheduler
+    guard: ConnectionGuard | None = None
+    settings: NodeSettings | None = None
     _stats: dict[int, AssociationStats] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Striped locks by SOP Instance UID: two associations storing the same UID at once are serialised, so the
+    # duplicate / changed-content decision and the file on disk always agree.
+    _uid_locks: tuple[threading.Lock, ...] = field(default_factory=lambda: tuple(threading.Lock() for _ in range(64)))
 
     def stats_for(self, assoc: Any) -> AssociationStats | None:
         with self._lock:
             return self._stats.get(id(assoc))
+
+    def uid_lock(self, sop_uid: str) -> threading.Lock:
+        return self._uid_locks[hash(sop_uid) % len(self._uid_locks)]
 
 
 def _assoc_id(assoc: Any) -> str:
@@ -103,24 +119,79 @@ def handle_conn_open(event: Event) -> None:
         logger.debug("could not set TCP_NODELAY", exc_info=True)
 
 
+def called_ae_of(assoc: Any) -> str:
+    """The AE title the peer asked for in its A-ASSOCIATE-RQ (``acceptor.ae_title`` is always our own)."""
+    primitive = getattr(assoc.requestor, "primitive", None)
+    called = getattr(primitive, "called_ae_title", None) if primitive is not None else None
+    if isinstance(called, bytes):
+        called = called.decode("ascii", "replace")
+    return str(called).strip() if called else str(assoc.acceptor.ae_title).strip()
+
+
+def _calling_ae_of(assoc: Any) -> str:
+    primitive = getattr(assoc.requestor, "primitive", None)
+    calling = getattr(primitive, "calling_ae_title", None) if primitive is not None else None
+    if isinstance(calling, bytes):
+        calling = calling.decode("ascii", "replace")
+    return str(calling or assoc.requestor.ae_title or "").strip()
+
+
+def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
+    assoc.acse.send_reject(result, source, diagnostic)
+    assoc.kill()  # waits until the A-ASSOCIATE-RJ has gone out, as pynetdicom's own rejections do
+
+
+def handle_requested(event: Event, ctx: ReceiveContext) -> None:
+    """An A-ASSOCIATE-RQ arrived: apply the AE-title checks and take an association slot, or reject with the
+    real cause (logged against the caller that is refused, with the numbers that made the decision)."""
+    assoc = event.assoc
+    calling, called = _calling_ae_of(assoc), called_ae_of(assoc)
+    settings, guard = ctx.settings, ctx.guard
+    try:
+        if settings is not None and settings.allowed_calling_aes and calling not in settings.allowed_calling_aes:
+            logger.warning("association rejected from calling AE %r at %s (called AE %r): calling AE not in "
+                           "allowed_calling_aes", calling, _peer(assoc), called)
+            _reject(assoc, 0x01, 0x01, 0x03)
+            return
+        if settings is not None and settings.refuse_unknown_called_ae and not settings.answers_to(called):
+            logger.warning("association rejected from calling AE %r at %s: called AE %r is not ours (%s; "
+                           "refuse_unknown_called_ae is on)", calling, _peer(assoc), called,
+                           ", ".join([settings.ae_title, *settings.called_ae_aliases]))
+            _reject(assoc, 0x01, 0x01, 0x07)
+            return
+        if guard is not None:
+            reason = guard.admit_association(id(assoc))
+            if reason is not None:
+                logger.warning("association rejected from calling AE %r at %s (called AE %r): %s", calling,
+                               _peer(assoc), called, reason)
+                _reject(assoc, 0x02, 0x03, 0x02)
+                return
+    except Exception:  # noqa: BLE001 - a handler never raises; an unexpected error rejects transiently
+        logger.exception("association request from %s could not be checked; rejected", _peer(assoc))
+        if not assoc.is_rejected and not assoc.is_aborted:
+            _reject(assoc, 0x02, 0x02, 0x01)
+
+
 def handle_accepted(event: Event, ctx: ReceiveContext) -> None:
     assoc = event.assoc
-    stats = AssociationStats(calling_ae=assoc.requestor.ae_title, peer=_peer(assoc))
+    called = called_ae_of(assoc)
+    stats = AssociationStats(calling_ae=assoc.requestor.ae_title, peer=_peer(assoc), called_ae=called)
     with ctx._lock:
         ctx._stats[id(assoc)] = stats
     try:
-        ctx.db.association_opened(_assoc_id(assoc), stats.calling_ae, assoc.acceptor.ae_title, stats.peer)
+        ctx.db.association_opened(_assoc_id(assoc), stats.calling_ae, called, stats.peer)
     except Exception:  # noqa: BLE001 - status bookkeeping must never break an association
         logger.exception("could not record association assoc=%s", _assoc_id(assoc))
-    logger.info("association accepted assoc=%s from %s (%s) to %s", _assoc_id(assoc), stats.calling_ae,
-                stats.peer, assoc.acceptor.ae_title)
+    known = ctx.settings is None or ctx.settings.answers_to(called)
+    logger.info("association accepted assoc=%s from %s (%s) to %s%s", _assoc_id(assoc), stats.calling_ae,
+                stats.peer, called, "" if known else " (not our AE title: recorded as called, accepted)")
 
 
 def handle_rejected(event: Event) -> None:
+    """pynetdicom rejected on its own (our checks reject in handle_requested and log the cause there)."""
     assoc = event.assoc
-    logger.warning("association rejected from calling AE %r at %s (called AE %r): not allowed by the node's "
-                   "settings (allowed_calling_aes / max_associations)", assoc.requestor.ae_title,
-                   _peer(assoc), assoc.acceptor.ae_title)
+    logger.warning("association rejected by the DICOM stack from %s (calling AE %r, called AE %r)",
+                   _peer(assoc), _calling_ae_of(assoc), called_ae_of(assoc))
 
 
 def handle_conn_close(event: Event, ctx: ReceiveContext) -> None:
@@ -134,8 +205,9 @@ def handle_conn_close(event: Event, ctx: ReceiveContext) -> None:
     except Exception:  # noqa: BLE001
         logger.exception("could not record association end assoc=%s", _assoc_id(assoc))
     how = "aborted" if assoc.is_aborted else "released"
-    logger.info("association %s assoc=%s from %s: received %d, duplicates %d, refused %d", how,
-                _assoc_id(assoc), stats.calling_ae, stats.received, stats.duplicates, stats.refused)
+    logger.info("association %s assoc=%s from %s: received %d, duplicates %d, replaced %d, refused %d", how,
+                _assoc_id(assoc), stats.calling_ae, stats.received, stats.duplicates, stats.replaced,
+                stats.refused)
 
 
 def handle_echo(event: Event) -> int:
@@ -170,6 +242,51 @@ def _pixel_problem(ds: Dataset, transfer_syntax: UID) -> tuple[Status, str] | No
     return None
 
 
+_UID_STRICT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID_LENIENT = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def uid_problem(value: str) -> tuple[str | None, str | None]:
+    """(error, warning) for a UID value: an error refuses the instance, a warning is logged and accepted.
+
+    PS3.5 9.1: digits and dots, components without leading zeros, at most 64 characters. Real modalities do
+    write leading zeros now and then; that is harmless for storage and routing, so it is only a warning.
+    """
+    if not value:
+        return "empty", None
+    if len(value) > 64:
+        return f"{len(value)} characters (at most 64)", None
+    if not _UID_LENIENT.match(value):
+        return "not a UID (only digits separated by single dots are allowed)", None
+    if not _UID_STRICT.match(value):
+        return None, "a component has a leading zero"
+    return None, None
+
+
+def _undecodable(ds: Dataset) -> str | None:
+    """Why the decoded bytes are not a DICOM data set at all (None when they are one).
+
+    pydicom decodes nearly any bytes into *some* elements, so garbage after a valid header shows up as
+    elements out of tag order or a data set with no identifying attributes at all: that is 0xC210 (cannot
+    understand), not 0xA900 (a DICOM data set with a required attribute missing).
+    """
+    tags = list(ds.keys())
+    if not tags:
+        return "empty data set"
+    if any(b <= a for a, b in zip(tags, tags[1:])):
+        return "elements are not in ascending tag order"
+    if not any(t.group in (0x0008, 0x0010, 0x0020) for t in tags):
+        return "no SOP Common, Patient or Study/Series attributes (groups 0008, 0010, 0020)"
+    return None
+
+
+def _refuse(stats: AssociationStats | None, status: Status, sop_uid: str, reason: str, *args: Any) -> int:
+    logger.warning("C-STORE refused 0x%04X sop=%s: " + reason, status, sop_uid, *args)
+    _count(stats, "refused")
+    return status
+
+
 def handle_store(event: Event, ctx: ReceiveContext) -> int:
     """Check, write durably, record, then acknowledge one instance."""
     assoc = event.assoc
@@ -178,69 +295,117 @@ def handle_store(event: Event, ctx: ReceiveContext) -> int:
     try:
         try:
             ds = event.dataset
-            study_uid = str(ds.StudyInstanceUID)
-            series_uid = str(ds.SeriesInstanceUID)
-            sop_class = str(ds.SOPClassUID)
-            sop_uid = str(ds.SOPInstanceUID)
-            modality = str(ds.get("Modality", ""))
-        except AttributeError as exc:
-            logger.warning("C-STORE refused 0x%04X sop=%s: required attribute missing (%s)",
-                           Status.DATASET_MISMATCH, sop_uid, exc)
-            _count(stats, "refused")
-            return Status.DATASET_MISMATCH
+            problem = _undecodable(ds)
+            if problem is None:
+                values = {kw: ds.get(kw) for kw in _REQUIRED_UIDS}
+                modality = str(ds.get("Modality", "") or "")
         except Exception as exc:  # noqa: BLE001 - any decoding failure is the sender's dataset
-            logger.warning("C-STORE refused 0x%04X sop=%s: dataset cannot be decoded (%s: %s)",
-                           Status.CANNOT_UNDERSTAND, sop_uid, type(exc).__name__, exc)
-            _count(stats, "refused")
-            return Status.CANNOT_UNDERSTAND
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            return _refuse(stats, Status.CANNOT_UNDERSTAND, sop_uid, "data set cannot be decoded (%s)", problem)
 
-        if ctx.db.has_instance(sop_uid):
-            logger.info("duplicate instance sop=%s series=%s: already stored, kept the first copy",
-                        sop_uid, series_uid)
-            _count(stats, "duplicates")
-            return Status.SUCCESS
+        missing = [kw for kw, v in values.items() if v is None or str(v).strip() == ""]
+        if missing:
+            return _refuse(stats, Status.DATASET_MISMATCH, sop_uid, "required attribute missing (%s)",
+                           ", ".join(missing))
+        uids = {kw: str(v).strip().rstrip("\x00").strip() for kw, v in values.items()}
+        for kw, value in uids.items():
+            error, warning = uid_problem(value)
+            if error:
+                return _refuse(stats, Status.DATASET_MISMATCH, sop_uid, "%s %r is not a valid UID: %s", kw,
+                               value[:80], error)
+            if warning:
+                logger.warning("C-STORE sop=%s: %s %r accepted although %s (PS3.5 9.1)", uids["SOPInstanceUID"],
+                               kw, value, warning)
+        study_uid, series_uid = uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
+        sop_uid, sop_class = uids["SOPInstanceUID"], uids["SOPClassUID"]
 
         if sop_class in IMAGE_STORAGE_CLASSES:
-            problem = _pixel_problem(ds, UID(event.context.transfer_syntax))
-            if problem:
-                status, reason = problem
-                logger.warning("C-STORE refused 0x%04X sop=%s series=%s: %s", status, sop_uid, series_uid,
-                               reason)
-                _count(stats, "refused")
-                return status
+            pixel = _pixel_problem(ds, UID(event.context.transfer_syntax))
+            if pixel:
+                status, reason = pixel
+                return _refuse(stats, status, sop_uid, "series=%s: %s", series_uid, reason)
 
-        try:
-            path = ctx.spool.store(study_uid, series_uid, sop_uid, event.encoded_dataset())
-        except DiskFullError as exc:
-            logger.error("C-STORE refused 0x%04X sop=%s series=%s: %s", Status.OUT_OF_RESOURCES, sop_uid,
-                         series_uid, exc)
-            _count(stats, "refused")
-            return Status.OUT_OF_RESOURCES
-
-        expected = ds.get("NumberOfSlices") if modality == "PT" and "NumberOfFrames" not in ds else None
-        record = InstanceRecord(
-            sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, sop_class_uid=sop_class,
-            modality=modality, path=path, ipp=_floats(ds, "ImagePositionPatient"),
-            iop=_floats(ds, "ImageOrientationPatient"), expected_count=int(expected) if expected else None,
-            calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
-            peer_host=str(assoc.requestor.address),
-        )
-        if not ctx.db.record_instance(record):
-            # Another association stored the same instance between our check and now: same bytes, same path.
-            _count(stats, "duplicates")
-            return Status.SUCCESS
-        _count(stats, "received")
-        if ctx.on_received is not None:
-            ctx.on_received(series_uid)
-        return Status.SUCCESS
+        data = event.encoded_dataset()
+        digest = hashlib.sha256(data).hexdigest()
+        with ctx.uid_lock(sop_uid):
+            return _store_checked(event, ctx, stats, ds, data, digest, study_uid, series_uid, sop_uid, sop_class,
+                                  modality)
     except StorageError as exc:
-        logger.error("C-STORE failed 0x%04X sop=%s: %s", Status.OUT_OF_RESOURCES, sop_uid, exc)
-        _count(stats, "refused")
-        return Status.OUT_OF_RESOURCES
+        return _refuse(stats, Status.OUT_OF_RESOURCES, sop_uid, "%s", exc)
     except Exception:  # noqa: BLE001 - a handler never raises; the sender keeps its copy and can retry
         logger.exception("C-STORE failed 0x%04X sop=%s: unexpected error", Status.PROCESSING_FAILURE, sop_uid)
         _count(stats, "refused")
         return Status.PROCESSING_FAILURE
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _store_checked(event: Event, ctx: ReceiveContext, stats: AssociationStats | None, ds: Dataset, data: bytes,
+                   digest: str, study_uid: str, series_uid: str, sop_uid: str, sop_class: str, modality: str) -> int:
+    """The duplicate policy, the durable write and the record (under this SOP Instance UID's lock)."""
+    assoc = event.assoc
+    existing = ctx.db.find_instance(sop_uid)
+    here = next((r for r in existing if r["series_uid"] == series_uid), None)
+    if here is not None and (here["sha256"] in (None, digest)):
+        logger.info("duplicate instance sop=%s series=%s: the same bytes again, kept the stored copy", sop_uid,
+                    series_uid)
+        _count(stats, "duplicates")
+        return Status.SUCCESS
+    conflict = here if here is not None else (existing[0] if existing else None)
+    policy = ctx.settings.conflicting_instance if ctx.settings is not None else "store"
+    if conflict is not None:
+        where = ("in the same series with other content" if here is not None
+                 else f"in another series ({conflict['series_uid']})")
+        if policy == "refuse":
+            return _refuse(stats, Status.DUPLICATE_SOP_INSTANCE, sop_uid, "series=%s: this SOP Instance UID is "
+                           "already stored %s (conflicting_instance: refuse)", series_uid, where)
+
+    previous_path = None
+    if here is not None:
+        previous_path = ctx.spool.keep_previous_version(here["path"], digest=str(here["sha256"]))
+    try:
+        path = ctx.spool.store(study_uid, series_uid, sop_uid, data)
+    except DiskFullError as exc:
+        logger.error("C-STORE refused 0x%04X sop=%s series=%s: %s", Status.OUT_OF_RESOURCES, sop_uid,
+                     series_uid, exc)
+        _count(stats, "refused")
+        return Status.OUT_OF_RESOURCES
+
+    counted = modality == "PT" and "NumberOfFrames" not in ds
+    expected = _int_or_none(ds.get("NumberOfSlices")) if counted else None
+    record = InstanceRecord(
+        sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, sop_class_uid=sop_class,
+        modality=modality, path=path, ipp=_floats(ds, "ImagePositionPatient"),
+        iop=_floats(ds, "ImageOrientationPatient"), expected_count=expected,
+        calling_ae=assoc.requestor.ae_title, called_ae=called_ae_of(assoc),
+        peer_host=str(assoc.requestor.address), sha256=digest,
+        image_index=_int_or_none(ds.get("ImageIndex")) if counted else None,
+    )
+    outcome, before = ctx.db.store_instance(record, previous_path=previous_path)
+    if outcome is StoreOutcome.DUPLICATE:
+        _count(stats, "duplicates")
+        return Status.SUCCESS
+    if outcome is StoreOutcome.REPLACED:
+        state = before["state"] if before else "?"
+        logger.warning("instance sop=%s series=%s came again with other content: stored as a new version (the "
+                       "previous one kept as %s); the series (was %s) is re-opened and will be processed again",
+                       sop_uid, series_uid, previous_path, state)
+        _count(stats, "replaced")
+    else:
+        if conflict is not None:
+            logger.warning("instance sop=%s is already stored in series %s; stored again in series %s as the "
+                           "sender meant (a modality reusing SOP Instance UIDs, or a re-sent corrected series)",
+                           sop_uid, conflict["series_uid"], series_uid)
+        _count(stats, "received")
+    if ctx.on_received is not None:
+        ctx.on_received(series_uid)
+    return Status.SUCCESS
 
 
 def _count(stats: AssociationStats | None, name: str) -> None:

@@ -70,7 +70,7 @@ class Node:
         self._lanes: dict[str, ThreadPoolExecutor] = {}
         self._senders: dict[str, ThreadPoolExecutor] = {}
         self._processing: set[str] = set()
-        self._sending: set[str] = set()
+        self._sending: list[str] = []  # destination of every running send (a destination may run several)
         self._lock = threading.Lock()
         self._headers: dict[str, Dataset] = {}
         self._stopped = threading.Event()
@@ -87,6 +87,10 @@ class Node:
         if any(recovered.values()):
             logger.warning("recovered after an unclean stop: %d series back to processing, %d sends to retry",
                            recovered["processing"], recovered["sending"])
+        orphans = self.spool.sweep_orphans(self.db.known_paths())
+        if orphans:
+            logger.warning("removed %d spool file(s) the database does not know (written by a process that stopped "
+                           "before recording them; their C-STOREs were never acknowledged)", len(orphans))
         self._server = start_scp(self.settings, ReceiveContext(spool=self.spool, db=self.db))
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                             "misfire_grace_time": None})
@@ -158,6 +162,7 @@ class Node:
             seconds_quiet=now - (row["last_received"] or now), quiet_period_s=quiet,
             positions=[i["ipp"] for i in instances], orientations=[i["iop"] for i in instances],
             forced=bool(row["force_complete"]), tolerance=self.settings.completion.spacing_tolerance,
+            image_indices=[i["image_index"] for i in instances],
         )
         if decision.verdict is Verdict.WAIT:
             return
@@ -227,20 +232,30 @@ class Node:
             if rule is None:
                 raise DicomNodeError(f"rule {row.get('rule')!r} is no longer in the rules file")
             log_id = f"series={uid} route={rule.name} denoiser={rule.denoiser.name}"
-            out_dir = self.spool.output_dir(uid, rule.name)
+            revision = int(row.get("revision") or 0)
+            out_dir = self.spool.output_dir(uid, rule.name if not revision else f"{rule.name}.r{revision}")
             t0 = time.perf_counter()
-            plan = dataclasses.replace(Plan.from_rule(rule), device=device)
+            plan = dataclasses.replace(Plan.from_rule(rule), device=device, source_revision=revision)
             result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id, models=self.models)
+            now_revision = int((self.db.series(uid) or {}).get("revision") or 0)
+            if now_revision != revision:
+                # A changed instance arrived while this ran: the output is already stale. Process again.
+                logger.warning("%s: an instance changed during processing (revision %d -> %d); processing again "
+                               "instead of sending a stale result", log_id, revision, now_revision)
+                self.db.set_state(uid, SeriesState.RECEIVING, expect=[SeriesState.PROCESSING])
+                return
             self.db.set_outputs(uid, result.output_series_uid, out_dir)
             logger.info("%s: %d derived instances written in %.2f s (load %.2f, denoise %.2f, write %.2f)",
                         log_id, len(result.files), time.perf_counter() - t0, result.timings["load"],
                         result.timings["denoise"], result.timings["write"])
             for dest in resolve_destinations(rule, self.settings, row.get("calling_ae")):
                 if isinstance(dest, Destination):
-                    self.db.add_send(uid, dest.ae_title, dest.host, dest.port, len(result.files))
+                    self.db.add_send(uid, dest.ae_title, dest.host, dest.port, len(result.files),
+                                     output_series_uid=result.output_series_uid)
                 else:
                     logger.error("%s: destination %s cannot be resolved: %s", log_id, dest.label, dest.reason)
-                    self.db.add_send(uid, dest.label, "-", 0, len(result.files), failed_reason=dest.reason)
+                    self.db.add_send(uid, dest.label, "-", 0, len(result.files),
+                                     output_series_uid=result.output_series_uid, failed_reason=dest.reason)
             self.db.set_state(uid, SeriesState.SENDING, expect=[SeriesState.PROCESSING])
             self.db.settle_series(uid)
         except RoutingError as exc:
@@ -258,21 +273,34 @@ class Node:
 
     # --- sending ---------------------------------------------------------------------------------------------
     def dispatch_sends(self) -> None:
-        """Scheduler job: hand every due send to its destination's own sender thread."""
+        """Scheduler job: hand every due send to its destination's senders (a few associations at once)."""
         if self._stopped.is_set():
             return
+        per_dest = self.settings.send.associations_per_destination
         with self._lock:
-            due = self.db.claim_due_sends(time.time(), busy=sorted(self._sending))
+            due = self.db.claim_due_sends(time.time(), busy=list(self._sending), per_destination=per_dest)
             for row in due:
-                self._sending.add(row["destination"])
+                self._sending.append(row["destination"])
                 ex = self._senders.get(row["destination"])
                 if ex is None:
-                    ex = ThreadPoolExecutor(1, thread_name_prefix=f"petnode-send-{row['ae_title']}")
+                    ex = ThreadPoolExecutor(per_dest, thread_name_prefix=f"petnode-send-{row['ae_title']}")
                     self._senders[row["destination"]] = ex
                 ex.submit(self._send, row)
 
+    def retry_at(self, row: dict[str, Any], attempts: int, now: float) -> float | None:
+        """When to try a failed send again; None when the retry horizon (or max_attempts) is reached."""
+        policy = self.settings.send
+        if policy.max_attempts is not None and attempts >= policy.max_attempts:
+            return None
+        started = row.get("created_at") or row.get("updated_at") or now
+        at = now + backoff_delay(attempts, policy.backoff_initial_s, policy.backoff_max_s)
+        if at - started > policy.retry_horizon_h * 3600.0:
+            return None
+        return at
+
     def _send(self, row: dict[str, Any]) -> None:
         uid, dest = row["series_uid"], row["destination"]
+        attempts = row["attempts"] + 1
         try:
             series = self.db.series(uid) or {}
             files = sorted(Path(series["output_dir"]).glob("*.dcm")) if series.get("output_dir") else []
@@ -280,34 +308,45 @@ class Node:
                 report = scu.SendReport(total=row["total"], error="no derived files on disk (purged?)")
             else:
                 t0 = time.perf_counter()
+                confirmed = self.db.confirmed_for(dest, uid)
                 report = scu.send_files(files, row["ae_title"], row["host"], row["port"],
-                                        calling_ae=self.settings.ae_title, timeout_s=self.settings.send.timeout_s)
+                                        calling_ae=self.settings.ae_title, timeout_s=self.settings.send.timeout_s,
+                                        already_stored=confirmed,
+                                        on_stored=lambda sop: self.db.confirm_sent(dest, uid, [sop]))
                 logger.info("series=%s dest=%s: %s in %.2f s", uid, dest, report.summary(),
                             time.perf_counter() - t0)
-            attempts = row["attempts"] + 1
-            retry_at = None
-            if not report.ok and attempts < self.settings.send.max_attempts:
-                retry_at = time.time() + backoff_delay(attempts, self.settings.send.backoff_initial_s,
-                                                       self.settings.send.backoff_max_s)
+            now = time.time()
+            retry_at = None if report.ok else self.retry_at(row, attempts, now)
             state = self.db.finish_send(row["id"], ok=report.ok, sent=report.sent,
                                         error=None if report.ok else report.summary(), retry_at=retry_at)
-            if state is SendState.PENDING:
-                logger.warning("series=%s dest=%s: attempt %d/%d failed (%s); next try in %.1f s", uid, dest,
-                               attempts, self.settings.send.max_attempts, report.summary(),
-                               (retry_at or 0) - time.time())
-            elif state is SendState.FAILED:
-                logger.error("series=%s dest=%s: gave up after %d attempts (%s); `petnode series retry` "
-                             "sends again", uid, dest, attempts, report.summary())
-            settled = self.db.settle_series(uid)
-            if settled is SeriesState.DELIVERED:
-                logger.info("series=%s: delivered to every destination", uid)
-        except Exception:  # noqa: BLE001
-            logger.exception("series=%s dest=%s: send crashed; will retry", uid, dest)
-            self.db.finish_send(row["id"], ok=False, sent=0, error="internal error (see log)",
-                                retry_at=time.time() + self.settings.send.backoff_initial_s)
+            self._log_attempt(uid, dest, state, attempts, report.summary(), retry_at)
+        except Exception as exc:  # noqa: BLE001 - the crash path obeys the same retry policy as a failed send
+            logger.exception("series=%s dest=%s: send crashed", uid, dest)
+            try:
+                retry_at = self.retry_at(row, attempts, time.time())
+                reason = f"internal error: {type(exc).__name__}: {exc}"
+                state = self.db.finish_send(row["id"], ok=False, sent=0, error=reason, retry_at=retry_at)
+                self._log_attempt(uid, dest, state, attempts, reason, retry_at)
+            except Exception:  # noqa: BLE001 - the database itself failed: recover() resets it at restart
+                logger.exception("series=%s dest=%s: could not record the failed send", uid, dest)
         finally:
             with self._lock:
-                self._sending.discard(dest)
+                self._sending.remove(dest)
+        try:
+            if self.db.settle_series(uid) is SeriesState.DELIVERED:
+                logger.info("series=%s: delivered to every destination", uid)
+        except Exception:  # noqa: BLE001
+            logger.exception("series=%s: could not settle the series state", uid)
+
+    def _log_attempt(self, uid: str, dest: str, state: SendState, attempts: int, summary: str,
+                     retry_at: float | None) -> None:
+        if state is SendState.PENDING and retry_at is not None:
+            logger.warning("series=%s dest=%s: attempt %d failed (%s); retrying, next attempt at %s", uid, dest,
+                           attempts, summary, datetime.fromtimestamp(retry_at).strftime("%Y-%m-%d %H:%M:%S"))
+        elif state is SendState.FAILED:
+            logger.error("series=%s dest=%s: gave up after %d attempts over the retry horizon of %.0f h (%s); "
+                         "`petnode series retry` sends again", uid, dest, attempts,
+                         self.settings.send.retry_horizon_h, summary)
 
     # --- retention -------------------------------------------------------------------------------------------
     def run_retention(self, now: float | None = None) -> int:

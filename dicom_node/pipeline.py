@@ -55,6 +55,7 @@ class Plan:
     series_number_offset: int = 1000
     device: str = "cpu"  # concrete device (cpu or cuda:N), chosen by the node's worker lane
     model: str | None = None  # model registry ref: "name" (its active version) or "name@version"
+    source_revision: int = 0  # the series' revision (changed instances re-sent): part of the output UIDs
 
     @classmethod
     def from_rule(cls, rule: Rule) -> Plan:
@@ -183,6 +184,7 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         model_version=resolved.ref if resolved else None,
         series_description_suffix=plan.series_description_suffix,
         series_number_offset=plan.series_number_offset,
+        source_revision=plan.source_revision,
     )
     t0 = time.perf_counter()
     files = write_derived_pet(volume, denoised, out_dir, provenance)

@@ -62,11 +62,20 @@ class CompletionSettings(_Frozen):
 
 
 class SendSettings(_Frozen):
-    max_attempts: int = Field(8, ge=1)
+    """Sending derived series: retries with capped exponential backoff until ``retry_horizon_h`` has passed.
+
+    The horizon, not a count, decides when a send gives up: a PACS down for a night's maintenance still gets
+    everything in the morning. ``max_attempts`` (None: no limit) can stop earlier.
+    """
+
+    retry_horizon_h: float = Field(48.0, gt=0)
+    max_attempts: int | None = Field(None, ge=1)
     backoff_initial_s: float = Field(5.0, gt=0)
     backoff_max_s: float = Field(900.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)
     poll_interval_s: float = Field(1.0, gt=0)
+    # Associations open at once to one destination: one slow series does not hold up the others.
+    associations_per_destination: int = Field(2, ge=1, le=16)
 
 
 class WorkerSettings(_Frozen):
@@ -93,8 +102,26 @@ class NodeSettings(_Frozen):
     # Model versions shipped with petnode (models/<name>/<version>/card.yaml), registered into the model store
     # (<data_dir>/models) on first use; None: register nothing.
     shipped_models_dir: Path | None = Path("models")
+    # Associations negotiated at once. Only real associations count: a TCP connection holds a slot from its
+    # A-ASSOCIATE-RQ on, so idle sockets cannot lock scanners out.
     max_associations: int = Field(10, ge=1, le=1000)
+    # TCP connections at once from one remote address (associations and connections still negotiating), and in
+    # all; beyond them a new connection is closed at once.
+    max_connections_per_host: int = Field(20, ge=1, le=10000)
+    max_connections: int = Field(200, ge=1, le=10000)
+    # Seconds a new connection may take to send its A-ASSOCIATE-RQ (ACSE timeout) before it is closed.
+    association_request_timeout_s: float = Field(5.0, gt=0, le=600)
     allowed_calling_aes: tuple[AETitle, ...] = ()  # empty: accept any calling AE
+    # Called AE titles answered besides ae_title (aliases a scanner or PACS may be configured with).
+    called_ae_aliases: tuple[AETitle, ...] = ()
+    # Refuse associations whose called AE title is neither ae_title nor an alias (as PACS do); off by default,
+    # the called AE is then only recorded (rules can match on it).
+    refuse_unknown_called_ae: bool = False
+    # An instance whose SOP Instance UID is already stored with other content: "store" it where the sender
+    # meant it (a new version in the same series, the old one kept and the series re-opened; or a new instance
+    # in another series), or "refuse" it with 0x0111 (Duplicate SOP Instance). Byte-identical copies are always
+    # accepted once and answered Success.
+    conflicting_instance: Literal["store", "refuse"] = "store"
     network_timeout_s: float = Field(60.0, gt=0)
     disk: DiskSettings = DiskSettings()
     completion: CompletionSettings = CompletionSettings()
@@ -112,6 +139,18 @@ class NodeSettings(_Frozen):
         if dupes:
             raise ValueError(f"peer names must be unique, repeated: {dupes}")
         return self
+
+    @model_validator(mode="after")
+    def _connection_limits(self) -> NodeSettings:
+        if self.max_connections < self.max_associations:
+            raise ValueError(f"max_connections ({self.max_connections}) must be at least max_associations "
+                             f"({self.max_associations})")
+        return self
+
+    def answers_to(self, called_ae: str) -> bool:
+        """True when ``called_ae`` is our AE title or one of its aliases."""
+        called = called_ae.strip()
+        return called == self.ae_title or called in self.called_ae_aliases
 
     @property
     def state_db(self) -> Path:

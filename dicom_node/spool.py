@@ -3,6 +3,7 @@
 Layout under the data directory::
 
     spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   what senders stored, byte for byte as received
+    spool/<StudyUID>/<SeriesUID>/.versions/...           earlier versions of instances that came again changed
     outputs/<SeriesUID>/<route>/NNNN.dcm                 derived series written by the pipeline
     state.sqlite3                                         the state database (see state.py)
 """
@@ -132,6 +133,47 @@ class Spool:
         path = self.instance_path(study_uid, series_uid, sop_instance_uid)
         write_durable(path, data)
         return path
+
+    def keep_previous_version(self, path: str | Path, *, digest: str) -> Path:
+        """Keep the current file of an instance that is about to be replaced by other content.
+
+        A hard link under ``.versions/`` (no copy: the new version is written to a new inode and renamed over
+        the old name), made durable before the new version is written.
+        """
+        current = Path(path)
+        versions = current.parent / ".versions"
+        make_dirs_durable(versions)
+        kept = versions / f"{current.stem}.{digest[:16]}{current.suffix}"
+        if not kept.exists():
+            try:
+                os.link(current, kept)
+            except OSError as exc:
+                raise StorageError(f"cannot keep the previous version of {str(current)!r}: "
+                                   f"{exc.strerror or exc}") from exc
+            fsync_dir(versions)
+        return kept
+
+    def sweep_orphans(self, known: set[str]) -> list[Path]:
+        """Remove spool files the database does not know: written by a process killed before it recorded them
+        (their C-STORE was never acknowledged, so the sender still has them) and temp files of such writes."""
+        removed: list[Path] = []
+        known_resolved = {str(Path(k).resolve()) for k in known}
+        for path in self.root.rglob("*"):
+            if not path.is_file():
+                continue
+            is_temp = path.name.startswith(".") and path.name.endswith(".tmp")
+            if is_temp or (path.suffix == ".dcm" and str(path.resolve()) not in known_resolved):
+                try:
+                    path.unlink()
+                    removed.append(path)
+                except OSError as exc:
+                    logger.warning("could not remove orphan spool file %s: %s", path, exc.strerror or exc)
+        for folder in sorted((p for p in self.root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            try:
+                folder.rmdir()  # only empty ones
+            except OSError:
+                pass
+        return removed
 
     def remove_tree(self, path: Path) -> None:
         """Remove a folder of ours (retention); refuses anything outside the data directory."""

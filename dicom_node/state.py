@@ -39,19 +39,38 @@ class SendState(enum.StrEnum):
     SENDING = "sending"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # its output was superseded (a changed source instance re-opened the series)
+
+
+# Schema version: 2 keys instances on (series, SOP Instance UID) with a content digest, keeps superseded versions,
+# keys sends on the output series and records every instance a destination confirmed.
+SCHEMA_VERSION = 2
 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
     series_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
     sop_class_uid TEXT NOT NULL,
     path TEXT NOT NULL,
     ipp TEXT,
     iop TEXT,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    sha256 TEXT,
+    image_index INTEGER,
+    PRIMARY KEY (series_uid, sop_instance_uid)
 );
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_sop ON instances(sop_instance_uid);
+CREATE TABLE IF NOT EXISTS instance_versions (
+    id INTEGER PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT,
+    received_at REAL,
+    superseded_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instance_versions_series ON instance_versions(series_uid);
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY,
     study_uid TEXT,
@@ -73,13 +92,15 @@ CREATE TABLE IF NOT EXISTS series (
     processed_at REAL,
     delivered_at REAL,
     purged_at REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE INDEX IF NOT EXISTS series_output ON series(output_series_uid);
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY,
     series_uid TEXT NOT NULL,
+    output_series_uid TEXT NOT NULL DEFAULT '',
     destination TEXT NOT NULL,
     ae_title TEXT NOT NULL,
     host TEXT NOT NULL,
@@ -91,8 +112,17 @@ CREATE TABLE IF NOT EXISTS sends (
     sent INTEGER NOT NULL DEFAULT 0,
     total INTEGER NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL,
-    UNIQUE (series_uid, destination)
+    created_at REAL NOT NULL DEFAULT 0,
+    UNIQUE (series_uid, output_series_uid, destination)
 );
+CREATE TABLE IF NOT EXISTS sent_instances (
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    confirmed_at REAL NOT NULL,
+    PRIMARY KEY (destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS sent_instances_series ON sent_instances(series_uid);
 CREATE TABLE IF NOT EXISTS associations (
     id TEXT PRIMARY KEY,
     calling_ae TEXT,
@@ -101,6 +131,25 @@ CREATE TABLE IF NOT EXISTS associations (
     started_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# Version-1 databases (instances keyed on the SOP Instance UID alone, sends on (series, destination)) are rebuilt
+# in place: every row is kept.
+_MIGRATE_V1 = """
+ALTER TABLE instances RENAME TO instances_v1;
+ALTER TABLE sends RENAME TO sends_v1;
+DROP INDEX IF EXISTS instances_series;
+"""
+_COPY_V1 = """
+INSERT INTO instances (series_uid, sop_instance_uid, sop_class_uid, path, ipp, iop, received_at)
+    SELECT series_uid, sop_instance_uid, sop_class_uid, path, ipp, iop, received_at FROM instances_v1;
+INSERT INTO sends (id, series_uid, output_series_uid, destination, ae_title, host, port, state, attempts,
+                   next_attempt_at, last_error, sent, total, updated_at, created_at)
+    SELECT s.id, s.series_uid, COALESCE(r.output_series_uid, ''), s.destination, s.ae_title, s.host, s.port,
+           s.state, s.attempts, s.next_attempt_at, s.last_error, s.sent, s.total, s.updated_at, s.updated_at
+    FROM sends_v1 s LEFT JOIN series r ON r.series_uid = s.series_uid;
+DROP TABLE instances_v1;
+DROP TABLE sends_v1;
 """
 
 
@@ -118,6 +167,16 @@ class InstanceRecord:
     calling_ae: str
     called_ae: str
     peer_host: str
+    sha256: str | None = None
+    image_index: int | None = None
+
+
+class StoreOutcome(enum.StrEnum):
+    """What :meth:`StateDB.record_instance` did with an instance."""
+
+    NEW = "new"  # first copy of this SOP Instance UID in this series
+    DUPLICATE = "duplicate"  # the same bytes again (or an old record without a digest): nothing changed
+    REPLACED = "replaced"  # other bytes under the same UID in the same series: new version, old one kept
 
 
 def _row_dict(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -145,7 +204,35 @@ class StateDB:
             # FULL: a commit is on disk before it returns, which the C-STORE acknowledgement relies on.
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA busy_timeout=30000")
+            self._migrate()
             self._conn.executescript(_SCHEMA)
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _columns(self, table: str) -> list[str]:
+        return [r[1] for r in self._conn.execute(f"PRAGMA table_info({table})").fetchall()]
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older petnode to this schema, keeping every row."""
+        instance_cols = self._columns("instances")
+        if instance_cols and "sha256" not in instance_cols:
+            series_cols = self._columns("series")
+            if series_cols and "revision" not in series_cols:
+                self._conn.execute("ALTER TABLE series ADD COLUMN revision INTEGER NOT NULL DEFAULT 0")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _MIGRATE_V1.strip().split(";"):
+                    if stmt.strip():
+                        self._conn.execute(stmt)
+                for stmt in _SCHEMA.strip().split(";"):
+                    if stmt.strip():
+                        self._conn.execute(stmt)
+                for stmt in _COPY_V1.strip().split(";"):
+                    if stmt.strip():
+                        self._conn.execute(stmt)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -167,31 +254,66 @@ class StateDB:
             return [dict(r) for r in self._conn.execute(sql, tuple(args)).fetchall()]
 
     # --- receive ---------------------------------------------------------------------------------------------
-    def has_instance(self, sop_instance_uid: str) -> bool:
+    def has_instance(self, sop_instance_uid: str, series_uid: str | None = None) -> bool:
+        sql, args = "SELECT 1 FROM instances WHERE sop_instance_uid = ?", [sop_instance_uid]
+        if series_uid is not None:
+            sql, args = sql + " AND series_uid = ?", [*args, series_uid]
         with self._lock:
-            row = self._conn.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-            ).fetchone()
-        return row is not None
+            return self._conn.execute(sql, args).fetchone() is not None
+
+    def find_instance(self, sop_instance_uid: str) -> list[dict[str, Any]]:
+        """Every series that holds this SOP Instance UID (normally one; a modality reusing UIDs makes more)."""
+        return self._query("SELECT * FROM instances WHERE sop_instance_uid = ? ORDER BY received_at",
+                           (sop_instance_uid,))
 
     def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
-        """Record a durable instance; False when the SOP Instance UID was already recorded (duplicate)."""
+        """Record a durable instance; False when this series already holds the SOP Instance UID (duplicate)."""
+        return self.store_instance(rec, now=now)[0] is StoreOutcome.NEW
+
+    def store_instance(self, rec: InstanceRecord, *, now: float | None = None, previous_path: Path | None = None
+                       ) -> tuple[StoreOutcome, dict[str, Any] | None]:
+        """Record a durable instance in its series and re-open the series if needed.
+
+        A second copy under the same (series, SOP Instance UID) is a DUPLICATE when its digest matches (or the
+        stored row has none). With another digest it is REPLACED: the old row goes to ``instance_versions``
+        (``previous_path`` is where the caller kept the old file), the series' revision goes up and a series
+        that had finished is re-opened, so the corrected instance is processed. Returns the outcome and the
+        series row as it was before.
+        """
         now = time.time() if now is None else now
         with self._tx() as c:
-            cur = c.execute(
-                "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    rec.sop_instance_uid,
-                    rec.series_uid,
-                    rec.sop_class_uid,
-                    str(rec.path),
-                    json.dumps(rec.ipp) if rec.ipp else None,
-                    json.dumps(rec.iop) if rec.iop else None,
-                    now,
-                ),
+            before = _row_dict(c.execute("SELECT * FROM series WHERE series_uid = ?", (rec.series_uid,)).fetchone())
+            old = c.execute("SELECT * FROM instances WHERE series_uid = ? AND sop_instance_uid = ?",
+                            (rec.series_uid, rec.sop_instance_uid)).fetchone()
+            values = (str(rec.path), json.dumps(rec.ipp) if rec.ipp else None,
+                      json.dumps(rec.iop) if rec.iop else None, now, rec.sha256, rec.image_index)
+            if old is not None:
+                if old["sha256"] is None or rec.sha256 is None or old["sha256"] == rec.sha256:
+                    return StoreOutcome.DUPLICATE, before
+                c.execute("INSERT INTO instance_versions (series_uid, sop_instance_uid, path, sha256, received_at, "
+                          "superseded_at) VALUES (?, ?, ?, ?, ?, ?)",
+                          (rec.series_uid, rec.sop_instance_uid, str(previous_path or old["path"]), old["sha256"],
+                           old["received_at"], now))
+                c.execute("UPDATE instances SET path = ?, ipp = ?, iop = ?, received_at = ?, sha256 = ?, "
+                          "image_index = ?, sop_class_uid = ? WHERE series_uid = ? AND sop_instance_uid = ?",
+                          (*values, rec.sop_class_uid, rec.series_uid, rec.sop_instance_uid))
+                # Re-open: a finished series is processed again with the corrected instance. Busy states keep
+                # their state; the node sees the new revision when the work ends (see Node._process).
+                c.execute(
+                    """UPDATE series SET revision = revision + 1, last_received = ?, updated_at = ?,
+                           state = CASE WHEN state IN ('processing', 'sending') THEN state ELSE 'receiving' END,
+                           error = CASE WHEN state IN ('processing', 'sending') THEN error ELSE NULL END
+                       WHERE series_uid = ?""", (now, now, rec.series_uid))
+                if before is not None and before["state"] == SeriesState.SENDING:
+                    self._cancel_sends(c, rec.series_uid, f"superseded: instance {rec.sop_instance_uid} changed")
+                    c.execute("UPDATE series SET state = 'receiving', error = NULL WHERE series_uid = ?",
+                              (rec.series_uid,))
+                return StoreOutcome.REPLACED, before
+            c.execute(
+                "INSERT INTO instances (series_uid, sop_instance_uid, sop_class_uid, path, ipp, iop, received_at, "
+                "sha256, image_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec.series_uid, rec.sop_instance_uid, rec.sop_class_uid, *values),
             )
-            if cur.rowcount == 0:
-                return False
             c.execute(
                 """INSERT INTO series (series_uid, study_uid, modality, sop_class_uid, calling_ae, called_ae,
                        peer_host, expected_count, received_count, first_received, last_received, state, updated_at)
@@ -220,7 +342,16 @@ class StateDB:
                     now,
                 ),
             )
-        return True
+        return StoreOutcome.NEW, before
+
+    def instance_versions(self, series_uid: str) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM instance_versions WHERE series_uid = ? ORDER BY id", (series_uid,))
+
+    def known_paths(self) -> set[str]:
+        """Every spool path the database refers to (current instances and kept previous versions)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT path FROM instances UNION SELECT path FROM instance_versions")
+            return {r[0] for r in rows.fetchall()}
 
     def instances(self, series_uid: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at", (series_uid,))
@@ -299,44 +430,85 @@ class StateDB:
         """Files are gone: forget the instances, so a later re-send is stored again instead of "duplicate"."""
         with self._tx() as c:
             c.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            c.execute("DELETE FROM instance_versions WHERE series_uid = ?", (series_uid,))
             c.execute("UPDATE series SET purged_at = ?, received_count = 0, updated_at = ? WHERE series_uid = ?",
                       (time.time(), time.time(), series_uid))
 
-    # --- sends -----------------------------------------------------------------------------------------------
+    # --- sends ---------------------------------------------------------------------------------------------
     def add_send(self, series_uid: str, ae_title: str, host: str, port: int, total: int,
-                 *, failed_reason: str | None = None) -> None:
-        """Queue one destination for a series (idempotent: a second call for the same destination is a no-op)."""
+                 *, output_series_uid: str = "", failed_reason: str | None = None) -> None:
+        """Queue one destination for one output series (idempotent: the same output and destination again is a
+        no-op). Keyed on the output series, so a new output (new revision, new parameters) is sent anew."""
         key = f"{ae_title}@{host}:{port}"
         state = SendState.FAILED if failed_reason else SendState.PENDING
+        now = time.time()
         with self._tx() as c:
             c.execute(
-                "INSERT OR IGNORE INTO sends (series_uid, destination, ae_title, host, port, state, total, "
-                "last_error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (series_uid, key, ae_title, host, port, state.value, total, failed_reason, time.time()),
+                "INSERT OR IGNORE INTO sends (series_uid, output_series_uid, destination, ae_title, host, port, "
+                "state, total, last_error, updated_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (series_uid, output_series_uid, key, ae_title, host, port, state.value, total, failed_reason,
+                 now, now),
             )
 
-    def sends(self, series_uid: str | None = None) -> list[dict[str, Any]]:
+    def sends(self, series_uid: str | None = None, *, include_cancelled: bool = False) -> list[dict[str, Any]]:
+        where = "" if include_cancelled else " AND state != 'cancelled'"
         if series_uid is None:
-            return self._query("SELECT * FROM sends ORDER BY id")
-        return self._query("SELECT * FROM sends WHERE series_uid = ? ORDER BY id", (series_uid,))
+            return self._query(f"SELECT * FROM sends WHERE 1{where} ORDER BY id")
+        return self._query(f"SELECT * FROM sends WHERE series_uid = ?{where} ORDER BY id", (series_uid,))
 
-    def claim_due_sends(self, now: float, busy: Sequence[str] = ()) -> list[dict[str, Any]]:
-        """Atomically move due pending sends to ``sending`` (skipping destinations in ``busy``) and return them."""
+    def claim_due_sends(self, now: float, busy: Sequence[str] = (), per_destination: int = 1
+                        ) -> list[dict[str, Any]]:
+        """Atomically move due pending sends to ``sending`` and return them.
+
+        ``busy`` lists the destinations of sends already running (a destination may appear once per running
+        send); at most ``per_destination`` sends run at once for one destination.
+        """
         with self._tx() as c:
             rows = [dict(r) for r in c.execute(
                 "SELECT * FROM sends WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id",
                 (SendState.PENDING.value, now),
             ).fetchall()]
+            running: dict[str, int] = {}
+            for dest in busy:
+                running[dest] = running.get(dest, 0) + 1
             claimed = []
-            taken = set(busy)
             for row in rows:
-                if row["destination"] in taken:
+                if running.get(row["destination"], 0) >= per_destination:
                     continue
-                taken.add(row["destination"])
+                running[row["destination"]] = running.get(row["destination"], 0) + 1
                 c.execute("UPDATE sends SET state = ?, updated_at = ? WHERE id = ?",
                           (SendState.SENDING.value, now, row["id"]))
                 claimed.append(row)
         return claimed
+
+    def confirm_sent(self, destination: str, series_uid: str, sop_instance_uids: Sequence[str]) -> None:
+        """The destination acknowledged these output instances: a later attempt does not send them again."""
+        if not sop_instance_uids:
+            return
+        now = time.time()
+        with self._tx() as c:
+            c.executemany("INSERT OR IGNORE INTO sent_instances VALUES (?, ?, ?, ?)",
+                          [(destination, uid, series_uid, now) for uid in sop_instance_uids])
+
+    def confirmed_for(self, destination: str, series_uid: str) -> set[str]:
+        """Every output instance of this (source) series the destination has acknowledged."""
+        with self._lock:
+            rows = self._conn.execute("SELECT sop_instance_uid FROM sent_instances WHERE destination = ? "
+                                      "AND series_uid = ?", (destination, series_uid)).fetchall()
+        return {r[0] for r in rows}
+
+    def confirmed(self, destination: str, sop_instance_uids: Sequence[str]) -> set[str]:
+        """Which of these output instances the destination has already acknowledged."""
+        found: set[str] = set()
+        uids = list(sop_instance_uids)
+        with self._lock:
+            for i in range(0, len(uids), 500):
+                chunk = uids[i:i + 500]
+                rows = self._conn.execute(
+                    f"SELECT sop_instance_uid FROM sent_instances WHERE destination = ? "
+                    f"AND sop_instance_uid IN ({','.join('?' * len(chunk))})", [destination, *chunk]).fetchall()
+                found.update(r[0] for r in rows)
+        return found
 
     def finish_send(self, send_id: int, *, ok: bool, sent: int, error: str | None,
                     retry_at: float | None) -> SendState:
@@ -345,15 +517,28 @@ class StateDB:
         with self._tx() as c:
             c.execute(
                 "UPDATE sends SET state = ?, attempts = attempts + 1, sent = ?, last_error = ?, "
-                "next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                "next_attempt_at = ?, updated_at = ? WHERE id = ? AND state != 'cancelled'",
                 (state.value, sent, error, retry_at or 0.0, time.time(), send_id),
             )
         return state
 
+    @staticmethod
+    def _cancel_sends(c: sqlite3.Connection, series_uid: str, reason: str) -> int:
+        return c.execute("UPDATE sends SET state = 'cancelled', last_error = ?, updated_at = ? "
+                         "WHERE series_uid = ? AND state IN ('pending', 'sending', 'failed')",
+                         (reason, time.time(), series_uid)).rowcount
+
     def settle_series(self, series_uid: str) -> SeriesState | None:
         """After a send finished: DELIVERED when every destination is done, FAILED when the rest gave up."""
         with self._tx() as c:
-            states = [r[0] for r in c.execute("SELECT state FROM sends WHERE series_uid = ?", (series_uid,))]
+            row = c.execute("SELECT state, output_series_uid FROM series WHERE series_uid = ?",
+                            (series_uid,)).fetchone()
+            if row is None or row["state"] not in (SeriesState.SENDING, SeriesState.FAILED,
+                                                   SeriesState.DELIVERED):
+                return None  # re-opened (a changed instance) or being processed again: not this output's call
+            states = [r[0] for r in c.execute(
+                "SELECT state FROM sends WHERE series_uid = ? AND output_series_uid IN (?, '') "
+                "AND state != 'cancelled'", (series_uid, row["output_series_uid"] or ""))]
             if not states or any(s in (SendState.PENDING, SendState.SENDING) for s in states):
                 return None
             now = time.time()
@@ -370,15 +555,16 @@ class StateDB:
 
     def retry_sends(self, series_uid: str) -> int:
         """Operator's retry: failed (and not yet done) sends of a series go back to pending, attempts reset."""
+        now = time.time()
         with self._tx() as c:
             n = c.execute(
-                "UPDATE sends SET state = ?, attempts = 0, next_attempt_at = 0, updated_at = ? "
+                "UPDATE sends SET state = ?, attempts = 0, next_attempt_at = 0, created_at = ?, updated_at = ? "
                 "WHERE series_uid = ? AND state = ?",
-                (SendState.PENDING.value, time.time(), series_uid, SendState.FAILED.value),
+                (SendState.PENDING.value, now, now, series_uid, SendState.FAILED.value),
             ).rowcount
             if n:
                 c.execute("UPDATE series SET state = ?, error = NULL, updated_at = ? WHERE series_uid = ?",
-                          (SeriesState.SENDING.value, time.time(), series_uid))
+                          (SeriesState.SENDING.value, now, series_uid))
         return n
 
     # --- associations (for `petnode status`) -----------------------------------------------------------------

@@ -136,21 +136,45 @@ def _age(ts: float | None) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
 
 
+def _when(ts: float) -> str:
+    """A time stamp an operator reads at a glance: the clock time today, the date otherwise."""
+    fmt = "%H:%M:%S" if time.strftime("%Y%m%d", time.localtime(ts)) == time.strftime("%Y%m%d") else "%Y-%m-%d %H:%M"
+    return time.strftime(fmt, time.localtime(ts))
+
+
+def send_progress(send: dict[str, Any]) -> str:
+    """What one destination's send is doing, in words (``retrying, next attempt at 03:12:40 ...``)."""
+    state = send["state"]
+    if state == "pending" and send["attempts"]:
+        return (f"retrying, next attempt at {_when(send['next_attempt_at'])} (attempt {send['attempts'] + 1}; "
+                f"{send['sent']}/{send['total']} stored)")
+    if state == "pending":
+        return "queued"
+    if state == "sending":
+        return f"sending ({send['sent']}/{send['total']} stored before this attempt)"
+    if state == "failed":
+        return f"gave up after {send['attempts']} attempt(s) (petnode series retry)"
+    return f"{state}, {send['sent']}/{send['total']} stored"
+
+
 def _print_series_table(db: Any, rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("(no series)")
         return
-    print(f"{'SERIES INSTANCE UID':<64} {'MOD':<3} {'RECV':>9} {'STATE':<11} {'RULE':<16} {'SENDS':<12} "
-          f"{'AGE':>5}  LAST ERROR")
+    print(f"{'SERIES INSTANCE UID':<64} {'MOD':<3} {'RECV':>9} {'STATE':<11} {'RULE':<16} {'SENT':<5} "
+          f"{'AGE':>5}  DETAIL")
     for r in rows:
         sends = db.sends(r["series_uid"])
         done = sum(1 for s in sends if s["state"] == "done")
-        attempts = max((s["attempts"] for s in sends), default=0)
-        sends_txt = f"{done}/{len(sends)} a{attempts}" if sends else "-"
+        sends_txt = f"{done}/{len(sends)}" if sends else "-"
         recv = f"{r['received_count']}/{r['expected_count'] or '?'}"
-        err = r["error"] or next((s["last_error"] for s in sends if s["last_error"] and s["state"] != "done"), "")
+        open_sends = [s for s in sends if s["state"] != "done"]
+        detail = "; ".join(f"{s['destination']}: {send_progress(s)}"
+                           + (f": {s['last_error']}" if s["last_error"] else "") for s in open_sends)
+        if r["error"]:
+            detail = f"{r['error']}" + (f"; {detail}" if detail else "")
         print(f"{r['series_uid']:<64} {r['modality'] or '':<3} {recv:>9} {r['state']:<11} {r['rule'] or '-':<16} "
-              f"{sends_txt:<12} {_age(r['last_received']):>5}  {(err or '')[:100]}")
+              f"{sends_txt:<5} {_age(r['last_received']):>5}  {detail[:200]}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -196,8 +220,7 @@ def cmd_series_show(args: argparse.Namespace) -> int:
             print(f"{key:<18} {value}")
         print(f"{'instances':<18} {len(db.instances(row['series_uid']))} on disk")
         for s in db.sends(row["series_uid"]):
-            print(f"send {s['destination']}: {s['state']}, {s['sent']}/{s['total']} sent, {s['attempts']} "
-                  f"attempt(s){', next in ' + _age(2 * time.time() - s['next_attempt_at']) if s['state'] == 'pending' and s['next_attempt_at'] else ''}"
+            print(f"send {s['destination']}: {send_progress(s)}, {s['attempts']} attempt(s)"
                   f"{', last error: ' + s['last_error'] if s['last_error'] else ''}")
     finally:
         db.close()

@@ -154,6 +154,9 @@ class Provenance:
         Added to the source SeriesNumber.
     software_version
         petnode version written to SoftwareVersions.
+    source_revision
+        How many times an instance of the source series came again with other content (0: never). A corrected
+        source gives a new derived series (new UIDs), so a destination never keeps stale pixels under old UIDs.
     """
 
     method: str
@@ -163,6 +166,7 @@ class Provenance:
     series_description_suffix: str = " [petnode]"
     series_number_offset: int = 1000
     software_version: str = __version__
+    source_revision: int = 0
 
     def __post_init__(self) -> None:
         if not self.method:
@@ -182,16 +186,11 @@ def derived_series_uid(source_series_uid: str, provenance: Provenance) -> str:
     software version or the time: re-running a job yields the same UIDs, so re-sending replaces rather than
     duplicates.
     """
-    return str(
-        derive_uid(
-            "petnode/derived-pet/series/v1",
-            str(source_series_uid),
-            provenance.route,
-            provenance.method,
-            provenance.model_version or "",
-            provenance.canonical_params(),
-        )
-    )
+    parts = [str(source_series_uid), provenance.route, provenance.method, provenance.model_version or "",
+             provenance.canonical_params()]
+    if provenance.source_revision:  # revision 0 keeps the UIDs earlier versions of petnode derived
+        parts.append(f"source-revision:{provenance.source_revision}")
+    return str(derive_uid("petnode/derived-pet/series/v1", *parts))
 
 
 def _instance_uid(series_uid: str, source_sop_uid: str) -> str:

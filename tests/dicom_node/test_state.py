@@ -65,6 +65,7 @@ def test_force_complete_only_from_receiving_or_incomplete(db: StateDB):
 
 def test_sends_claim_finish_settle_and_retry(db: StateDB):
     db.record_instance(_rec("1.1"))
+    db.set_state("1.2.3", SeriesState.SENDING)
     db.add_send("1.2.3", "A", "h", 1, total=1)
     db.add_send("1.2.3", "A", "h", 1, total=1)  # idempotent
     db.add_send("1.2.3", "B", "h", 2, total=1)
