@@ -53,7 +53,7 @@ def open_model_store(settings: NodeSettings) -> ModelStore:
 
 def backoff_delay(attempts: int, initial_s: float, max_s: float) -> float:
     """Seconds before the next try after ``attempts`` failed tries (1 -> initial, doubling, capped)."""
-    return float(min(max_s, initial_s * 2 ** max(0, attempts - 1)))
+    return float(min(max_s, initial_s * 2.0 ** min(max(0, attempts - 1), 64)))
 
 
 class Node:
@@ -109,6 +109,8 @@ class Node:
                     self.settings.device)
 
     def stop(self) -> None:
+        if self._stopped.is_set():
+            return  # stopped already (idempotent: tests and signal handlers may both stop)
         self._stopped.set()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
@@ -292,7 +294,9 @@ class Node:
         policy = self.settings.send
         if policy.max_attempts is not None and attempts >= policy.max_attempts:
             return None
-        started = row.get("created_at") or row.get("updated_at") or now
+        started = row.get("created_at")
+        if started is None:
+            started = row.get("updated_at", now)
         at = now + backoff_delay(attempts, policy.backoff_initial_s, policy.backoff_max_s)
         if at - started > policy.retry_horizon_h * 3600.0:
             return None
