@@ -76,3 +76,23 @@ def test_images_without_geometry_complete_after_quiet_period():
 def test_forced_completes_whatever_the_count():
     d = _decide(received=3, positions=_stack([0.0, 3.0, 6.0]), orientations=[IOP] * 3, forced=True)
     assert d.verdict is Verdict.COMPLETE and "forced" in d.reason
+
+
+def test_image_index_tells_partial_from_short():
+    from dicom_node.completion import image_index_problem
+
+    assert image_index_problem([3, 1, 2]) is None
+    assert image_index_problem([]) is None and image_index_problem([1, None]) is None
+    problem = image_index_problem(list(range(69, 136)))  # the first 67 files of a 135-slice GE series
+    assert problem is not None and "68 slice(s) missing" in problem and "1-68" in problem
+    assert "4, 7-8" in (image_index_problem([1, 2, 3, 5, 6, 9]) or "")
+    assert "two slices with Image Index 2" in (image_index_problem([1, 2, 2]) or "")
+
+
+def test_decide_without_number_of_slices_uses_image_index():
+    positions = [(0.0, 0.0, float(z)) for z in range(3)]
+    kwargs = dict(modality="PT", received=3, expected=None, seconds_quiet=60, quiet_period_s=30,
+                  positions=positions, orientations=[(1, 0, 0, 0, 1, 0)] * 3)
+    assert decide(**kwargs, image_indices=[1, 2, 3]).verdict is Verdict.COMPLETE
+    partial = decide(**kwargs, image_indices=[5, 6, 7])
+    assert partial.verdict is Verdict.INCOMPLETE and "1-4" in partial.reason

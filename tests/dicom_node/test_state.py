@@ -155,3 +155,91 @@ def test_settings_relative_paths_follow_the_file(tmp_path: Path):
     assert s.data_dir == (tmp_path / "data").resolve()
     assert s.resolved_rules_file() == (tmp_path / "cfg" / "r.yaml").resolve()
     assert s.peer("pacs").port == 104 and s.peer_by_ae("PACS").name == "pacs"
+
+
+def test_changed_content_is_a_new_version_and_reopens(db: StateDB, tmp_path: Path):
+    from dataclasses import replace
+
+    from dicom_node.state import StoreOutcome
+
+    first = replace(_rec("1.1"), sha256="aa")
+    assert db.store_instance(first)[0] is StoreOutcome.NEW
+    assert db.store_instance(first)[0] is StoreOutcome.DUPLICATE  # same digest
+    db.set_state("1.2.3", SeriesState.DELIVERED)
+    outcome, before = db.store_instance(replace(first, sha256="bb", path=Path("/y")), previous_path=Path("/old"))
+    assert outcome is StoreOutcome.REPLACED and before["state"] == "delivered"
+    row = db.series("1.2.3")
+    assert row["state"] == "receiving" and row["revision"] == 1 and row["received_count"] == 1
+    assert [(v["path"], v["sha256"]) for v in db.instance_versions("1.2.3")] == [("/old", "aa")]
+    assert db.instances("1.2.3")[0]["path"] == "/y"
+    # The same SOP Instance UID in another series is a new instance there.
+    assert db.store_instance(replace(first, series_uid="7.7"))[0] is StoreOutcome.NEW
+    assert {r["series_uid"] for r in db.find_instance("1.1")} == {"1.2.3", "7.7"}
+
+
+def test_changed_instance_while_sending_cancels_stale_sends(db: StateDB):
+    from dataclasses import replace
+
+    db.store_instance(replace(_rec("1.1"), sha256="aa"))
+    db.set_outputs("1.2.3", "9.9.9", Path("/out"))
+    db.add_send("1.2.3", "A", "h", 1, total=1, output_series_uid="9.9.9")
+    db.set_state("1.2.3", SeriesState.SENDING)
+    db.store_instance(replace(_rec("1.1"), sha256="bb"))
+    assert db.series("1.2.3")["state"] == "receiving"
+    assert db.sends("1.2.3") == [] and db.sends("1.2.3", include_cancelled=True)[0]["state"] == "cancelled"
+    assert db.settle_series("1.2.3") is None  # a cancelled send never marks the series delivered
+
+
+def test_sends_keyed_on_output_and_confirmed_instances(db: StateDB):
+    db.add_send("1.2.3", "A", "h", 1, total=2, output_series_uid="9.1")
+    db.add_send("1.2.3", "A", "h", 1, total=2, output_series_uid="9.2")  # a new output is a new send
+    assert len(db.sends("1.2.3")) == 2
+    db.confirm_sent("A@h:1", "1.2.3", ["5.1", "5.2"])
+    db.confirm_sent("A@h:1", "1.2.3", ["5.1"])  # idempotent
+    assert db.confirmed_for("A@h:1", "1.2.3") == {"5.1", "5.2"}
+    assert db.confirmed("A@h:1", ["5.1", "5.3"]) == {"5.1"}
+    assert db.confirmed_for("B@h:2", "1.2.3") == set()
+
+
+def test_claim_allows_several_sends_per_destination(db: StateDB):
+    for i in range(4):
+        db.add_send(f"1.{i}", "A", "h", 1, total=1, output_series_uid=f"9.{i}")
+    first = db.claim_due_sends(now=1e12, busy=[], per_destination=2)
+    assert len(first) == 2
+    assert db.claim_due_sends(now=1e12, busy=["A@h:1", "A@h:1"], per_destination=2) == []
+    assert len(db.claim_due_sends(now=1e12, busy=["A@h:1"], per_destination=2)) == 1
+
+
+def test_version_1_database_is_migrated_keeping_rows(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "v1.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL,
+            sop_class_uid TEXT NOT NULL, path TEXT NOT NULL, ipp TEXT, iop TEXT, received_at REAL NOT NULL);
+        CREATE TABLE series (series_uid TEXT PRIMARY KEY, study_uid TEXT, modality TEXT, sop_class_uid TEXT,
+            calling_ae TEXT, called_ae TEXT, peer_host TEXT, expected_count INTEGER,
+            received_count INTEGER NOT NULL DEFAULT 0, first_received REAL, last_received REAL,
+            state TEXT NOT NULL, rule TEXT, error TEXT, force_complete INTEGER NOT NULL DEFAULT 0,
+            output_series_uid TEXT, output_dir TEXT, processed_at REAL, delivered_at REAL, purged_at REAL,
+            updated_at REAL NOT NULL);
+        CREATE TABLE sends (id INTEGER PRIMARY KEY, series_uid TEXT NOT NULL, destination TEXT NOT NULL,
+            ae_title TEXT NOT NULL, host TEXT NOT NULL, port INTEGER NOT NULL, state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0, last_error TEXT,
+            sent INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL,
+            UNIQUE (series_uid, destination));
+        INSERT INTO instances VALUES ('1.1', '1.2.3', '1.2.840', '/x', NULL, NULL, 5.0);
+        INSERT INTO series (series_uid, state, received_count, output_series_uid, updated_at)
+            VALUES ('1.2.3', 'sending', 1, '9.9', 5.0);
+        INSERT INTO sends (series_uid, destination, ae_title, host, port, state, attempts, updated_at)
+            VALUES ('1.2.3', 'A@h:1', 'A', 'h', 1, 'pending', 3, 7.0);
+    """)
+    conn.close()
+    db = StateDB(path)
+    try:
+        assert db.has_instance("1.1", "1.2.3") and db.series("1.2.3")["revision"] == 0
+        send = db.sends("1.2.3")[0]
+        assert send["output_series_uid"] == "9.9" and send["attempts"] == 3 and send["created_at"] == 7.0
+    finally:
+        db.close()

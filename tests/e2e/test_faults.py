@@ -226,8 +226,10 @@ def test_retry_sends_only_unconfirmed_instances(start_node, flaky_sink: FlakySin
 
 # --- 4. the SCU response race -------------------------------------------------------------------------------
 def _preempted_reactor(event: Any) -> None:
-    """Fault injection: the association's reactor thread is descheduled right after its pause checkpoint and
-    scheduled again when the peer's response lands: what GIL contention does to it while the node receives."""
+    """Fault injection: the association's reactor thread is descheduled right after its pause checkpoint (its
+    flag still says "paused") and, when it runs again, polls the DIMSE queue as the responses land: what GIL
+    contention does to it while the node also receives. Each C-STORE then has a fair chance of losing its
+    response to the reactor (about one in ten here), as in the field."""
     scu_conn_open(event)
     assoc = event.assoc
 
@@ -242,7 +244,7 @@ def _preempted_reactor(event: Any) -> None:
     assoc._reactor_checkpoint = checkpoint
     get_msg = assoc.dimse.get_msg
 
-    def reactor_polls_when_response_lands(block: bool = False) -> Any:
+    def reactor_polls_as_responses_land(block: bool = False) -> Any:
         if threading.current_thread() is assoc and not block:
             deadline = time.monotonic() + 0.05
             while time.monotonic() < deadline:
@@ -253,7 +255,7 @@ def _preempted_reactor(event: Any) -> None:
             return None, None
         return get_msg(block)
 
-    assoc.dimse.get_msg = reactor_polls_when_response_lands
+    assoc.dimse.get_msg = reactor_polls_as_responses_land
 
 
 scu_conn_open = scu.handle_conn_open
@@ -263,11 +265,11 @@ def test_sends_survive_a_preempted_reactor(monkeypatch: pytest.MonkeyPatch, stor
                                            tmp_path: Path, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.WARNING)
     monkeypatch.setattr(scu, "handle_conn_open", _preempted_reactor)
-    files = write_series(make_pet_series(shape=(20, 8, 8), seed=61), tmp_path / "out")
+    files = write_series(make_pet_series(shape=(80, 4, 4), seed=61), tmp_path / "out")
     report = scu.send_files(files, "SINK", "127.0.0.1", storescp_sink.port, timeout_s=3)
     assert report.ok, report.summary()
     assert "Received unexpected" not in caplog.text
-    assert storescp_sink.wait_for(20)
+    assert storescp_sink.wait_for(80)
 
 
 def test_one_slow_series_does_not_block_the_next(start_node, tmp_path: Path):
