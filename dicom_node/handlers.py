@@ -87,6 +87,7 @@ class ReceiveContext:
     spool: Spool
     db: StateDB
     on_received: Any = None  # optional callable(series_uid) -> None: a hint for the scheduler
+    make_room: Any = None  # optional callable() -> int: remove finished series under disk pressure (retention)
     guard: ConnectionGuard | None = None
     settings: NodeSettings | None = None
     _stats: dict[int, AssociationStats] = field(default_factory=dict)
@@ -328,7 +329,9 @@ def handle_store(event: Event, ctx: ReceiveContext) -> int:
 
         data = event.encoded_dataset()
         digest = hashlib.sha256(data).hexdigest()
-        with ctx.uid_lock(sop_uid):
+        if ctx.make_room is not None and ctx.spool.space_problem():
+            ctx.make_room()  # finished series go before anything is refused (outside the series locks)
+        with ctx.uid_lock(sop_uid), ctx.spool.series_lock(series_uid):
             return _store_checked(event, ctx, stats, ds, data, digest, study_uid, series_uid, sop_uid, sop_class,
                                   modality)
     except StorageError as exc:
@@ -398,6 +401,10 @@ def _store_checked(event: Event, ctx: ReceiveContext, stats: AssociationStats | 
                        sop_uid, series_uid, previous_path, state)
         _count(stats, "replaced")
     else:
+        if before is not None and before["purged_at"] is None and before["state"] in (
+                "processing", "sending", "delivered", "failed", "unrouted", "refused"):
+            logger.warning("instance sop=%s series=%s arrived after the series was %s: the series is re-opened "
+                           "and will be routed and processed again with it", sop_uid, series_uid, before["state"])
         if conflict is not None:
             logger.warning("instance sop=%s is already stored in series %s; stored again in series %s as the "
                            "sender meant (a modality reusing SOP Instance UIDs, or a re-sent corrected series)",

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from dicom_node.pipeline import Destination, Plan, process_series, resolve_desti
 from dicom_node.rules import MatchContext, Rule, RuleSet, select_rule
 from dicom_node.scp import start_scp
 from dicom_node.settings import NodeSettings
-from dicom_node.spool import Spool, safe_name
+from dicom_node.spool import Spool
 from dicom_node.state import SeriesState, SendState, StateDB
 
 if TYPE_CHECKING:
@@ -71,6 +71,10 @@ class Node:
         self._senders: dict[str, ThreadPoolExecutor] = {}
         self._processing: set[str] = set()
         self._sending: list[str] = []  # destination of every running send (a destination may run several)
+        self._sending_ids: set[int] = set()
+        self._futures: set[Future[Any]] = set()
+        self._futures_lock = threading.Lock()  # its own: futures are tracked while self._lock is held
+        self._evict_lock = threading.Lock()
         self._lock = threading.Lock()
         self._headers: dict[str, Dataset] = {}
         self._stopped = threading.Event()
@@ -91,7 +95,8 @@ class Node:
         if orphans:
             logger.warning("removed %d spool file(s) the database does not know (written by a process that stopped "
                            "before recording them; their C-STOREs were never acknowledged)", len(orphans))
-        self._server = start_scp(self.settings, ReceiveContext(spool=self.spool, db=self.db))
+        self._server = start_scp(self.settings, ReceiveContext(spool=self.spool, db=self.db,
+                                                               make_room=self.make_room))
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                             "misfire_grace_time": None})
         now = datetime.now()
@@ -101,6 +106,9 @@ class Node:
                                 seconds=self.settings.send.poll_interval_s)
         self._scheduler.add_job(self.run_retention, "interval", id="retention", next_run_time=now,
                                 minutes=self.settings.retention.interval_min)
+        self._scheduler.add_job(self.make_room, "interval", id="disk", next_run_time=now,
+                                seconds=self.settings.disk.pressure_check_interval_s)
+        self._scheduler.add_job(self.sweep_stuck, "interval", id="stuck", seconds=60)
         self._scheduler.start()
         from dicom_node import __version__
 
@@ -223,7 +231,7 @@ class Node:
             self.db.set_state(series_uid, SeriesState.FAILED, error=f"{type(exc).__name__}: {exc}",
                               expect=[SeriesState.COMPLETE])
             return
-        self._executor(lane).submit(self._process, series_uid, device)
+        self._track(self._executor(lane).submit(self._process, series_uid, device), f"series={series_uid} processing")
 
     def _process(self, uid: str, device: str = "cpu") -> None:
         try:
@@ -283,11 +291,12 @@ class Node:
             due = self.db.claim_due_sends(time.time(), busy=list(self._sending), per_destination=per_dest)
             for row in due:
                 self._sending.append(row["destination"])
+                self._sending_ids.add(row["id"])
                 ex = self._senders.get(row["destination"])
                 if ex is None:
                     ex = ThreadPoolExecutor(per_dest, thread_name_prefix=f"petnode-send-{row['ae_title']}")
                     self._senders[row["destination"]] = ex
-                ex.submit(self._send, row)
+                self._track(ex.submit(self._send, row), f"series={row['series_uid']} send to {row['destination']}")
 
     def retry_at(self, row: dict[str, Any], attempts: int, now: float) -> float | None:
         """When to try a failed send again; None when the retry horizon (or max_attempts) is reached."""
@@ -336,6 +345,7 @@ class Node:
         finally:
             with self._lock:
                 self._sending.remove(dest)
+                self._sending_ids.discard(row["id"])
         try:
             if self.db.settle_series(uid) is SeriesState.DELIVERED:
                 logger.info("series=%s: delivered to every destination", uid)
@@ -354,18 +364,58 @@ class Node:
 
     # --- retention -------------------------------------------------------------------------------------------
     def run_retention(self, now: float | None = None) -> int:
-        """Remove spool and outputs of series delivered longer ago than the retention age."""
+        """Scheduler job: remove finished series older than their state's retention age."""
+        from dicom_node.retention import run_retention
+
+        return run_retention(self.db, self.spool, self.settings.retention, now=now)
+
+    def make_room(self) -> int:
+        """Remove the oldest finished series while the disk is within the eviction headroom of its watermark.
+
+        Called by the scheduler every ``disk.pressure_check_interval_s`` and by ``handle_store`` before it
+        would refuse an instance; one eviction at a time (a second caller waits for the first).
+        """
+        from dicom_node.retention import relieve_pressure
+
+        with self._evict_lock:
+            return relieve_pressure(self.db, self.spool, self.settings)
+
+    # --- work that vanished ----------------------------------------------------------------------------------
+    def _track(self, future: Future[Any], what: str) -> None:
+        """Keep every future until it is done and log anything it raised (nothing vanishes silently)."""
+        with self._futures_lock:
+            self._futures.add(future)
+
+        def done(f: Future[Any]) -> None:
+            with self._futures_lock:
+                self._futures.discard(f)
+            if not f.cancelled() and f.exception() is not None:
+                logger.error("%s crashed outside its own error handling: %r (the stuck-work sweep resets it)",
+                             what, f.exception())
+
+        future.add_done_callback(done)
+
+    def sweep_stuck(self, now: float | None = None) -> dict[str, int]:
+        """Scheduler job: put back work whose worker is gone (an error in the error path, a dead thread).
+
+        A series in ``processing`` that no worker holds, or a send in ``sending`` that no sender runs, has been
+        left behind; after ``stuck_after_s`` it goes back to ``complete`` / ``pending`` and runs again.
+        """
         now = time.time() if now is None else now
-        cutoff = now - self.settings.retention.delivered_max_age_h * 3600.0
-        purged = 0
-        for row in self.db.list_series([SeriesState.DELIVERED, SeriesState.OWN_OUTPUT], limit=100_000):
-            done_at = row["delivered_at"] or row["updated_at"]
-            if row["purged_at"] is not None or done_at > cutoff:
-                continue
-            uid = row["series_uid"]
-            self.spool.remove_tree(self.spool.root / safe_name(row["study_uid"] or "") / safe_name(uid))
-            self.spool.remove_tree(self.spool.outputs / safe_name(uid))
-            self.db.mark_purged(uid)
-            purged += 1
-            logger.info("series=%s: spool and outputs removed (retention)", uid)
-        return purged
+        limit = self.settings.workers.stuck_after_s
+        with self._lock:
+            processing, sending_ids = set(self._processing), set(self._sending_ids)
+        reset = {"processing": 0, "sending": 0}
+        for row in self.db.list_series([SeriesState.PROCESSING], limit=100_000):
+            if row["series_uid"] not in processing and now - row["updated_at"] > limit:
+                if self.db.set_state(row["series_uid"], SeriesState.COMPLETE, expect=[SeriesState.PROCESSING]):
+                    reset["processing"] += 1
+                    logger.warning("series=%s: left in processing by a worker that is gone; queued again",
+                                   row["series_uid"])
+        for send in self.db.sends():
+            if send["state"] == "sending" and send["id"] not in sending_ids and now - send["updated_at"] > limit:
+                if self.db.requeue_send(send["id"]):
+                    reset["sending"] += 1
+                    logger.warning("series=%s dest=%s: send left in sending by a sender that is gone; queued "
+                                   "again", send["series_uid"], send["destination"])
+        return reset

@@ -135,6 +135,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     """The threaded association server with per-address and total connection limits."""
 
     guard: ConnectionGuard
+    # Listen backlog. socketserver's default of 5 makes a burst of connections (idle ones included) wait in SYN
+    # retries of 1 s, 3 s ... before we even see them, a scanner's among them.
+    request_queue_size = 128
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])

@@ -48,10 +48,18 @@ class Peer(_Frozen):
 
 
 class DiskSettings(_Frozen):
-    """Refuse C-STOREs (0xA700) before the disk is really full."""
+    """Refuse C-STOREs (0xA700) before the disk is really full, and make room before refusing.
+
+    When free space comes within ``evict_headroom_mb`` / ``evict_headroom_percent`` of the watermark, the oldest
+    finished series are removed (see :class:`RetentionSettings`) until it is clear again; a C-STORE is refused
+    only when nothing finished is left to remove.
+    """
 
     min_free_mb: float = Field(500.0, ge=0)
     max_used_percent: float = Field(95.0, gt=0, le=100)
+    evict_headroom_mb: float = Field(1000.0, ge=0)
+    evict_headroom_percent: float = Field(2.0, ge=0, lt=100)
+    pressure_check_interval_s: float = Field(10.0, gt=0)
 
 
 class CompletionSettings(_Frozen):
@@ -82,12 +90,24 @@ class WorkerSettings(_Frozen):
     """Processing threads: ``cpu`` per CPU lane (one lane per method), and one worker per GPU."""
 
     cpu: int = Field(2, ge=1, le=64)
+    # Work left in processing/sending with no worker holding it this long is put back (see Node.sweep_stuck).
+    stuck_after_s: float = Field(300.0, gt=0)
 
 
 class RetentionSettings(_Frozen):
-    """Spool and outputs of delivered series are removed after ``delivered_max_age_h`` hours."""
+    """How long each finished series keeps its spool and outputs (hours since it finished).
+
+    Every final state has an age: the CT and MR of a PET/CT study (``unrouted``) would otherwise fill the disk.
+    Series that need a person (failed, incomplete, refused) are kept longer. Series still receiving, waiting,
+    processing or sending are never removed.
+    """
 
     delivered_max_age_h: float = Field(72.0, gt=0)
+    unrouted_max_age_h: float = Field(72.0, gt=0)
+    own_output_max_age_h: float = Field(24.0, gt=0)
+    refused_max_age_h: float = Field(168.0, gt=0)
+    incomplete_max_age_h: float = Field(168.0, gt=0)
+    failed_max_age_h: float = Field(336.0, gt=0)
     interval_min: float = Field(60.0, gt=0)
 
 

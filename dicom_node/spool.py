@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -114,8 +115,16 @@ class Spool:
         self.root = data_dir / "spool"
         self.outputs = data_dir / "outputs"
         self.disk = disk
+        # Striped per-series locks: receiving an instance and purging its series exclude each other.
+        self._series_locks = tuple(threading.RLock() for _ in range(64))
         make_dirs_durable(self.root)
         make_dirs_durable(self.outputs)
+
+    def series_lock(self, series_uid: str) -> threading.RLock:
+        return self._series_locks[hash(series_uid) % len(self._series_locks)]
+
+    def space_problem(self) -> str | None:
+        return disk_problem(self.data_dir, self.disk)
 
     def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         return self.root / safe_name(study_uid) / safe_name(series_uid) / f"{safe_name(sop_instance_uid)}.dcm"
@@ -124,7 +133,7 @@ class Spool:
         return self.outputs / safe_name(series_uid) / route
 
     def check_space(self) -> None:
-        problem = disk_problem(self.data_dir, self.disk)
+        problem = self.space_problem()
         if problem:
             raise DiskFullError(problem)
 

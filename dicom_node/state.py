@@ -342,7 +342,26 @@ class StateDB:
                     now,
                 ),
             )
+            if before is not None and before["purged_at"] is None:
+                self._reopen_for_late_instance(c, before, now)
         return StoreOutcome.NEW, before
+
+    def _reopen_for_late_instance(self, c: sqlite3.Connection, before: dict[str, Any], now: float) -> None:
+        """A new instance arrived after the series was routed or processed: nothing may be left out silently.
+
+        Processed series (processing, sending, delivered, failed) get a new revision, so their next output has
+        new UIDs: a processing run notices and starts again, pending sends of the stale output are cancelled, a
+        finished series is re-opened. Unrouted and refused series are re-opened and routed again.
+        """
+        state, uid = before["state"], before["series_uid"]
+        if state in (SeriesState.PROCESSING, SeriesState.SENDING, SeriesState.DELIVERED, SeriesState.FAILED):
+            c.execute("UPDATE series SET revision = revision + 1 WHERE series_uid = ?", (uid,))
+        if state in (SeriesState.SENDING, SeriesState.FAILED):
+            self._cancel_sends(c, uid, "superseded: a new instance arrived after processing")
+        if state in (SeriesState.SENDING, SeriesState.DELIVERED, SeriesState.FAILED, SeriesState.UNROUTED,
+                     SeriesState.REFUSED):
+            c.execute("UPDATE series SET state = 'receiving', error = NULL, updated_at = ? WHERE series_uid = ?",
+                      (now, uid))
 
     def instance_versions(self, series_uid: str) -> list[dict[str, Any]]:
         return self._query("SELECT * FROM instance_versions WHERE series_uid = ? ORDER BY id", (series_uid,))
@@ -418,6 +437,31 @@ class StateDB:
                 (time.time(), series_uid, SeriesState.RECEIVING.value, SeriesState.INCOMPLETE.value),
             ).rowcount > 0
 
+    REPROCESSABLE = ("delivered", "failed", "unrouted", "refused", "incomplete")
+
+    def reprocess(self, series_uid: str, rule: str | None = None) -> bool:
+        """Operator's reprocess: route again with the current rules (or process with ``rule``) and send in full.
+
+        Only finished series whose files are still here; True when the series was queued.
+        """
+        now = time.time()
+        marks = ",".join("?" * len(self.REPROCESSABLE))
+        with self._tx() as c:
+            if rule is None:  # completion routes it again, as if it had just completed
+                moved = c.execute(
+                    f"UPDATE series SET state = 'receiving', force_complete = 1, error = NULL, updated_at = ? "
+                    f"WHERE series_uid = ? AND purged_at IS NULL AND state IN ({marks})",
+                    (now, series_uid, *self.REPROCESSABLE)).rowcount
+            else:
+                moved = c.execute(
+                    f"UPDATE series SET state = 'complete', rule = ?, force_complete = 0, error = NULL, "
+                    f"updated_at = ? WHERE series_uid = ? AND purged_at IS NULL AND state IN ({marks})",
+                    (rule, now, series_uid, *self.REPROCESSABLE)).rowcount
+            if moved:
+                c.execute("DELETE FROM sent_instances WHERE series_uid = ?", (series_uid,))
+                c.execute("DELETE FROM sends WHERE series_uid = ?", (series_uid,))
+        return moved > 0
+
     def set_outputs(self, series_uid: str, output_series_uid: str, output_dir: Path) -> None:
         with self._tx() as c:
             c.execute(
@@ -431,6 +475,10 @@ class StateDB:
         with self._tx() as c:
             c.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
             c.execute("DELETE FROM instance_versions WHERE series_uid = ?", (series_uid,))
+            # Its sends go too: a series received again after a purge is sent again, not marked delivered by
+            # the done rows of its first life.
+            c.execute("DELETE FROM sent_instances WHERE series_uid = ?", (series_uid,))
+            c.execute("DELETE FROM sends WHERE series_uid = ?", (series_uid,))
             c.execute("UPDATE series SET purged_at = ?, received_count = 0, updated_at = ? WHERE series_uid = ?",
                       (time.time(), time.time(), series_uid))
 
@@ -521,6 +569,19 @@ class StateDB:
                 (state.value, sent, error, retry_at or 0.0, time.time(), send_id),
             )
         return state
+
+    def requeue_send(self, send_id: int) -> bool:
+        """A send left in ``sending`` by a sender that is gone goes back to ``pending`` (attempts kept)."""
+        with self._tx() as c:
+            return c.execute("UPDATE sends SET state = 'pending', next_attempt_at = 0, updated_at = ? "
+                             "WHERE id = ? AND state = 'sending'", (time.time(), send_id)).rowcount > 0
+
+    def forget_sends(self, series_uid: str) -> int:
+        """Drop a series' send history and confirmations (its files are gone, or an operator reprocesses it):
+        whatever it produces next is sent in full."""
+        with self._tx() as c:
+            c.execute("DELETE FROM sent_instances WHERE series_uid = ?", (series_uid,))
+            return c.execute("DELETE FROM sends WHERE series_uid = ?", (series_uid,)).rowcount
 
     @staticmethod
     def _cancel_sends(c: sqlite3.Connection, series_uid: str, reason: str) -> int:

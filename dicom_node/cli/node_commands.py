@@ -47,6 +47,13 @@ def add_subparsers(sub: Any) -> None:
         q.add_argument("--data-dir", type=Path, default=None)
         q.set_defaults(func=func)
 
+    q = ssub.add_parser("reprocess", help="route and process a finished series again (after a rules fix) and "
+                        "send the result in full")
+    q.add_argument("uid", help="Series Instance UID (or a unique prefix)")
+    q.add_argument("--rule", default=None, help="process with this rule instead of routing again")
+    q.add_argument("--data-dir", type=Path, default=None)
+    q.set_defaults(func=cmd_series_reprocess)
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     csub.required = True
@@ -261,3 +268,28 @@ def cmd_series_retry(args: argparse.Namespace) -> int:
         return 1
     finally:
         db.close()
+
+
+def cmd_series_reprocess(args: argparse.Namespace) -> int:
+    if args.rule is not None:
+        _, ruleset = load_node_config(args)
+        names = [r.name for r in ruleset.rules]
+        if args.rule not in names:
+            raise DicomNodeError(f"no rule {args.rule!r} in the rules file; rules: {', '.join(names)}")
+    db = _open_db(args)
+    try:
+        row = _one_series(db, args.uid)
+        uid = row["series_uid"]
+        if row["purged_at"] is not None:
+            print(f"series {uid}: its files were removed by retention; send it to the node again instead",
+                  file=sys.stderr)
+            return 1
+        if not db.reprocess(uid, args.rule):
+            print(f"series {uid} is {row['state']}: only {', '.join(db.REPROCESSABLE)} series can be "
+                  "reprocessed (wait for it to finish)", file=sys.stderr)
+            return 1
+        how = f"with rule {args.rule!r}" if args.rule else "routed again with the current rules"
+        print(f"series {uid}: queued for processing {how}; the result will be sent in full")
+    finally:
+        db.close()
+    return 0
