@@ -184,12 +184,45 @@ def _print_series_table(db: Any, rows: list[dict[str, Any]]) -> None:
               f"{sends_txt:<5} {_age(r['last_received']):>5}  {detail[:200]}")
 
 
+def _print_disk(settings: NodeSettings, data_dir: Path | None, db: Any) -> None:
+    """The disk budget, and what retention and disk pressure would remove next."""
+    import shutil
+
+    from dicom_node.retention import eviction_candidates, max_age_h
+    from dicom_node.settings import DiskSettings
+    from dicom_node.spool import Spool
+
+    data_dir = data_dir or settings.data_dir
+    disk: DiskSettings = settings.disk
+    usage = shutil.disk_usage(data_dir)
+    free_mb, total_mb = usage.free / 2**20, usage.total / 2**20
+    used = 100.0 * (usage.total - usage.free) / usage.total if usage.total else 100.0
+    evict_free = disk.min_free_mb + disk.evict_headroom_mb
+    evict_used = disk.max_used_percent - disk.evict_headroom_percent
+    pressed = free_mb < evict_free or used > evict_used
+    print(f"\ndisk: {free_mb:,.0f} MB free of {total_mb:,.0f} MB ({used:.1f} % used); finished series are removed "
+          f"below {evict_free:,.0f} MB free or above {evict_used:.1f} % used, C-STOREs refused below "
+          f"{disk.min_free_mb:,.0f} MB / above {disk.max_used_percent:.1f} %"
+          + ("  [UNDER PRESSURE]" if pressed else ""))
+    candidates = eviction_candidates(db, Spool(data_dir, disk), limit=5)
+    if not candidates:
+        print("next to remove: nothing (no finished series with files)")
+        return
+    print("next to remove (disk pressure order; retention removes each at the time shown):")
+    for c in candidates:
+        age = max_age_h(settings.retention, c.state)
+        when = _when(c.finished_at + age * 3600.0) if age is not None else "never"
+        print(f"  {c.series_uid:<64} {c.state:<11} {c.modality:<3} {c.size_bytes / 2**20:8.1f} MB  "
+              f"finished {_age(c.finished_at)} ago, retention at {when}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     db = _open_db(args)
     try:
         active = ["receiving", "complete", "processing", "sending", "incomplete", "failed", "refused"]
         rows = db.list_series([] if args.all else active)
         _print_series_table(db, rows)
+        _print_disk(settings_from(args), args.data_dir, db)
         assocs = db.associations()
         print(f"\nactive associations: {len(assocs)}")
         for a in assocs:
@@ -275,7 +308,8 @@ def cmd_series_reprocess(args: argparse.Namespace) -> int:
         _, ruleset = load_node_config(args)
         names = [r.name for r in ruleset.rules]
         if args.rule not in names:
-            raise DicomNodeError(f"no rule {args.rule!r} in the rules file; rules: {', '.join(names)}")
+            print(f"petnode: no rule {args.rule!r} in the rules file; rules: {', '.join(names)}", file=sys.stderr)
+            return 2
     db = _open_db(args)
     try:
         row = _one_series(db, args.uid)
