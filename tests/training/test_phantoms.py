@@ -6,7 +6,6 @@ import importlib.util
 import math
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -352,14 +351,17 @@ def test_import_is_light_and_nilearn_never_imported() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_small_sizes_are_fast() -> None:
-    brain_phantom(**SMALL_BRAIN)  # templates loaded once per process
+def test_small_sizes_are_deterministic_per_seed() -> None:
+    """The small sizes the test suite uses: same seed, same phantom; another seed, another one.
+
+    (Their speed is measured by the benchmarks, not asserted here: a wall-clock limit fails on a busy machine.)
+    """
     for make, kwargs in ((brain_phantom, {**SMALL_BRAIN, "lesions": 2, "texture": 0.1}),
                          (torso_phantom, {"shape": (24, 64, 64), "voxel_mm": 6.0, "lesions": 4}),
                          (torso_phantom, SMALL_TORSO)):
-        t0 = time.perf_counter()
-        make(**kwargs, seed=11)
-        assert time.perf_counter() - t0 < 2.0, make.__name__
+        a, b, c = make(**kwargs, seed=11), make(**kwargs, seed=11), make(**kwargs, seed=12)
+        assert np.array_equal(a.activity, b.activity), make.__name__
+        assert not np.array_equal(a.activity, c.activity), make.__name__
 
 
 def test_masks_and_legend() -> None:
