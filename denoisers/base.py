@@ -201,8 +201,9 @@ def check_result(spec: DenoiserSpec, inputs: DenoiseInputs, result: object, *, n
 class Denoiser(abc.ABC, Generic[ParamsT]):
     """Base class of every PET denoiser.
 
-    Subclasses set ``name`` (the registry key) and ``Params``, return their ``spec`` (per instance: it may depend
-    on params or a model card) and implement ``_run``. Callers use ``denoise``, which validates around ``_run``.
+    Subclasses set ``name`` (the registry key), ``Params`` and, when not CPU-only, ``device_need``; return their
+    ``spec`` (per instance: it may depend on params or a model card; build it with ``make_spec`` so that its
+    ``device`` is ``device_need``) and implement ``_run``. Callers use ``denoise``, which validates around ``_run``.
 
     Parameters
     ----------
@@ -219,7 +220,8 @@ class Denoiser(abc.ABC, Generic[ParamsT]):
     name: ClassVar[str]
     Params: ClassVar[type[DenoiserParams]]
     # Where the method can run, known before an instance exists, so the node can pick a worker lane (a GPU
-    # worker or the CPU pool) without loading weights. The instance ``spec.device`` must agree.
+    # worker or the CPU pool) without loading weights. The one source of truth: ``make_spec`` copies it into the
+    # instance's ``spec.device``, and ``denoise`` refuses a spec that disagrees (else a lane would be silently wrong).
     device_need: ClassVar[DeviceNeed] = DeviceNeed.CPU
 
     def __init__(
@@ -251,7 +253,27 @@ class Denoiser(abc.ABC, Generic[ParamsT]):
     @property
     @abc.abstractmethod
     def spec(self) -> DenoiserSpec:
-        """What this instance requires and produces."""
+        """What this instance requires and produces (build it with ``make_spec``)."""
+
+    @classmethod
+    def make_spec(
+        cls,
+        requires: frozenset[InputKind],
+        *,
+        optional: frozenset[InputKind] = frozenset(),
+        produces: frozenset[OutputKind] = frozenset({OutputKind.DENOISED}),
+        needs_weights: bool = False,
+        stochastic: bool = False,
+    ) -> DenoiserSpec:
+        """Return a ``DenoiserSpec`` whose ``device`` is the class's ``device_need`` (the other fields as given)."""
+        return DenoiserSpec(
+            requires=requires,
+            optional=optional,
+            produces=produces,
+            device=cls.device_need,
+            needs_weights=needs_weights,
+            stochastic=stochastic,
+        )
 
     def denoise(self, inputs: DenoiseInputs) -> DenoiseResult:
         """Check ``inputs`` against ``spec``, run, then check the result.
@@ -261,9 +283,15 @@ class Denoiser(abc.ABC, Generic[ParamsT]):
         MissingInputError, InvalidInputError
             Before any work is done.
         DenoiserError
-            The plugin failed or returned something that breaks the contract.
+            The plugin failed or returned something that breaks the contract (including a ``spec.device`` that
+            disagrees with the class's ``device_need``, which the node schedules by).
         """
         spec = self.spec
+        if spec.device != type(self).device_need:
+            raise DenoiserError(
+                f"{self.name}: spec.device {str(spec.device)!r} disagrees with {type(self).__name__}.device_need "
+                f"{str(type(self).device_need)!r}; build the spec with make_spec"
+            )
         check_inputs(spec, inputs, name=self.name)
         start = time.perf_counter()
         result = self._run(inputs)

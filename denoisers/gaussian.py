@@ -26,12 +26,6 @@ logger = logging.getLogger(__name__)
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # ~2.3548
 TRUNCATE = 4.0  # kernel radius in sigmas (+1 voxel); the tail cut off is < 0.1 % of the variance
 
-_SPEC = DenoiserSpec(
-    requires=frozenset({InputKind.PET, InputKind.SPACING}),
-    produces=frozenset({OutputKind.DENOISED}),
-    device=DeviceNeed.CPU,
-)
-
 
 class GaussianParams(DenoiserParams):
     """Kernel size of the Gaussian filter (strict numbers: a YAML ``true`` or ``"4"`` is an error, not 1.0 or 4.0)."""
@@ -74,10 +68,13 @@ class GaussianDenoiser(Denoiser[GaussianParams]):
 
     name = "gaussian"
     Params = GaussianParams
+    device_need = DeviceNeed.CPU  # scipy.ndimage; the node runs it in the CPU pool
 
     @property
     def spec(self) -> DenoiserSpec:
-        return _SPEC
+        return self.make_spec(
+            requires=frozenset({InputKind.PET, InputKind.SPACING}), produces=frozenset({OutputKind.DENOISED})
+        )
 
     def fwhm_zyx(self) -> tuple[float, float, float]:
         """Return the FWHM in mm per axis (z, y, x)."""

@@ -1,47 +1,80 @@
 """Non-local means (NLM): the classical patch-based baseline of the PET denoising papers, in 3-D, in PyTorch.
 
 Definition (the one ``tests/denoisers/test_nlm.py`` checks against plain loops). With the volume ``v`` reflect-padded
-(``numpy.pad(mode="reflect")``), for every voxel ``i`` and every offset ``d`` of the search window ``S``::
+(``numpy.pad(mode="reflect")``), for voxels ``i`` and ``j = i + d``, ``d`` an offset of the search window ``S``::
 
-    D(i, d) = sum_k g(k) * (v(i + k) - v(i + d + k))**2      k over the patch window, sum_k g(k) = 1
-    w(i, d) = exp(-D(i, d) / h**2)
-    u(i)    = sum_{d in S} w(i, d) v(i + d) / sum_{d in S} w(i, d)
+    D(i, j) = sum_k g(k) * (v(i + k) - v(j + k))**2      k over the patch window, sum_k g(k) = 1
+    w(i, j) = exp(-D(i, j) / h**2)                       symmetric: w(i, j) = w(j, i); w(i, i) = 1
 
-``g`` is uniform (``gaussian_patch_weighting=False``) or a separable Gaussian with a standard deviation of
-``(p - 1) / 4`` voxels per axis for a patch of ``p`` voxels along it (Buades et al.; the width scikit-image's slow
-mode uses). So ``D`` is a weighted *mean* squared difference and ``h`` is in image units, as in scikit-image's slow
-mode (its fast mode's box is not quite this one: see ``training/bench_speed.py``). The centre voxel (d = 0) gets
-the weight the definition gives it,
-``exp(0) = 1`` (Buades et al. 2005), not the maximum of the other weights. The result is a convex combination of
-input values: non-negative input gives non-negative output. The window sizes are odd voxel counts per axis,
-given in voxels or in mm (then converted per axis through the spacing, so windows may be anisotropic).
+``g`` is uniform (``gaussian_patch_weighting=False``, the default) or a separable Gaussian with a standard deviation
+of ``(p - 1) / 4`` voxels per axis for a patch of ``p`` voxels along it (Buades et al.; scikit-image's slow mode).
+So ``D`` is a weighted *mean* squared difference and ``h`` is in image units. The uniform patch is the default
+because the 3-voxel Gaussian one puts half its weight on the centre voxel, so its distance is nearly a one-voxel
+difference and too noisy to tell patches apart at low counts (``petnode bench quality``, brain, ci size: 0.1-0.7 dB
+lower PSNR at the best h for 1 M-0.1 M counts per slice, with a best h that drifts from 3 to 6 noise sigmas).
 
-The filtering parameter ``h`` is given (``h``), or ``h_factor`` times an estimate from the image: ``h_mode="std"``
-uses the standard deviation of the voxels inside the body, as the NLM baseline of Gong et al. 2018 does (patch
-3 x 3 x 3, search window 5 x 5 x 5, "the standard deviation of the NLM Gaussian weighting function was set to be
-the standard deviation of the image"); ``h_mode="noise"`` uses an estimate of the noise standard deviation
-(``estimate_noise_sigma``).
+Two normalisations turn the weights into a filter:
 
-How it is fast. The loop runs over search offsets, each a whole-slab tensor operation (no per-voxel Python), and
-uses that ``D(i, d) = D(i - d, -d)`` shifted: one distance field per pair of opposite offsets feeds both, which
-halves the distance and ``exp`` work. Patch distances are separable filters (z, then y, then x) of the squared
-difference volume; scale and sign are folded into the squaring so that ``exp`` runs in place. The volume is
-processed in slabs of whole z-slices with a halo, which bounds memory (``peak_memory_bytes``; with the default
-slab about 2.2 times the volume beyond the input, e.g. 65 MB for 200 x 192 x 192, as measured) and keeps the
-working set in cache on a CPU. All arithmetic is float32; results do not depend on the slab size beyond float32
-rounding, nor on the run (no atomics, fixed order). On 2 CPU cores, 200 x 192 x 192 with patch 3 and search 5
-takes about 1.0-1.1 s against 7.1 s for scikit-image's fast mode (``training/bench_speed.py``); the torch op
-sequence is memory-bound, about 13 passes over the slab per pair of offsets.
+``normalisation="row"`` (Buades et al. 2005, scikit-image): ``u(i) = sum_{d in S} w(i, i+d) v(i+d) / sum_d w``, with
+neighbours in the padding taking the reflected values. Every *row* of the filter sums to 1, but its *columns* do not:
+voxel ``j`` hands out ``sum_i w(i, j) / W(i)`` of its value (``W(i)`` the row sum). A voxel with a rare patch (a
+hot noise spike) has a small own ``W`` and gives little to its neighbours, whose large ``W`` dilute what they take
+from it, so its column sums to less than 1. PET noise is skewed towards hot spikes, so total activity drops, the more
+the lower the counts: 2-8 % on a brain phantom at 1 M-0.1 M counts per slice with h = the image std, which
+makes the node withhold the output. This mode is kept for comparison with scikit-image.
+
+``normalisation="symmetric"`` (default): a symmetric, doubly stochastic version of the same weights, applied as an
+exchange between pairs of voxels inside the volume (neighbours outside it are not used)::
+
+    W(i)  = 1 + sum_{j != i} w(i, j)                      row sums
+    a     = W**-1/2,   c = sqrt(a / (a + W' a))            one step of symmetric Sinkhorn balancing (W' = off-diagonal)
+    r(i)  = c(i) * sum_{j != i} w(i, j) c(j)              off-diagonal row sums of diag(c) w diag(c)
+    b(i, j) = c(i) w(i, j) c(j) / max(r(i), r(j), 1)       symmetric, and every row sums to at most 1
+    u(i)  = v(i) + sum_{j != i} b(i, j) (v(j) - v(i))
+
+What ``i`` takes from ``j`` it gives back, so total activity is conserved exactly (to float32 rounding), a constant
+image is unchanged, and ``u(i)`` is a convex combination of input values (non-negative input, non-negative output).
+Balancing ``diag(c) w diag(c)`` towards unit row sums (Sinkhorn-Knopp; P. Milanfar, "Symmetrizing smoothing
+filters", SIAM J. Imaging Sci. 6(1), 2013) keeps the smoothing of the row filter where patches are common; the
+``max(r, 1)`` limiter, active only where one balancing step overshoots, keeps every row convex without breaking the
+symmetry. Mass moves only between voxels within one search window, so there is no global rescaling and no regional
+bias beyond the smoothing itself. It costs four passes over the weights instead of one (row sums, balancing,
+row sums of the balanced filter, the exchange).
+
+The filtering parameter ``h`` is given (``h``), or ``h_factor`` times an estimate from the image. ``h_mode="noise"``
+(default) uses an estimate of the noise standard deviation (``estimate_noise_sigma``: MAD of the finest diagonal
+Haar band inside the body), so ``h`` follows the count level of the scan: ``h = 2 sigma`` by default, calibrated on
+``petnode bench quality`` (brain phantom, ci size, 3 mm voxels: 1 M, 0.3 M and 0.1 M counts per slice, where the best
+factor was 2 at every level; the estimate reads 1.4-1.5 times below the per-voxel noise of ML-EM images, whose noise
+is correlated, hence a factor above the textbook ~1). With 2 mm voxels (``full`` size) the noise is correlated over
+more voxels, the estimate reads 2-3 times low and the best factor was 4-6 (pass ``h_factor`` there).
+``h_mode="std"`` uses the standard deviation of the voxels inside the body, as the NLM baseline of Gong et al. 2018
+does (patch 3 x 3 x 3, search window 5 x 5 x 5, "the standard deviation of the NLM Gaussian weighting function was set
+to be the standard deviation of the image"; default factor 1); that h includes the anatomy's contrast, so it
+over-smooths high-count scans and barely scales with the noise.
+
+How it is fast. Each pass loops over search offsets, each a whole-slab tensor operation (no per-voxel Python), and
+uses that ``w(i, i + d) = w(j, j - d)`` for ``j = i + d``: one distance field per pair of opposite offsets feeds both,
+which halves the distance and ``exp`` work and makes the symmetric filter's pair weights bitwise equal. Patch
+distances are separable filters (z, then y, then x) of the squared difference volume; scale and sign are folded into
+the squaring so that ``exp`` runs in place. The volume is processed in slabs of whole z-slices with a halo, which
+bounds memory (``peak_memory_bytes``) and keeps the working set in cache on a CPU. All arithmetic is float32;
+results do not depend on the slab size beyond float32 rounding, nor on the run (no atomics, fixed order). On the
+2-core development machine, 200 x 192 x 192 with patch 3 and search 5 took 0.94 s with the row normalisation on 2
+threads and 1.44 s on one, against 8.3 s for scikit-image's fast mode (single-threaded), and 4.1-4.7 s with the
+symmetric normalisation on 2 threads (``training/bench_speed.py``).
 
 Inputs: PET (+ SPACING when a window is given in mm). Outputs: DENOISED. GPU preferred (CUDA when the instance's
 device is "cuda", "cuda:N", or "auto" with CUDA present); runs on CPU. Deterministic.
-``info``: ``h``, ``h_source``, ``patch_vox``, ``search_vox``, ``gaussian_patch_weighting``, ``device``,
-``chunk_slices``, ``seconds``.
+``info``: ``h``, ``h_source``, ``h_factor``, ``patch_vox``, ``search_vox``, ``gaussian_patch_weighting``,
+``normalisation``, ``device``, ``chunk_slices``, ``seconds``.
 
 References
 ----------
 shared/papers/gong2018-finetuned-cnn-perceptual-loss.txt (section III.E, the NLM reference method).
 A. Buades, B. Coll, J.-M. Morel, "A non-local algorithm for image denoising", CVPR 2005.
+P. Milanfar, "Symmetrizing smoothing filters", SIAM J. Imaging Sciences 6(1), 2013 (doubly stochastic filters).
+P. A. Knight, "The Sinkhorn-Knopp algorithm: convergence and applications", SIAM J. Matrix Anal. Appl. 30(1), 2008.
 J. Darbon et al., "Fast nonlocal filtering applied to electron cryomicroscopy", ISBI 2008 (loop over offsets).
 D. L. Donoho, I. M. Johnstone, "Ideal spatial adaptation by wavelet shrinkage", Biometrika 81(3), 1994 (MAD).
 """
@@ -52,6 +85,7 @@ import importlib.util
 import logging
 import math
 import time
+from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Literal, Self
 
@@ -96,13 +130,21 @@ and per-op overheads of thinner slabs. Measured on 2 cores, 200 x 192 x 192: 3 s
 CUDA_CHUNK_VOXELS = 1 << 25
 """Default slab size on a GPU: a whole typical PET volume in one go (under 1 GB of temporaries)."""
 
+Normalisation = Literal["symmetric", "row"]
+
+DEFAULT_H_FACTOR: dict[str, float] = {"noise": 2.0, "std": 1.0}
+"""``h_factor`` when none is given, per ``h_mode``: 2 x the noise sigma (calibrated on ``petnode bench quality``,
+module docstring) or 1 x the image std (Gong et al. 2018)."""
+
 
 class NLMParams(DenoiserParams):
     """Window sizes (voxels or mm), filtering parameter and memory bound of the NLM filter.
 
     ``patch_vox`` / ``search_vox`` and ``patch_mm`` / ``search_mm`` are mutually exclusive per window. ``h`` is
-    absolute (image units, e.g. Bq/ml); without it ``h = h_factor * estimate`` (``h_mode``). ``chunk_voxels``
-    bounds the voxels per slab of whole z-slices (at least one slice); None picks a device default.
+    absolute (image units, e.g. Bq/ml); without it ``h = h_factor * estimate`` (``h_mode``; ``h_factor`` None:
+    ``DEFAULT_H_FACTOR`` of the mode). ``normalisation`` is "symmetric" (conserves activity) or "row" (Buades,
+    scikit-image); see the module docstring. ``chunk_voxels`` bounds the voxels per slab of whole z-slices (at least
+    one slice); None picks a device default.
     """
 
     patch_vox: int = Field(3, ge=1, strict=True, description="patch size in voxels (odd), all axes")
@@ -114,9 +156,14 @@ class NLMParams(DenoiserParams):
         None, gt=0, strict=True, allow_inf_nan=False, description="search window in mm, per axis as patch_mm"
     )
     h: float | None = Field(None, gt=0, strict=True, allow_inf_nan=False, description="absolute h in image units")
-    h_factor: float = Field(1.0, gt=0, strict=True, allow_inf_nan=False, description="h = h_factor * estimate")
-    h_mode: Literal["std", "noise"] = Field("std", description="estimate: image std in the body, or noise sigma")
-    gaussian_patch_weighting: bool = Field(True, strict=True, description="Gaussian (True) or uniform patch kernel")
+    h_factor: float | None = Field(
+        None, gt=0, strict=True, allow_inf_nan=False, description="h = h_factor * estimate; None: 2 (noise), 1 (std)"
+    )
+    h_mode: Literal["noise", "std"] = Field("noise", description="estimate: noise sigma, or image std in the body")
+    gaussian_patch_weighting: bool = Field(False, strict=True, description="Gaussian (True) or uniform patch kernel")
+    normalisation: Normalisation = Field(
+        "symmetric", description="symmetric (conserves activity) or row (Buades, scikit-image)"
+    )
     chunk_voxels: int | None = Field(None, ge=1, strict=True, description="max voxels per slab; None: device default")
 
     @model_validator(mode="after")
@@ -136,6 +183,11 @@ class NLMParams(DenoiserParams):
     def uses_mm(self) -> bool:
         """Whether a window is given in mm (so the result depends on the spacing)."""
         return self.patch_mm is not None or self.search_mm is not None
+
+    @property
+    def effective_h_factor(self) -> float:
+        """``h_factor``, or the default of ``h_mode`` when it is not given."""
+        return DEFAULT_H_FACTOR[self.h_mode] if self.h_factor is None else self.h_factor
 
 
 def mm_to_odd_vox(size_mm: float, spacing: tuple[float, float, float]) -> Triple:
@@ -219,19 +271,29 @@ def chunk_slices_for(shape: Triple, chunk_voxels: int) -> int:
     return max(1, min(shape[0], chunk_voxels // max(1, shape[1] * shape[2])))
 
 
-def peak_memory_bytes(shape: Triple, patch: Triple, search: Triple, chunk_slices: int) -> int:
+def peak_memory_bytes(
+    shape: Triple, patch: Triple, search: Triple, chunk_slices: int, normalisation: Normalisation = "symmetric"
+) -> int:
     """Return the peak memory of ``nonlocal_means`` beyond its input, in bytes (float32 everywhere).
 
-    ``4 * [(Z + 2Rz)(Y + 2Ry)(X + 2Rx)  +  Z Y X  +  2 c Y X  +  2 (c + 2Rz)(Y + 2Ry)(X + 2Rx)]``: the padded copy,
-    the output, the slab's sum and weight accumulators (``c`` slices) and two scratch buffers for the distances of
-    a slab with its halo, where ``R = search // 2 + patch // 2`` per axis. On a GPU the padded copy, the slab
-    buffers and one slab of output live on the device; the output array is on the host.
+    With ``P = (Z + 2Rz)(Y + 2Ry)(X + 2Rx)`` the padded volume, ``R = search // 2 + patch // 2`` per axis,
+    ``V = Z Y X``, ``c`` slices per slab and ``B = (c + 2Rz)(Y + 2Ry)(X + 2Rx)`` a slab with its halo:
+
+    - row: ``4 (P + V + 2 c Y X + 2 B)``: the padded copy, the output, the slab's sum and weight accumulators and two
+      scratch buffers for the distances;
+    - symmetric: ``4 (3 P + 2 V + c Y X + 4 B)``: the padded copy and two padded per-voxel vectors (balancing scale
+      and row-sum limiter), one volume of neighbour sums, the output, one slab accumulator and four scratch buffers.
+
+    On a GPU all but the output live on the device; the output array is on the host.
     """
     z, y, x = shape
     rz, ry, rx = (s // 2 + p // 2 for s, p in zip(search, patch))
     padded = (z + 2 * rz) * (y + 2 * ry) * (x + 2 * rx)
     scratch = (chunk_slices + 2 * rz) * (y + 2 * ry) * (x + 2 * rx)
-    return 4 * (padded + z * y * x + 2 * chunk_slices * y * x + 2 * scratch)
+    volume, slab = z * y * x, chunk_slices * y * x
+    if normalisation == "row":
+        return 4 * (padded + volume + 2 * slab + 2 * scratch)
+    return 4 * (3 * padded + 2 * volume + slab + 4 * scratch)
 
 
 def _separable_filter(
@@ -263,13 +325,201 @@ def _separable_filter(
     return cur
 
 
+class _PairWeights:
+    """The patch weights of every pair of opposite search offsets, slab by slab, on one device.
+
+    ``padded`` is the reflect-padded volume (halo ``patch // 2 + search // 2`` per axis). Scratch buffers are sized
+    once for the largest slab; ``pairs`` hands out views into them, valid until its next step.
+    """
+
+    def __init__(
+        self,
+        torch: ModuleType,
+        padded: torch.Tensor,
+        shape: Triple,
+        patch: Triple,
+        search: Triple,
+        gaussian: bool,
+        h: float,
+        chunk_slices: int,
+        scratch_buffers: int,
+    ) -> None:
+        self.torch = torch
+        self.padded = padded
+        self.shape = shape
+        self.kernels = tuple(patch_kernel_1d(int(p), gaussian) for p in patch)
+        self.prad: Triple = (int(patch[0]) // 2, int(patch[1]) // 2, int(patch[2]) // 2)
+        srad: Triple = (int(search[0]) // 2, int(search[1]) // 2, int(search[2]) // 2)
+        self.halo: Triple = (self.prad[0] + srad[0], self.prad[1] + srad[1], self.prad[2] + srad[2])
+        self.offsets = _half_offsets(srad)
+        self.chunk = chunk_slices
+        hz, hy, hx = self.halo
+        box = (chunk_slices + 2 * hz) * (shape[1] + 2 * hy) * (shape[2] + 2 * hx)
+        dev = padded.device
+        self.scratch = [torch.empty(box, dtype=torch.float32, device=dev) for _ in range(scratch_buffers)]
+        self.zero = torch.zeros((), dtype=torch.float32, device=dev)
+        # The exponent's factor, clamped to float32: an infinite one would turn 0 * inf into NaN for identical
+        # patches (with a tiny h only identical patches count, which the clamp still gives).
+        h2 = h * h
+        scale = -math.prod(float(k[k.size // 2]) for k in self.kernels) / h2 if h2 > 0 else -math.inf
+        self.scale = max(scale, -float(np.finfo(np.float32).max))
+
+    def slabs(self) -> Iterator[tuple[int, int]]:
+        """Yield ``(z0, z1)`` of each slab of whole slices."""
+        for z0 in range(0, self.shape[0], self.chunk):
+            yield z0, min(self.shape[0], z0 + self.chunk)
+
+    def pairs(self, z0: int, z1: int) -> Iterator[tuple[Triple, Triple, torch.Tensor]]:
+        """Yield ``(d, lo, w)`` per offset ``d`` of the half window: ``w[k] = w(p, p + d)`` at the padded position
+        ``p = lo + k``, over every ``p`` that pairs a voxel of the slab with its neighbour at ``+d`` or ``-d``."""
+        torch, padded = self.torch, self.padded
+        (hz, hy, hx), (pz, py, px) = self.halo, self.prad
+        _, y_n, x_n = self.shape
+        for dz, dy, dx in self.offsets:
+            lo = (hz + z0 - max(dz, 0), hy - max(dy, 0), hx - max(dx, 0))
+            hi = (hz + z1 + max(-dz, 0), hy + y_n + max(-dy, 0), hx + x_n + max(-dx, 0))
+            ext = [b - a + 2 * p for a, b, p in zip(lo, hi, self.prad)]
+            a = padded[lo[0] - pz : hi[0] + pz, lo[1] - py : hi[1] + py, lo[2] - px : hi[2] + px]
+            b = padded[
+                lo[0] - pz + dz : hi[0] + pz + dz, lo[1] - py + dy : hi[1] + py + dy, lo[2] - px + dx : hi[2] + px + dx
+            ]
+            sq = self.scratch[0][: math.prod(ext)].view(ext)
+            torch.sub(a, b, out=sq)
+            # Square, scale by -1/h**2 (times the kernels' centre taps) and negate in one pass; the filters are
+            # linear, so what comes out of them is the exponent itself and exp runs in place.
+            torch.addcmul(self.zero, sq, sq, value=self.scale, out=sq)
+            yield (dz, dy, dx), lo, _separable_filter(torch, sq, self.kernels, self.scratch[1]).exp_()
+
+    def voxels(self, arr: torch.Tensor, z0: int, z1: int, shift: Triple = (0, 0, 0)) -> torch.Tensor:
+        """The slab's voxels of a padded-grid tensor, each moved to its neighbour at ``shift``."""
+        (hz, hy, hx), (sz, sy, sx) = self.halo, shift
+        return arr[hz + z0 + sz : hz + z1 + sz, hy + sy : hy + self.shape[1] + sy, hx + sx : hx + self.shape[2] + sx]
+
+    def forward(self, w: torch.Tensor, d: Triple, nz: int) -> torch.Tensor:
+        """``w(i, i + d)`` for the slab's voxels ``i`` (from a ``pairs`` field)."""
+        oz, oy, ox = max(d[0], 0), max(d[1], 0), max(d[2], 0)
+        return w[oz : oz + nz, oy : oy + self.shape[1], ox : ox + self.shape[2]]
+
+    def backward(self, w: torch.Tensor, d: Triple, nz: int) -> torch.Tensor:
+        """``w(i - d, i)`` for the slab's voxels ``i``: the same elements as ``forward`` of the voxels ``i - d``."""
+        oz, oy, ox = max(-d[0], 0), max(-d[1], 0), max(-d[2], 0)
+        return w[oz : oz + nz, oy : oy + self.shape[1], ox : ox + self.shape[2]]
+
+    def region(self, arr: torch.Tensor, lo: Triple, size: torch.Size, shift: Triple = (0, 0, 0)) -> torch.Tensor:
+        """A padded-grid tensor over the positions of a ``pairs`` field, moved by ``shift``."""
+        return arr[
+            lo[0] + shift[0] : lo[0] + shift[0] + size[0],
+            lo[1] + shift[1] : lo[1] + shift[1] + size[1],
+            lo[2] + shift[2] : lo[2] + shift[2] + size[2],
+        ]
+
+
+def _row_filter(pw: _PairWeights, out: npt.NDArray[np.float32]) -> None:
+    """``u(i) = sum_d w(i, i + d) v(i + d) / sum_d w(i, i + d)`` (reflected neighbours included) into ``out``."""
+    torch, padded = pw.torch, pw.padded
+    _, y_n, x_n = pw.shape
+    acc_buf = torch.empty(pw.chunk * y_n * x_n, dtype=torch.float32, device=padded.device)
+    wsum_buf = torch.empty_like(acc_buf)
+    for z0, z1 in pw.slabs():
+        nz = z1 - z0
+        acc = acc_buf[: nz * y_n * x_n].view(nz, y_n, x_n)
+        wsum = wsum_buf[: nz * y_n * x_n].view(nz, y_n, x_n)
+        acc.copy_(pw.voxels(padded, z0, z1))  # the centre, weight exp(0) = 1
+        wsum.fill_(1.0)
+        for d, _, w in pw.pairs(z0, z1):
+            back = (-d[0], -d[1], -d[2])
+            w_fwd, w_bwd = pw.forward(w, d, nz), pw.backward(w, d, nz)
+            wsum.add_(w_fwd)
+            acc.addcmul_(w_fwd, pw.voxels(padded, z0, z1, d))
+            wsum.add_(w_bwd)
+            acc.addcmul_(w_bwd, pw.voxels(padded, z0, z1, back))
+        torch.div(acc, wsum, out=acc)
+        out[z0:z1] = acc.cpu().numpy() if acc.device.type != "cpu" else acc.numpy()
+
+
+def _neighbour_sums(pw: _PairWeights, x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out(i) = sum_{j != i} w(i, j) x(j)`` over the search window; ``x`` is on the padded grid, 0 outside the
+    volume, so neighbours outside it drop out."""
+    for z0, z1 in pw.slabs():
+        nz = z1 - z0
+        acc = out[z0:z1]
+        acc.zero_()
+        for d, _, w in pw.pairs(z0, z1):
+            acc.addcmul_(pw.forward(w, d, nz), pw.voxels(x, z0, z1, d))
+            acc.addcmul_(pw.backward(w, d, nz), pw.voxels(x, z0, z1, (-d[0], -d[1], -d[2])))
+
+
+def _exchange(
+    pw: _PairWeights,
+    scale: torch.Tensor,
+    limit: torch.Tensor | None,
+    out: npt.NDArray[np.float32],
+    non_negative: bool,
+) -> None:
+    """``u(i) = v(i) + sum_j b(i, j) (v(j) - v(i))`` with ``b(i, j) = s(i) w(i, j) s(j) / max(l(i), l(j))`` into
+    ``out``; ``scale`` (0 outside the volume) and ``limit`` (None: all 1) are on the padded grid.
+
+    Each pair's flux ``f = b(p, p + d) (v(p + d) - v(p))`` is computed once on the field of positions ``p`` and added
+    to ``p`` and subtracted from ``p + d``, so what one voxel gains its partner loses.
+    """
+    torch, padded = pw.torch, pw.padded
+    _, y_n, x_n = pw.shape
+    acc_buf = torch.empty(pw.chunk * y_n * x_n, dtype=torch.float32, device=padded.device)
+    for z0, z1 in pw.slabs():
+        nz = z1 - z0
+        acc = acc_buf[: nz * y_n * x_n].view(nz, y_n, x_n)
+        acc.zero_()
+        for d, lo, w in pw.pairs(z0, z1):
+            size = w.shape
+            tmp_a = pw.scratch[2][: w.numel()].view(size)
+            tmp_b = pw.scratch[3][: w.numel()].view(size)
+            torch.mul(pw.region(scale, lo, size), pw.region(scale, lo, size, d), out=tmp_a)
+            if limit is not None:
+                torch.maximum(pw.region(limit, lo, size), pw.region(limit, lo, size, d), out=tmp_b)
+                tmp_a.div_(tmp_b)
+            torch.sub(pw.region(padded, lo, size, d), pw.region(padded, lo, size), out=tmp_b)
+            w.mul_(tmp_a).mul_(tmp_b)  # the flux from p + d into p
+            acc.add_(pw.forward(w, d, nz))
+            acc.sub_(pw.backward(w, d, nz))
+        acc.add_(pw.voxels(padded, z0, z1))
+        if non_negative:
+            acc.clamp_min_(0.0)  # float32 rounding only: the exact result is a convex combination of inputs >= 0
+        out[z0:z1] = acc.cpu().numpy() if acc.device.type != "cpu" else acc.numpy()
+
+
+def _symmetric_filter(pw: _PairWeights, out: npt.NDArray[np.float32], non_negative: bool) -> None:
+    """The symmetric, doubly stochastic filter of the module docstring (four passes over the weights)."""
+    torch, padded = pw.torch, pw.padded
+    (hz, hy, hx), (z_n, y_n, x_n) = pw.halo, pw.shape
+    # The balancing scale on the padded grid, 0 outside the volume: neighbours there drop out of every sum, which
+    # keeps the filter symmetric (a reflected neighbour is another voxel's copy, not a partner that gives back).
+    scale = torch.zeros_like(padded)
+    inner = scale[hz : hz + z_n, hy : hy + y_n, hx : hx + x_n]
+    sums = torch.empty((z_n, y_n, x_n), dtype=torch.float32, device=padded.device)
+    inner.fill_(1.0)
+    _neighbour_sums(pw, scale, sums)
+    inner.copy_(sums.add_(1.0).rsqrt_())  # a = W**-1/2, W the row sums with the centre's weight 1
+    _neighbour_sums(pw, scale, sums)
+    sums.add_(inner)  # (W a)(i) = a(i) + sum_{j != i} w(i, j) a(j)
+    inner.copy_(torch.div(inner, sums, out=sums).sqrt_())  # c = sqrt(a / (W a)): one Sinkhorn step
+    _neighbour_sums(pw, scale, sums)
+    rows = sums.mul_(inner)  # r = c * (W' c): off-diagonal row sums of diag(c) w diag(c)
+    limit = None
+    if float(rows.max()) > 1.0:
+        limit = torch.ones_like(padded)
+        limit[hz : hz + z_n, hy : hy + y_n, hx : hx + x_n].copy_(rows.clamp_min_(1.0))
+    del sums, rows
+    _exchange(pw, scale, limit, out, non_negative)
+
+
 def nonlocal_means(
     pet: npt.NDArray[np.float32],
     h: float,
     patch: Triple = (3, 3, 3),
     search: Triple = (5, 5, 5),
     *,
-    gaussian_patch_weighting: bool = True,
+    gaussian_patch_weighting: bool = False,
+    normalisation: Normalisation = "symmetric",
     chunk_slices: int | None = None,
     device: str = "cpu",
 ) -> npt.NDArray[np.float32]:
@@ -285,6 +535,8 @@ def nonlocal_means(
         Odd window sizes in voxels per axis (z, y, x).
     gaussian_patch_weighting : bool
         Gaussian patch kernel (sigma ``(p - 1) / 4`` voxels) instead of a uniform one.
+    normalisation : {"symmetric", "row"}
+        "symmetric": conserves total activity (doubly stochastic); "row": Buades et al., as scikit-image.
     chunk_slices : int or None
         z-slices per slab (memory bound: ``peak_memory_bytes``); None: one slab of ``CPU_CHUNK_VOXELS`` or
         ``CUDA_CHUNK_VOXELS`` voxels.
@@ -305,18 +557,15 @@ def nonlocal_means(
     for what, sizes in (("patch", patch), ("search", search)):
         if len(sizes) != 3 or any(int(s) != s or s < 1 or s % 2 == 0 for s in sizes):
             raise InvalidInputError(f"{what} must be three odd voxel counts >= 1, got {sizes!r}")
+    if normalisation not in ("symmetric", "row"):
+        raise InvalidInputError(f"normalisation must be 'symmetric' or 'row', got {normalisation!r}")
     dev = torch.device(device)
     shape: Triple = (int(pet.shape[0]), int(pet.shape[1]), int(pet.shape[2]))
-    z_n, y_n, x_n = shape
     if chunk_slices is None:
         budget = CUDA_CHUNK_VOXELS if dev.type == "cuda" else CPU_CHUNK_VOXELS
         chunk_slices = chunk_slices_for(shape, budget)
-    chunk_slices = max(1, min(int(chunk_slices), z_n))
-
-    kernels = tuple(patch_kernel_1d(int(p), gaussian_patch_weighting) for p in patch)
-    pz, py, px = prad = (int(patch[0]) // 2, int(patch[1]) // 2, int(patch[2]) // 2)
-    srad = (int(search[0]) // 2, int(search[1]) // 2, int(search[2]) // 2)
-    hz, hy, hx = halo = (pz + srad[0], py + srad[1], px + srad[2])
+    chunk_slices = max(1, min(int(chunk_slices), shape[0]))
+    halo = [int(p) // 2 + int(s) // 2 for p, s in zip(patch, search)]
 
     # Reflect-padding once (numpy's, which also handles pads wider than the axis) lets every slab and offset be a
     # plain slice; the symmetric trick then is exact because both patches of a pair live in the same array.
@@ -324,52 +573,14 @@ def nonlocal_means(
     padded = torch.from_numpy(padded_np).to(dev)
     del padded_np  # on a GPU the host copy is no longer needed (on a CPU ``padded`` shares it)
     out = np.empty(shape, np.float32)
-    offsets = _half_offsets(srad)
-
-    # Scratch sized for the largest slab with its halo; views are carved per offset (no allocation in the loop).
-    box = (chunk_slices + 2 * hz) * (y_n + 2 * hy) * (x_n + 2 * hx)
-    scratch = (torch.empty(box, dtype=torch.float32, device=dev), torch.empty(box, dtype=torch.float32, device=dev))
-    acc_buf = torch.empty(chunk_slices * y_n * x_n, dtype=torch.float32, device=dev)
-    wsum_buf = torch.empty_like(acc_buf)
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
-    # The exponent's factor, clamped to float32: an infinite one would turn 0 * inf into NaN for identical patches
-    # (with a tiny h only identical patches count, which the clamp still gives).
-    h2 = h * h
-    scale = -math.prod(float(k[k.size // 2]) for k in kernels) / h2 if h2 > 0 else -math.inf
-    scale = max(scale, -float(np.finfo(np.float32).max))
-
-    for z0 in range(0, z_n, chunk_slices):
-        z1 = min(z_n, z0 + chunk_slices)
-        nz = z1 - z0
-        acc = acc_buf[: nz * y_n * x_n].view(nz, y_n, x_n)
-        wsum = wsum_buf[: nz * y_n * x_n].view(nz, y_n, x_n)
-        acc.copy_(padded[hz + z0 : hz + z1, hy : hy + y_n, hx : hx + x_n])  # the centre, weight exp(0) = 1
-        wsum.fill_(1.0)
-        for dz, dy, dx in offsets:
-            # The distance field of offset d over the slab and the slab shifted by -d (for offset -d).
-            lo = (hz + z0 - max(dz, 0), hy - max(dy, 0), hx - max(dx, 0))
-            hi = (hz + z1 + max(-dz, 0), hy + y_n + max(-dy, 0), hx + x_n + max(-dx, 0))
-            ext = [b - a + 2 * p for a, b, p in zip(lo, hi, prad)]
-            a = padded[lo[0] - pz : hi[0] + pz, lo[1] - py : hi[1] + py, lo[2] - px : hi[2] + px]
-            b = padded[
-                lo[0] - pz + dz : hi[0] + pz + dz, lo[1] - py + dy : hi[1] + py + dy, lo[2] - px + dx : hi[2] + px + dx
-            ]
-            sq = scratch[0][: math.prod(ext)].view(ext)
-            torch.sub(a, b, out=sq)
-            # Square, scale by -1/h**2 (times the kernels' centre taps) and negate in one pass; the filters are
-            # linear, so what comes out of them is the exponent itself and exp runs in place.
-            torch.addcmul(zero, sq, sq, value=scale, out=sq)
-            weights = _separable_filter(torch, sq, kernels, scratch[1]).exp_()
-            oz, oy, ox = max(dz, 0), max(dy, 0), max(dx, 0)
-            w_fwd = weights[oz : oz + nz, oy : oy + y_n, ox : ox + x_n]
-            wsum.add_(w_fwd)
-            acc.addcmul_(w_fwd, padded[hz + z0 + dz : hz + z1 + dz, hy + dy : hy + y_n + dy, hx + dx : hx + x_n + dx])
-            oz, oy, ox = max(-dz, 0), max(-dy, 0), max(-dx, 0)
-            w_bwd = weights[oz : oz + nz, oy : oy + y_n, ox : ox + x_n]
-            wsum.add_(w_bwd)
-            acc.addcmul_(w_bwd, padded[hz + z0 - dz : hz + z1 - dz, hy - dy : hy + y_n - dy, hx - dx : hx + x_n - dx])
-        torch.div(acc, wsum, out=acc)
-        out[z0:z1] = acc.cpu().numpy() if dev.type != "cpu" else acc.numpy()
+    symmetric = normalisation == "symmetric"
+    pw = _PairWeights(
+        torch, padded, shape, patch, search, gaussian_patch_weighting, h, chunk_slices, 4 if symmetric else 2
+    )
+    if symmetric:
+        _symmetric_filter(pw, out, non_negative=bool(pet.min() >= 0))
+    else:
+        _row_filter(pw, out)
     return out
 
 
@@ -391,31 +602,30 @@ def resolve_device(device: str) -> str:
 
 
 class NLMDenoiser(Denoiser[NLMParams]):
-    """3-D non-local means with windows in voxels or mm and h from the image (module docstring: definition).
+    """3-D non-local means with windows in voxels or mm and h from the noise (module docstring: definition).
 
-    Inputs: PET, plus SPACING when a window is given in mm. Outputs: DENOISED. GPU preferred; deterministic.
-    ``info``: ``h`` (image units), ``h_source`` ("given", "std" or "noise"), ``h_factor``, ``patch_vox`` and
-    ``search_vox`` per axis (z, y, x), ``gaussian_patch_weighting``, ``device``, ``chunk_slices``, ``seconds``.
+    Activity is conserved (symmetric normalisation, default). Inputs: PET, plus SPACING when a window is given in
+    mm. Outputs: DENOISED. GPU preferred (``device_need``); deterministic. ``info``: ``h`` (image units),
+    ``h_source`` ("given", "noise" or "std"), ``h_factor``, ``patch_vox`` and ``search_vox`` per axis (z, y, x),
+    ``gaussian_patch_weighting``, ``normalisation``, ``device``, ``chunk_slices``, ``seconds``.
 
     References
     ----------
-    shared/papers/gong2018-finetuned-cnn-perceptual-loss.txt, section III.E: NLM with a 3 x 3 x 3 patch, a
-    5 x 5 x 5 search window and h equal to the standard deviation of the image (the defaults here).
+    shared/papers/gong2018-finetuned-cnn-perceptual-loss.txt, section III.E: NLM with a 3 x 3 x 3 patch and a
+    5 x 5 x 5 search window (the default windows here; its h, the image std, is ``h_mode="std"``).
     """
 
     name = "nlm"
     Params = NLMParams
+    # GPU preferred: the node sends NLM routes to a GPU lane when one is configured (``spec`` reads this too).
+    device_need = DeviceNeed.GPU_PREFERRED
 
     @property
     def spec(self) -> DenoiserSpec:
         requires = {InputKind.PET}
         if self.params.uses_mm:
             requires.add(InputKind.SPACING)
-        return DenoiserSpec(
-            requires=frozenset(requires),
-            produces=frozenset({OutputKind.DENOISED}),
-            device=DeviceNeed.GPU_PREFERRED,
-        )
+        return self.make_spec(requires=frozenset(requires), produces=frozenset({OutputKind.DENOISED}))
 
     def windows(self, spacing: tuple[float, float, float]) -> tuple[Triple, Triple]:
         """Return the (patch, search) window sizes in voxels per axis (z, y, x) for this spacing."""
@@ -425,12 +635,12 @@ class NLMDenoiser(Denoiser[NLMParams]):
         return patch, search  # type: ignore[return-value]
 
     def filtering_h(self, pet: npt.NDArray[np.float32]) -> tuple[float, str]:
-        """Return h in image units and where it came from ("given", "std", "noise")."""
+        """Return h in image units and where it came from ("given", "noise", "std")."""
         p = self.params
         if p.h is not None:
             return float(p.h), "given"
         estimate = estimate_image_std(pet) if p.h_mode == "std" else estimate_noise_sigma(pet)
-        h = p.h_factor * estimate
+        h = p.effective_h_factor * estimate
         if not h > 0:
             # A constant image (or constant body): any h gives the same result; keep one that cannot overflow.
             h = max(float(np.abs(pet).max()), 1.0) * 1e-3
@@ -454,6 +664,7 @@ class NLMDenoiser(Denoiser[NLMParams]):
             patch,
             search,
             gaussian_patch_weighting=self.params.gaussian_patch_weighting,
+            normalisation=self.params.normalisation,
             chunk_slices=chunk,
             device=device,
         )
@@ -464,10 +675,11 @@ class NLMDenoiser(Denoiser[NLMParams]):
             info={
                 "h": h,
                 "h_source": source,
-                "h_factor": self.params.h_factor if source != "given" else 1.0,
+                "h_factor": self.params.effective_h_factor if source != "given" else 1.0,
                 "patch_vox": list(patch),
                 "search_vox": list(search),
                 "gaussian_patch_weighting": self.params.gaussian_patch_weighting,
+                "normalisation": self.params.normalisation,
                 "device": device,
                 "chunk_slices": chunk,
                 "seconds": round(seconds, 4),

@@ -19,6 +19,7 @@ from denoisers.base import (
     Denoiser,
     DenoiserParams,
     DenoiserSpec,
+    DeviceNeed,
     InputKind,
     OutputKind,
 )
@@ -98,6 +99,17 @@ def test_outputs_have_pet_shape_float32_finite_and_match_the_spec(name: str) -> 
         assert arr.dtype == np.float32, kind
         assert np.isfinite(arr).all(), kind
     assert isinstance(result.info, Mapping)
+
+
+def test_device_need_agrees_with_spec(name: str) -> None:
+    # The node picks a worker lane from the class attribute before any instance exists (dicom_node.node.lane_for);
+    # an instance whose spec says otherwise would run on the wrong lane without a word (NLM once declared
+    # GPU-preferred in its spec while the class said CPU, so `device: cuda` was ignored).
+    cls = registry.get_class(name)
+    den = registry.create_example(name, seed=0)
+    assert type(den) is cls
+    assert isinstance(cls.device_need, DeviceNeed)
+    assert den.spec.device == cls.device_need
 
 
 def test_missing_prior_rejected_before_work(name: str, spy_run: Callable[[Denoiser[Any]], list[DenoiseInputs]]) -> None:
@@ -254,6 +266,20 @@ def test_base_rejects_results_that_break_the_contract(
     den = _Probe(DenoiserSpec(requires=_PET_ONLY.requires, produces=frozenset(produces)), make)
     with pytest.raises(DenoiserError, match=message):
         den.denoise(make_inputs(frozenset()))
+
+
+def test_base_refuses_a_spec_that_disagrees_with_device_need() -> None:
+    den = _Probe(replace(_PET_ONLY, device=DeviceNeed.GPU_PREFERRED))  # the class says CPU
+    with pytest.raises(DenoiserError, match="device_need"):
+        den.denoise(make_inputs(frozenset()))
+    assert den.calls == 0
+
+    class _GpuProbe(_Probe):
+        device_need = DeviceNeed.GPU_REQUIRED
+
+    spec = _GpuProbe.make_spec(frozenset({InputKind.PET}), stochastic=True)
+    assert spec.device is DeviceNeed.GPU_REQUIRED and spec.stochastic
+    assert _GpuProbe(spec).denoise(make_inputs(frozenset())).denoised.shape == SHAPE
 
 
 def test_base_accepts_read_only_float32_and_numpy_spacing() -> None:
