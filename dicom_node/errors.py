@@ -26,6 +26,11 @@ class SeriesError(DicomNodeError):
     """A series cannot be assembled into a volume (geometry, orientation, mixed series, missing pixels)."""
 
 
+class MultiFrameError(SeriesError):
+    """A multi-frame PET instance cannot be read as one volume (dynamic or gated frames, functional groups that
+    do not match the frames, classic and multi-frame instances mixed in one series)."""
+
+
 class SuvError(SeriesError):
     """The attributes that SUV needs are missing or inconsistent."""
 

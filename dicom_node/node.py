@@ -26,6 +26,7 @@ from dicom_node.outputs.derived_pet import is_petnode_output
 from dicom_node.pipeline import Destination, Plan, process_series, resolve_destinations
 from dicom_node.rules import MatchContext, Rule, RuleSet, select_rule
 from dicom_node.scp import start_scp
+from dicom_node.series import MULTIFRAME_PET_STORAGE
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
 from dicom_node.state import SeriesState, SendState, StateDB
@@ -167,10 +168,17 @@ class Node:
         quiet = (rule.quiet_period_s if rule is not None and rule.quiet_period_s is not None
                  else self.settings.completion.quiet_period_s)
         instances = self.db.instances(uid)
+        if row["sop_class_uid"] in MULTIFRAME_PET_STORAGE:
+            # Geometry lives in the frames' functional groups, not in per-instance positions: the loader checks
+            # it frame by frame (same tolerance); completion waits for the quiet period.
+            instances = [{**i, "ipp": None, "iop": None, "image_index": None} for i in instances]
+            positions: list[Any] = []
+        else:
+            positions = [i["ipp"] for i in instances]
         decision = decide(
             modality=row["modality"] or "", received=len(instances), expected=row["expected_count"],
             seconds_quiet=now - (row["last_received"] or now), quiet_period_s=quiet,
-            positions=[i["ipp"] for i in instances], orientations=[i["iop"] for i in instances],
+            positions=positions, orientations=[i["iop"] for i in instances] if positions else [],
             forced=bool(row["force_complete"]), tolerance=self.settings.completion.spacing_tolerance,
             image_indices=[i["image_index"] for i in instances],
         )
@@ -245,7 +253,8 @@ class Node:
             revision = int(row.get("revision") or 0)
             out_dir = self.spool.output_dir(uid, rule.name if not revision else f"{rule.name}.r{revision}")
             t0 = time.perf_counter()
-            plan = dataclasses.replace(Plan.from_rule(rule), device=device, source_revision=revision)
+            plan = dataclasses.replace(Plan.from_rule(rule), device=device, source_revision=revision,
+                                       spacing_tolerance=self.settings.completion.spacing_tolerance)
             result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id, models=self.models)
             now_revision = int((self.db.series(uid) or {}).get("revision") or 0)
             if now_revision != revision:
@@ -255,9 +264,11 @@ class Node:
                 self.db.set_state(uid, SeriesState.RECEIVING, expect=[SeriesState.PROCESSING])
                 return
             self.db.set_outputs(uid, result.output_series_uid, out_dir)
-            logger.info("%s: %d derived instances written in %.2f s (load %.2f, denoise %.2f, write %.2f)",
+            logger.info("%s: %d derived instances written in %.2f s (load %.2f, denoise %.2f, write %.2f)%s%s",
                         log_id, len(result.files), time.perf_counter() - t0, result.timings["load"],
-                        result.timings["denoise"], result.timings["write"])
+                        result.timings["denoise"], result.timings["write"],
+                        f"; run {result.info}" if result.info else "",
+                        f"; maps {', '.join(result.maps)}" if result.maps else "")
             for dest in resolve_destinations(rule, self.settings, row.get("calling_ae")):
                 if isinstance(dest, Destination):
                     self.db.add_send(uid, dest.ae_title, dest.host, dest.port, len(result.files),

@@ -6,6 +6,7 @@ failed with a reason an operator can read, and the worker moves on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from dicom_node.series import PetVolume, load_pet_series
 from dicom_node.settings import NodeSettings
 
 if TYPE_CHECKING:
+    from denoisers.base import DenoiseInputs, DenoiseResult
     from denoisers.models import ModelStore, ResolvedModel
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Plan:
     device: str = "cpu"  # concrete device (cpu or cuda:N), chosen by the node's worker lane
     model: str | None = None  # model registry ref: "name" (its active version) or "name@version"
     source_revision: int = 0  # the series' revision (changed instances re-sent): part of the output UIDs
+    spacing_tolerance: float = 0.1  # completion.spacing_tolerance: the loader checks what completion checked
 
     @classmethod
     def from_rule(cls, rule: Rule) -> Plan:
@@ -73,6 +76,16 @@ class ProcessResult:
     timings: dict[str, float]
     activity_ratio: float
     quantitative: bool
+    info: dict[str, Any] = field(default_factory=dict)  # the denoiser's info, as written to the provenance
+    seed: int | None = None
+    maps: dict[str, Path] = field(default_factory=dict)  # map kind -> .npy beside the derived series
+
+
+def series_seed(series_uid: str, route: str, revision: int = 0) -> int:
+    """The seed a stochastic denoiser draws from: fixed by the series, its revision and the route, so a re-run
+    writes the same pixels under the same deterministic UIDs."""
+    digest = hashlib.sha256(f"petnode/seed/v1\0{series_uid}\0{route}\0{revision}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # a non-negative int64
 
 
 def resolve_destinations(rule: Rule, settings: NodeSettings, calling_ae: str | None
@@ -115,7 +128,13 @@ def _activity_ratio(before: np.ndarray, after: np.ndarray) -> float:
     return float(np.sum(after, dtype=np.float64)) / total if total > 0 else 1.0
 
 
-def resolve_model(volume: PetVolume, plan: Plan, models: ModelStore | None) -> ResolvedModel | None:
+def offered_inputs(inputs: DenoiseInputs) -> frozenset[str]:
+    """What the pipeline really gives the denoiser (checked against a model card's required inputs)."""
+    return frozenset({"spacing", *(str(kind) for kind in inputs.provided())})
+
+
+def resolve_model(volume: PetVolume, plan: Plan, models: ModelStore | None,
+                  provided: frozenset[str] = frozenset({"pet", "spacing"})) -> ResolvedModel | None:
     """The plan's model with its card checked against this series; refuses early instead of a wrong image."""
     if plan.model is None:
         return None
@@ -126,25 +145,35 @@ def resolve_model(volume: PetVolume, plan: Plan, models: ModelStore | None) -> R
 
     resolved = models.resolve(plan.model)  # WeightsError: missing, tampered, retired-and-pinned
     problem = check_card(resolved.card, spacing_mm=volume.spacing, units=volume.units,
-                         provided_inputs={"pet", "spacing"}, suv_available=volume.suv_factor is not None,
+                         provided_inputs=set(provided), suv_available=volume.suv_factor is not None,
                          tracer=canonical_tracer(volume.headers[0]), denoiser=plan.denoiser)
     if problem:
         raise DicomNodeError(f"model {resolved.ref} cannot process this series: {problem}")
     return resolved
 
 
-def denoise_volume(volume: PetVolume, plan: Plan, weights: Path | None = None
-                   ) -> tuple[np.ndarray, dict[str, object]]:
-    """Run the plan's denoiser on the volume (imported lazily: torch only loads for learned methods)."""
-    from denoisers import registry
+def build_inputs(volume: PetVolume) -> DenoiseInputs:
+    """The denoiser's inputs for a series (priors join here when the pipeline finds them)."""
     from denoisers.base import DenoiseInputs
 
-    denoiser = registry.create(plan.denoiser, plan.params, device=plan.device, weights=weights)
+    return DenoiseInputs(pet=volume.array, spacing=volume.spacing)
+
+
+def denoise_volume(volume: PetVolume, plan: Plan, weights: Path | None = None, *, seed: int | None = None,
+                   inputs: DenoiseInputs | None = None) -> tuple[DenoiseResult, bool]:
+    """Run the plan's denoiser on the volume; the whole result (volume, maps, info) and whether it is stochastic.
+
+    Imported lazily: torch only loads for learned methods.
+    """
+    from denoisers import registry
+
+    denoiser = registry.create(plan.denoiser, plan.params, device=plan.device, weights=weights, seed=seed)
     try:
-        result = denoiser.denoise(DenoiseInputs(pet=volume.array, spacing=volume.spacing))
+        result = denoiser.denoise(inputs if inputs is not None else build_inputs(volume))
+        stochastic = bool(denoiser.spec.stochastic)
     finally:
         denoiser.close()
-    return result.denoised, dict(result.info)
+    return result, stochastic
 
 
 def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: str = "",
@@ -152,7 +181,7 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
     """Load, denoise, check and write; raises :class:`DicomNodeError` (or a denoiser error) on failure."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    volume = load_pet_series(paths)
+    volume = load_pet_series(paths, spacing_tolerance=plan.spacing_tolerance)
     timings["load"] = time.perf_counter() - t0
 
     if not volume.is_quantitative:
@@ -162,9 +191,14 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         logger.warning("%s: series is not quantitative (%s); processing in its own units %r as the rule "
                        "allows", log_id, why, volume.units)
 
-    resolved = resolve_model(volume, plan, models)
+    inputs = build_inputs(volume)
+    provided = offered_inputs(inputs)
+    resolved = resolve_model(volume, plan, models, provided)
+    seed = series_seed(volume.series_uid, plan.route, plan.source_revision)
     t0 = time.perf_counter()
-    denoised, info = denoise_volume(volume, plan, resolved.weights_path if resolved else None)
+    result, stochastic = denoise_volume(volume, plan, resolved.weights_path if resolved else None, seed=seed,
+                                        inputs=inputs)
+    denoised = result.denoised
     timings["denoise"] = time.perf_counter() - t0
 
     ratio = _activity_ratio(volume.array, denoised)
@@ -185,9 +219,14 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         series_description_suffix=plan.series_description_suffix,
         series_number_offset=plan.series_number_offset,
         source_revision=plan.source_revision,
+        info=_json_safe(result.info),
+        seed=seed,
+        stochastic=stochastic,
+        inputs=tuple(sorted(provided)),
     )
     t0 = time.perf_counter()
     files = write_derived_pet(volume, denoised, out_dir, provenance)
+    maps = _save_maps(result, out_dir)
     timings["write"] = time.perf_counter() - t0
 
     return ProcessResult(
@@ -196,4 +235,39 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         timings=timings,
         activity_ratio=ratio,
         quantitative=volume.is_quantitative,
+        info=dict(provenance.info),
+        seed=seed,
+        maps=maps,
     )
+
+
+def _json_safe(info: Any) -> dict[str, Any]:
+    """The denoiser's info with numpy scalars as plain numbers and anything bulky left out (it goes into
+    a 1024-character DICOM text)."""
+    out: dict[str, Any] = {}
+    for key, value in dict(info or {}).items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float):
+            value = float(f"{value:.6g}")
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            out[str(key)] = value
+    return out
+
+
+def _save_maps(result: DenoiseResult, out_dir: Path) -> dict[str, Path]:
+    """Keep the maps a method produced (stability, uncertainty) beside the derived series, as float32 .npy.
+
+    Written into DICOM (Secondary Capture / Parametric Map) by the map writers; until then they are kept, not
+    discarded, and recorded in the result.
+    """
+    saved: dict[str, Path] = {}
+    for kind in ("stability", "uncertainty"):
+        volume = getattr(result, kind, None)
+        if volume is None:
+            continue
+        path = out_dir / "maps" / f"{kind}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.asarray(volume, dtype=np.float32))
+        saved[kind] = path
+    return saved

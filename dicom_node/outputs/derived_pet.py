@@ -6,6 +6,11 @@ radiopharmaceutical sequence, PatientWeight, SeriesDate/Time, AcquisitionDate/Ti
 pixels are re-quantised per slice with a new RescaleSlope so nothing clips: SUV read from the derived series equals
 SUV computed from the denoised volume with the source's SUV factor.
 
+A multi-frame source (Enhanced or Legacy Converted Enhanced PET) gets one classic instance per frame, made from the
+frame's classic header (:func:`dicom_node.series.frame_headers`, which maps the Enhanced attributes SUV depends on to
+their classic places), referencing the source instance and its frame (Referenced Frame Number in the Source Image
+Sequence); its instance UIDs are derived from the source instance UID and the frame number.
+
 Codes (PS3.16), with the reason each was chosen:
 
 - DerivationCodeSequence, CID 7203 "Image Derivation": (113088, DCM, "Gaussian blur") for the Gaussian filter, and
@@ -37,7 +42,7 @@ import io
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -167,16 +172,33 @@ class Provenance:
     series_number_offset: int = 1000
     software_version: str = __version__
     source_revision: int = 0
+    # What the run itself reported and used: the denoiser's ``info`` (data-dependent values such as NLM's h),
+    # the seed a stochastic method drew from, and the inputs it was given (pet, spacing, priors).
+    info: Mapping[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    stochastic: bool = False
+    inputs: tuple[str, ...] = ("pet", "spacing")
 
     def __post_init__(self) -> None:
         if not self.method:
             raise ValueError("Provenance.method must not be empty")
         # A private copy: a caller mutating its dict later must not change UIDs or the written description.
         object.__setattr__(self, "params", dict(self.params))
+        object.__setattr__(self, "info", dict(self.info))
 
     def canonical_params(self) -> str:
         """Parameters as compact JSON with sorted keys (stable across runs and dict orders)."""
         return json.dumps(dict(self.params), sort_keys=True, separators=(",", ":"), default=str)
+
+    def run_details(self) -> str:
+        """What the run reported (info), its seed when stochastic, and its inputs, for the DICOM provenance."""
+        parts = []
+        if self.info:
+            parts.append("run " + json.dumps(dict(self.info), sort_keys=True, separators=(",", ":"), default=str))
+        if self.stochastic and self.seed is not None:
+            parts.append(f"seed {self.seed}")
+        parts.append("inputs " + "+".join(self.inputs))
+        return "; ".join(parts)
 
 
 def derived_series_uid(source_series_uid: str, provenance: Provenance) -> str:
@@ -190,11 +212,17 @@ def derived_series_uid(source_series_uid: str, provenance: Provenance) -> str:
              provenance.canonical_params()]
     if provenance.source_revision:  # revision 0 keeps the UIDs earlier versions of petnode derived
         parts.append(f"source-revision:{provenance.source_revision}")
+    if set(provenance.inputs) - {"pet", "spacing"}:  # a prior changes the pixels: it changes the UIDs
+        parts.append("inputs:" + "+".join(sorted(provenance.inputs)))
+    if provenance.stochastic and provenance.seed is not None:  # other seed, other pixels, other UIDs
+        parts.append(f"seed:{provenance.seed}")
     return str(derive_uid("petnode/derived-pet/series/v1", *parts))
 
 
-def _instance_uid(series_uid: str, source_sop_uid: str) -> str:
-    return str(derive_uid("petnode/derived-pet/instance/v1", series_uid, source_sop_uid))
+def _instance_uid(series_uid: str, source_sop_uid: str, frame: int | None = None) -> str:
+    if frame is None:  # classic source: the UIDs earlier versions of petnode derived
+        return str(derive_uid("petnode/derived-pet/instance/v1", series_uid, source_sop_uid))
+    return str(derive_uid("petnode/derived-pet/instance/v1", series_uid, source_sop_uid, f"frame:{frame}"))
 
 
 def is_petnode_output(ds: Dataset) -> bool:
@@ -326,6 +354,7 @@ def _copy_public(source: Dataset) -> Dataset:
 def _derive_header(
     header: Dataset,
     *,
+    frame: int | None,
     series_uid: str,
     series_number: int,
     description: str,
@@ -339,7 +368,7 @@ def _derive_header(
     ds = _copy_public(header)
     source_sop_uid = str(header.SOPInstanceUID)
     ds.SOPClassUID = PET_IMAGE_STORAGE
-    ds.SOPInstanceUID = _instance_uid(series_uid, source_sop_uid)
+    ds.SOPInstanceUID = _instance_uid(series_uid, source_sop_uid, frame)
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.SeriesDescription = description
@@ -352,6 +381,8 @@ def _derive_header(
     source = Dataset()
     source.ReferencedSOPClassUID = str(header.get("SOPClassUID", PET_IMAGE_STORAGE))
     source.ReferencedSOPInstanceUID = source_sop_uid
+    if frame is not None:  # Image SOP Instance Reference Macro: the frame of a multi-frame source
+        source.ReferencedFrameNumber = frame
     source.PurposeOfReferenceCodeSequence = DicomSequence([_code(SOURCE_IMAGE_PURPOSE)])
     ds.SourceImageSequence = DicomSequence([source])
     ds.RelatedSeriesSequence = DicomSequence([*(ds.get("RelatedSeriesSequence") or []), copy.deepcopy(related)])
@@ -393,7 +424,8 @@ def write_derived_pet(
     Parameters
     ----------
     volume
-        The source series as loaded by :func:`dicom_node.series.load_pet_series` (its headers are not modified).
+        The source series as loaded by :func:`dicom_node.series.load_pet_series` (its headers are not modified);
+        for a multi-frame source, ``volume.frames`` names the source frame of each slice.
     denoised
         (z, y, x) values in the source units, same shape as ``volume.array``, finite.
     out_dir
@@ -419,6 +451,8 @@ def write_derived_pet(
         raise OutputWriteError(f"denoised shape {values.shape} does not match the source volume {volume.array.shape}")
     if len(volume.headers) != values.shape[0]:
         raise OutputWriteError(f"{len(volume.headers)} source headers for {values.shape[0]} slices")
+    if volume.frames and len(volume.frames) != values.shape[0]:
+        raise OutputWriteError(f"{len(volume.frames)} source frame numbers for {values.shape[0]} slices")
     if not np.all(np.isfinite(values)):
         bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
         raise OutputWriteError(f"denoised volume has {bad} non-finite values")
@@ -438,7 +472,7 @@ def write_derived_pet(
     model = f", model {provenance.model_version}" if provenance.model_version else ""
     derivation_text = _clean_text(
         f"Denoised by petnode {provenance.software_version}: method {provenance.method}{model}, "
-        f"route {provenance.route}, parameters {params}",
+        f"route {provenance.route}, parameters {params}; {provenance.run_details()}",
         _ST_MAX,
     )
     derivation_code = DERIVATION_CODES.get(provenance.method, DEFAULT_DERIVATION_CODE)
@@ -454,7 +488,8 @@ def write_derived_pet(
     ]
     contributing.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f%z")
     contributing.ContributionDescription = _clean_text(
-        f"{provenance.method} denoising{model}, route {provenance.route}, parameters {params}", _ST_MAX
+        f"{provenance.method} denoising{model}, route {provenance.route}, parameters {params}; "
+        f"{provenance.run_details()}", _ST_MAX
     )
     contributing.PurposeOfReferenceCodeSequence = DicomSequence([_code(CONTRIBUTING_EQUIPMENT_PURPOSE)])
     related = Dataset()
@@ -466,6 +501,7 @@ def write_derived_pet(
     for k, header in enumerate(volume.headers):
         ds = _derive_header(
             header,
+            frame=volume.frames[k] if volume.frames else None,
             series_uid=series_uid,
             series_number=series_number,
             description=description,

@@ -96,3 +96,28 @@ def test_decide_without_number_of_slices_uses_image_index():
     assert decide(**kwargs, image_indices=[1, 2, 3]).verdict is Verdict.COMPLETE
     partial = decide(**kwargs, image_indices=[5, 6, 7])
     assert partial.verdict is Verdict.INCOMPLETE and "1-4" in partial.reason
+
+
+def test_completion_and_loader_share_one_contiguity_rule():
+    """One gap 6.7 % wider than the rest (as at real bed junctions) neither blocks completion nor loading."""
+    from pydicom.dataset import Dataset
+
+    from dicom_node.completion import DEFAULT_SPACING_TOLERANCE, spacing_problem
+    from dicom_node.series import SLICE_SPACING_RTOL, check_contiguity
+    from dicom_node.settings import CompletionSettings
+
+    assert SLICE_SPACING_RTOL == DEFAULT_SPACING_TOLERANCE == CompletionSettings().spacing_tolerance
+    zs = [0.0, 3.0, 6.0, 9.2, 12.2, 15.2]  # one gap of 3.2 mm against 3.0 mm
+    positions = [(0.0, 0.0, z) for z in zs]
+    assert contiguity_problem(positions, [(1, 0, 0, 0, 1, 0)] * len(zs)) is None
+    headers = []
+    for k, z in enumerate(zs):
+        ds = Dataset()
+        ds.SOPInstanceUID, ds.SeriesInstanceUID = f"1.2.{k}", "1.2"
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, z], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.Rows, ds.Columns = [2, 2], 4, 4
+        headers.append(ds)
+    assert check_contiguity(headers) is None
+    missing = [0.0, 3.0, 9.0, 12.0]
+    for problem in (spacing_problem(missing), check_contiguity(headers[:2] + headers[3:])):
+        assert problem is not None and "slice(s) missing" in problem

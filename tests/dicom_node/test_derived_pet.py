@@ -1,4 +1,5 @@
-"""Derived (denoised) PET series: round trip, deterministic UIDs, provenance, SUV preservation, dciodvfy."""
+"""Derived (denoised) PET series: round trip, deterministic UIDs, provenance, SUV preservation, dciodvfy; from
+classic and from multi-frame (Enhanced, Legacy Converted Enhanced) PET sources."""
 
 from __future__ import annotations
 
@@ -18,9 +19,16 @@ from scipy.ndimage import gaussian_filter
 from dicom_node.errors import OutputWriteError
 from dicom_node.outputs import Provenance, derive_uid, derived_series_uid, is_petnode_output, write_derived_pet
 from dicom_node.outputs.derived_pet import quantise_slice
-from dicom_node.series import PetVolume, load_pet_series
+from dicom_node.series import PetVolume, compute_suv_bw_factor, load_pet_series
 from tests.dicomtools import run_dciodvfy
-from tests.factories import make_ct_series, make_mr_series, make_pet_series, write_series
+from tests.factories import (
+    make_ct_series,
+    make_enhanced_pet_series,
+    make_legacy_converted_pet,
+    make_mr_series,
+    make_pet_series,
+    write_series,
+)
 
 
 PROV = Provenance(method="gaussian", params={"fwhm_mm": 4.0}, route="pet-gaussian")
@@ -360,3 +368,115 @@ def test_series_and_outputs_import_neither_torch_nor_pynetdicom() -> None:
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- multi-frame sources (Enhanced PET, Legacy Converted Enhanced PET) ------------------------------------------------
+
+MULTIFRAME_SOURCES: dict[str, Callable[[list[pydicom.Dataset]], list[pydicom.Dataset]]] = {
+    "enhanced": lambda c: make_enhanced_pet_series(c),
+    "enhanced-2-instances-head-first": lambda c: make_enhanced_pet_series(c, instances=2, reverse_frames=True),
+    "enhanced-shared-rescale-rle": lambda c: make_enhanced_pet_series(c, shared_rescale=True,
+                                                                      transfer_syntax=RLELossless),
+    "legacy-converted": lambda c: make_legacy_converted_pet(c),
+}
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: make_enhanced_pet_series(make_pet_series(shape=(4, 32, 32))),
+        lambda: make_enhanced_pet_series(make_pet_series(shape=(4, 16, 16)), instances=2, time_points=2,
+                                         shared_rescale=True, transfer_syntax=JPEGLSLossless),
+        lambda: make_enhanced_pet_series(make_pet_series(shape=(3, 16, 16), units="PROPCNTS", decay_correction="NONE")),
+        lambda: make_enhanced_pet_series(make_pet_series(shape=(3, 16, 16), decay_correction="ADMIN")),
+        lambda: make_legacy_converted_pet(make_pet_series(shape=(4, 16, 16)), instances=2),
+    ],
+    ids=["enhanced", "enhanced-dynamic-shared-jpeg-ls", "enhanced-nac", "enhanced-admin", "legacy-converted"],
+)
+def test_factory_multiframe_pet_passes_dciodvfy(tmp_path: Path, factory: Callable[[], list[pydicom.Dataset]]) -> None:
+    datasets = factory()
+    assert all(int(ds.NumberOfFrames) > 1 for ds in datasets)
+    _assert_dciodvfy_clean(write_series(datasets, tmp_path), "multi-frame factory")
+
+
+@pytest.mark.parametrize("source", list(MULTIFRAME_SOURCES))
+def test_derived_from_multiframe_references_frames_passes_dciodvfy_and_keeps_suv(tmp_path: Path, source: str) -> None:
+    classic = make_pet_series(shape=(5, 32, 32), seed=6)
+    classic_vol = load_pet_series(write_series(classic, tmp_path / "classic"))
+    converted = MULTIFRAME_SOURCES[source](classic)
+    vol = load_pet_series(write_series(converted, tmp_path / "src"))
+    denoised = _smooth(vol)
+    paths = write_derived_pet(vol, denoised, tmp_path / "out", PROV)
+    _assert_dciodvfy_clean(paths, f"derived from {source}")
+
+    by_uid = {ds.SOPInstanceUID: ds for ds in converted}
+    referenced: set[tuple[str, int]] = set()
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.128" and "NumberOfFrames" not in ds
+        ref = ds.SourceImageSequence[0]
+        source_ds = by_uid[ref.ReferencedSOPInstanceUID]
+        assert ref.ReferencedSOPClassUID == source_ds.SOPClassUID
+        frame = int(ref.ReferencedFrameNumber)
+        plane = source_ds.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSequence[0]
+        assert [float(v) for v in ds.ImagePositionPatient] == [float(v) for v in plane.ImagePositionPatient]
+        referenced.add((ref.ReferencedSOPInstanceUID, frame))
+    assert len(referenced) == 5  # every frame once
+    assert len({pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}) == 5
+
+    out = load_pet_series(paths)
+    assert out.units == "BQML"
+    assert out.suv_factor == pytest.approx(classic_vol.suv_factor, rel=1e-12)  # as from the classic series
+    assert out.positions == classic_vol.positions and out.spacing == pytest.approx(classic_vol.spacing)
+    step = np.array([float(pydicom.dcmread(p, stop_before_pixels=True).RescaleSlope) for p in paths])
+    assert np.all(np.abs(out.array - denoised) <= step[:, None, None] / 2 + 1e-6 * np.abs(denoised) + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"units": "PROPCNTS", "decay_correction": "NONE"}, {"decay_correction": "ADMIN"}], ids=["nac", "admin"]
+)
+def test_derived_from_enhanced_nac_and_admin_pass_dciodvfy(tmp_path: Path, kwargs: dict[str, object]) -> None:
+    classic = make_pet_series(shape=(3, 32, 32), **kwargs)
+    classic_vol = load_pet_series(write_series(classic, tmp_path / "classic"))
+    vol = load_pet_series(write_series(make_enhanced_pet_series(classic), tmp_path / "src"))
+    paths = write_derived_pet(vol, _smooth(vol), tmp_path / "out", PROV)
+    _assert_dciodvfy_clean(paths, f"derived from enhanced {kwargs}")
+    out = load_pet_series(paths)
+    assert (out.units, out.headers[0].DecayCorrection) == (classic_vol.units, classic[0].DecayCorrection)
+    if classic_vol.suv_factor is None:  # PROPCNTS: no SUV from either
+        assert out.suv_factor is None
+    else:
+        assert out.suv_factor == pytest.approx(classic_vol.suv_factor, rel=1e-12)
+
+
+def test_derived_from_enhanced_carries_what_the_classic_derived_series_carries(tmp_path: Path) -> None:
+    classic = make_pet_series(shape=(4, 16, 16), seed=1)
+    from_classic = write_derived_pet(
+        load_pet_series(write_series(classic, tmp_path / "c")), np.ones((4, 16, 16)), tmp_path / "oc", PROV
+    )
+    from_enhanced = write_derived_pet(
+        load_pet_series(write_series(make_enhanced_pet_series(classic), tmp_path / "e")), np.ones((4, 16, 16)),
+        tmp_path / "oe", PROV,
+    )
+    for a_path, b_path in zip(from_classic, from_enhanced):
+        a, b = pydicom.dcmread(a_path), pydicom.dcmread(b_path)
+        for keyword in (
+            "PatientWeight", "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "Units",
+            "DecayCorrection", "CorrectedImage", "SeriesType", "CountsSource", "ImagePositionPatient",
+            "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "ImageIndex", "NumberOfSlices",
+            "ActualFrameDuration", "FrameReferenceTime", "DecayFactor", "StudyInstanceUID", "FrameOfReferenceUID",
+        ):  # fmt: skip
+            assert a[keyword].value == b[keyword].value, keyword
+        rp_a, rp_b = a.RadiopharmaceuticalInformationSequence[0], b.RadiopharmaceuticalInformationSequence[0]
+        for keyword in ("RadiopharmaceuticalStartDateTime", "RadiopharmaceuticalStartTime", "RadionuclideTotalDose",
+                        "RadionuclideHalfLife"):
+            assert rp_a[keyword].value == rp_b[keyword].value, keyword
+        assert compute_suv_bw_factor(b) == compute_suv_bw_factor(a)
+
+
+def test_derived_from_multiframe_uids_are_deterministic_per_frame(tmp_path: Path) -> None:
+    vol = load_pet_series(write_series(make_legacy_converted_pet(make_pet_series(shape=(4, 8, 8))), tmp_path / "s"))
+    first = [pydicom.dcmread(p).SOPInstanceUID for p in write_derived_pet(vol, vol.array, tmp_path / "a", PROV)]
+    second = [pydicom.dcmread(p).SOPInstanceUID for p in write_derived_pet(vol, vol.array, tmp_path / "b", PROV)]
+    assert first == second and len(set(first)) == 4  # one multi-frame source instance, four distinct outputs
+    assert all(UID_RE.match(uid) and len(uid) <= 64 for uid in first)

@@ -1,9 +1,11 @@
-"""Loading PET series into volumes: sorting, rescale, geometry checks, SUVbw factors (synthetic and real data)."""
+"""Loading PET series into volumes: sorting, rescale, geometry checks, SUVbw factors (synthetic and real data), for
+classic and multi-frame (Enhanced, Legacy Converted Enhanced) PET."""
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -12,9 +14,23 @@ import pydicom
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from dicom_node.errors import SeriesError, SuvError
-from dicom_node.series import PetVolume, check_contiguity, compute_suv_bw_factor, load_pet_series
-from tests.factories import default_activity, make_ct_series, make_pet_series, write_series
+from dicom_node.errors import MultiFrameError, SeriesError, SuvError
+from dicom_node.series import (
+    ENHANCED_PET_IMAGE_STORAGE,
+    PetVolume,
+    check_contiguity,
+    compute_suv_bw_factor,
+    frame_headers,
+    load_pet_series,
+)
+from tests.factories import (
+    default_activity,
+    make_ct_series,
+    make_enhanced_pet_series,
+    make_legacy_converted_pet,
+    make_pet_series,
+    write_series,
+)
 
 ACRIN = "ohif_acrin_nsclc_fdg_pet_042"
 MIRP = "mirp_tcia_sts_001_fdg_pet"
@@ -118,7 +134,7 @@ def test_missing_middle_slice_is_not_contiguous(tmp_path: Path) -> None:
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     reason = check_contiguity(headers)
     assert reason is not None and "non-uniform slice spacing" in reason
-    with pytest.raises(SeriesError, match="missing slice"):
+    with pytest.raises(SeriesError, match="slice\(s\) missing"):
         load_pet_series(paths)
 
 
@@ -193,7 +209,7 @@ def test_truncated_file_is_refused_naming_the_file(tmp_path: Path, keep: float) 
 
 
 def test_non_pet_series_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SeriesError, match="not a classic PET image"):
+    with pytest.raises(SeriesError, match="not a classic, Enhanced or Legacy Converted Enhanced PET image"):
         load_pet_series(write_series(make_ct_series(shape=(3, 8, 8)), tmp_path))
 
 
@@ -377,3 +393,251 @@ def test_factory_series_without_explicit_uids_never_collide() -> None:
     a, b = make_pet_series(shape=(1, 4, 4)), make_pet_series(shape=(1, 4, 4))
     assert a[0].SeriesInstanceUID != b[0].SeriesInstanceUID
     assert a[0].StudyInstanceUID != b[0].StudyInstanceUID
+
+
+# --- multi-frame PET (Enhanced PET, Legacy Converted Enhanced PET) ---------------------------------------------------
+
+
+def _classic_and_volume(tmp_path: Path, **kwargs: object) -> tuple[list[pydicom.Dataset], PetVolume]:
+    kwargs.setdefault("shape", (7, 16, 20))
+    kwargs.setdefault("seed", 4)
+    classic = make_pet_series(**kwargs)
+    return classic, load_pet_series(write_series(classic, tmp_path / "classic"))
+
+
+def _frame_positions(ds: pydicom.Dataset) -> list[list[float]]:
+    return [[float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+            for item in ds.PerFrameFunctionalGroupsSequence]
+
+
+MULTIFRAME_VARIANTS = {
+    "enhanced": lambda c: make_enhanced_pet_series(c),
+    "enhanced-3-instances-head-first": lambda c: make_enhanced_pet_series(c, instances=3, reverse_frames=True),
+    "enhanced-rle": lambda c: make_enhanced_pet_series(c, transfer_syntax=RLELossless),
+    "legacy-converted": lambda c: make_legacy_converted_pet(c),
+    "legacy-converted-2-instances": lambda c: make_legacy_converted_pet(c, instances=2),
+}
+
+
+@pytest.mark.parametrize("variant", list(MULTIFRAME_VARIANTS))
+def test_multiframe_volume_equals_the_classic_series(tmp_path: Path, variant: str) -> None:
+    classic, reference = _classic_and_volume(tmp_path)
+    converted = MULTIFRAME_VARIANTS[variant](classic)
+    paths = write_series(converted, tmp_path / "mf")
+    random.Random(2).shuffle(paths)
+
+    vol = load_pet_series(paths)
+
+    np.testing.assert_array_equal(vol.array, reference.array)  # same stored values and slopes: exactly equal
+    assert vol.array.dtype == np.float32 and not vol.array.flags.writeable
+    assert vol.spacing == pytest.approx(reference.spacing, abs=1e-9)
+    assert vol.orientation == reference.orientation
+    assert vol.positions == reference.positions
+    assert vol.units == "BQML" and vol.is_quantitative
+    assert vol.suv_factor == pytest.approx(reference.suv_factor, rel=1e-12)
+    assert vol.series_uid == converted[0].SeriesInstanceUID != reference.series_uid
+    assert vol.study_uid == reference.study_uid
+    assert vol.frame_of_reference_uid == reference.frame_of_reference_uid
+    # Each slice names its instance, file and frame; that frame sits at the slice's position.
+    by_uid = {ds.SOPInstanceUID: ds for ds in converted}
+    for header, path, frame, position in zip(vol.headers, vol.paths, vol.frames, vol.positions):
+        source = by_uid[header.SOPInstanceUID]
+        assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID == source.SOPInstanceUID
+        assert _frame_positions(source)[frame - 1] == pytest.approx(list(position))
+        assert "PixelData" not in header and "NumberOfFrames" not in header
+    assert [h.ImageIndex for h in vol.headers] == list(range(1, 8))
+    assert {int(h.NumberOfSlices) for h in vol.headers} == {7}
+
+
+def test_multiframe_oblique_orientation_sorts_along_the_normal(tmp_path: Path) -> None:
+    classic, reference = _classic_and_volume(tmp_path, orientation=(0.8, 0.6, 0, -0.6, 0.8, 0))
+    vol = load_pet_series(write_series(make_enhanced_pet_series(classic, reverse_frames=True), tmp_path / "mf"))
+    np.testing.assert_array_equal(vol.array, reference.array)
+    assert vol.frames == tuple(range(7, 0, -1))  # stored head first, sorted back along the normal
+    assert vol.orientation == pytest.approx((0.8, 0.6, 0, -0.6, 0.8, 0))
+
+
+def test_shared_rescale_is_applied_to_every_frame(tmp_path: Path) -> None:
+    classic, reference = _classic_and_volume(tmp_path)
+    enhanced = make_enhanced_pet_series(classic, shared_rescale=True)
+    shared = enhanced[0].SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    assert "PixelValueTransformationSequence" not in enhanced[0].PerFrameFunctionalGroupsSequence[0]
+    vol = load_pet_series(write_series(enhanced, tmp_path / "mf"))
+    # Re-quantised with one slope: equal to the classic volume within half of that step (plus float32 rounding).
+    tolerance = float(shared.RescaleSlope) / 2 + 1e-6 * float(np.abs(reference.array).max())
+    assert np.max(np.abs(vol.array - reference.array)) <= tolerance
+    assert np.max(np.abs(vol.array - reference.array)) > 0  # the shared slope really was used
+
+
+def test_frame_headers_are_classic_pet_headers(tmp_path: Path) -> None:
+    classic = make_pet_series(shape=(4, 8, 8))
+    enhanced = make_enhanced_pet_series(classic)[0]
+    before = enhanced.to_json_dict()
+    headers = frame_headers(enhanced)
+    assert enhanced.to_json_dict() == before  # the instance is not modified
+    assert len(headers) == 4
+    for header, source in zip(headers, classic):
+        assert header.SOPClassUID == ENHANCED_PET_IMAGE_STORAGE
+        assert header.SOPInstanceUID == enhanced.SOPInstanceUID
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                        "RescaleSlope", "Units", "DecayCorrection", "SeriesDate", "SeriesTime", "AcquisitionDate",
+                        "AcquisitionTime", "ActualFrameDuration", "FrameReferenceTime", "DecayFactor",
+                        "PatientWeight", "CountsSource"):
+            assert float_or_text(header[keyword].value) == float_or_text(source[keyword].value), keyword
+        assert list(header.CorrectedImage) == list(source.CorrectedImage)
+        assert list(header.SeriesType) == ["WHOLE BODY", "IMAGE"]
+        assert list(header.ImageType) == ["ORIGINAL", "PRIMARY"]
+        rp = header.RadiopharmaceuticalInformationSequence[0]
+        assert "RadiopharmaceuticalAgentNumber" not in rp  # Enhanced PET Isotope only
+        assert rp.RadiopharmaceuticalStartTime == "080000"
+        assert float(rp.RadionuclideTotalDose) == 3.7e8 and float(rp.RadionuclideHalfLife) == 6586.2
+        for keyword in ("NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+                        "DimensionIndexSequence", "DecayCorrected", "DecayCorrectionDateTime", "PixelData"):
+            assert keyword not in header, keyword
+        assert compute_suv_bw_factor(header) == pytest.approx(compute_suv_bw_factor(source), rel=1e-12)
+
+
+def float_or_text(value: object) -> object:
+    """Compare DS/IS/DT values numerically and everything else as text."""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return [float_or_text(v) for v in value]
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def test_frame_headers_refuse_a_classic_instance() -> None:
+    with pytest.raises(MultiFrameError, match="is not Enhanced or Legacy Converted PET"):
+        frame_headers(make_pet_series(shape=(1, 4, 4))[0])
+
+
+def test_enhanced_decay_correction_datetime_is_the_suv_reference(tmp_path: Path) -> None:
+    # Decayed to 08:55 (not the 09:00 series start): SUV must use the Decay Correction DateTime.
+    enhanced = make_enhanced_pet_series(make_pet_series(shape=(3, 8, 8)), DecayCorrectionDateTime="20240115085500")
+    vol = load_pet_series(write_series(enhanced, tmp_path))
+    assert vol.headers[0].DecayCorrection == "START"
+    assert (vol.headers[0].SeriesDate, vol.headers[0].SeriesTime) == ("20240115", "085500")
+    assert vol.suv_factor == pytest.approx(_expected_factor(75.0, 3.7e8, 6586.2, 3300.0), rel=1e-9)
+
+
+def test_enhanced_decay_corrected_to_administration_is_admin(tmp_path: Path) -> None:
+    enhanced = make_enhanced_pet_series(make_pet_series(shape=(3, 8, 8), decay_correction="ADMIN"))
+    assert enhanced[0].DecayCorrectionDateTime == "20240115080000"
+    vol = load_pet_series(write_series(enhanced, tmp_path))
+    assert vol.headers[0].DecayCorrection == "ADMIN"
+    assert vol.suv_factor == pytest.approx(75000.0 / 3.7e8, rel=1e-12)
+
+
+def test_enhanced_not_decay_corrected_counts_are_not_quantitative(tmp_path: Path) -> None:
+    classic = make_pet_series(shape=(3, 8, 8), units="PROPCNTS", decay_correction="NONE")
+    enhanced = make_enhanced_pet_series(classic)
+    assert enhanced[0].DecayCorrected == "NO"
+    vol = load_pet_series(write_series(enhanced, tmp_path))
+    assert vol.units == "PROPCNTS" and vol.headers[0].DecayCorrection == "NONE"
+    assert vol.suv_factor is None and vol.suv_problem == "Units is 'PROPCNTS', not BQML"
+
+
+def _rwv(ds: pydicom.Dataset, frame: int = 0) -> pydicom.Dataset:
+    return ds.PerFrameFunctionalGroupsSequence[frame].RealWorldValueMappingSequence[0]
+
+
+def test_enhanced_units_come_from_the_real_world_value_mapping_that_matches_the_rescale(tmp_path: Path) -> None:
+    enhanced = make_enhanced_pet_series(make_pet_series(shape=(3, 8, 8)))
+    for k, item in enumerate(enhanced[0].PerFrameFunctionalGroupsSequence):
+        # An SUV mapping listed first must not be taken for the units of the rescaled values.
+        suv = pydicom.Dataset()
+        suv.RealWorldValueSlope = float(_rwv(enhanced[0], k).RealWorldValueSlope) * 2.96e-4
+        suv.RealWorldValueIntercept = 0.0
+        unit = pydicom.Dataset()
+        unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "{SUVbw}g/ml", "UCUM", "SUVbw"
+        suv.MeasurementUnitsCodeSequence = [unit]
+        item.RealWorldValueMappingSequence.insert(0, suv)
+    vol = load_pet_series(write_series(enhanced, tmp_path / "a"))
+    assert vol.units == "BQML" and vol.is_quantitative
+
+    no_mapping = make_enhanced_pet_series(make_pet_series(shape=(3, 8, 8)))
+    for item in no_mapping[0].PerFrameFunctionalGroupsSequence:
+        del item.RealWorldValueMappingSequence
+    vol = load_pet_series(write_series(no_mapping, tmp_path / "b"))
+    assert vol.units == "" and not vol.is_quantitative
+    assert vol.suv_problem is not None and "Real World Value Mapping" in vol.suv_problem
+
+
+def test_multiframe_dynamic_series_is_refused(tmp_path: Path) -> None:
+    enhanced = make_enhanced_pet_series(make_pet_series(shape=(4, 8, 8)), time_points=3)
+    message = (r"dynamic multi-frame PET is not supported: 12 frames at 3 temporal positions \(ImageType DYNAMIC, "
+               r"Temporal Position Index 1\.\.3\); only a single time point")
+    with pytest.raises(MultiFrameError, match=message):
+        load_pet_series(write_series(enhanced, tmp_path))
+    assert re.search(message, check_contiguity(enhanced) or "")
+
+
+def test_multiframe_frames_sharing_positions_are_refused_as_gated_or_dynamic(tmp_path: Path) -> None:
+    # Two passes over the same positions and no Temporal Position Index (a gated series, or a vendor that omits it).
+    enhanced = make_enhanced_pet_series(make_pet_series(shape=(4, 8, 8)), time_points=2, instances=2)
+    for ds in enhanced:
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            del item.FrameContentSequence[0].TemporalPositionIndex
+    with pytest.raises(MultiFrameError, match=r"dynamic or gated multi-frame PET is not supported: 8 frames at 4 "
+                                              r"slice positions, up to 2 frames at one position") as info:
+        load_pet_series(write_series(enhanced, tmp_path))
+    assert f"{enhanced[0].SOPInstanceUID} frame" in str(info.value) and f"{enhanced[1].SOPInstanceUID} frame" in str(
+        info.value
+    )
+
+
+def test_classic_and_multiframe_instances_in_one_series_are_refused(tmp_path: Path) -> None:
+    classic = make_pet_series(shape=(3, 8, 8))
+    enhanced = make_enhanced_pet_series(classic, series_uid=str(classic[0].SeriesInstanceUID))
+    with pytest.raises(MultiFrameError, match=r"mixed classic and multi-frame PET instances in one series \(3 classic"):
+        load_pet_series(write_series(classic + enhanced, tmp_path))
+
+
+def test_functional_groups_that_do_not_match_the_frames_are_refused(tmp_path: Path) -> None:
+    enhanced = make_enhanced_pet_series(make_pet_series(shape=(4, 8, 8)))
+    del enhanced[0].PerFrameFunctionalGroupsSequence[2]
+    with pytest.raises(MultiFrameError, match=r"3 Per-Frame Functional Groups item\(s\) for NumberOfFrames 4"):
+        load_pet_series(write_series(enhanced, tmp_path))
+
+
+def test_frames_in_different_units_are_refused(tmp_path: Path) -> None:
+    enhanced = make_enhanced_pet_series(make_pet_series(shape=(4, 8, 8)))
+    _rwv(enhanced[0], 1).MeasurementUnitsCodeSequence[0].CodeValue = "{counts}"
+    with pytest.raises(MultiFrameError, match=r"different units: \['BQML', 'CNTS'\]"):
+        load_pet_series(write_series(enhanced, tmp_path))
+
+
+def test_instances_decayed_to_different_times_have_no_single_suv_factor(tmp_path: Path) -> None:
+    enhanced = make_enhanced_pet_series(make_pet_series(shape=(4, 8, 8)), instances=2)
+    enhanced[1].DecayCorrectionDateTime = "20240115091000"
+    vol = load_pet_series(write_series(enhanced, tmp_path))
+    assert vol.suv_factor is None
+    assert vol.suv_problem is not None and "different references" in vol.suv_problem and "091000" in vol.suv_problem
+
+
+def test_multiframe_geometry_is_checked_like_classic_slices(tmp_path: Path) -> None:
+    enhanced = make_enhanced_pet_series(make_pet_series(shape=(5, 8, 8)))
+    frames = enhanced[0].PerFrameFunctionalGroupsSequence
+    tilted = pydicom.Dataset()
+    tilted.ImageOrientationPatient = [1, 0, 0, 0, 0.9950042, 0.0998334]
+    frames[1].PlaneOrientationSequence = [tilted]  # a per-frame orientation overrides the shared one
+    with pytest.raises(SeriesError, match=f"orientation mismatch: instance {enhanced[0].SOPInstanceUID} frame 2"):
+        load_pet_series(write_series(enhanced, tmp_path / "a"))
+
+    enhanced = make_enhanced_pet_series(make_pet_series(shape=(6, 8, 8)), instances=3)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in write_series(enhanced, tmp_path / "b")]
+    assert check_contiguity(headers) is None
+    reason = check_contiguity([headers[0], headers[2]])  # the middle instance (two frames) is missing
+    assert reason is not None and "non-uniform slice spacing" in reason
+
+
+def test_real_acrin_as_enhanced_pet_matches_the_classic_series(realdata: Path, tmp_path: Path) -> None:
+    reference = load_pet_series(sorted((realdata / ACRIN / "PT_AC").glob("*.dcm")))
+    enhanced = make_enhanced_pet_series([pydicom.dcmread(p) for p in reference.paths], reverse_frames=True)
+    vol = load_pet_series(write_series(enhanced, tmp_path))
+    assert vol.shape == (135, 128, 128)
+    np.testing.assert_array_equal(vol.array, reference.array)
+    assert vol.positions == reference.positions and vol.spacing == pytest.approx(reference.spacing)
+    assert vol.suv_factor == pytest.approx(4.2111e-4, rel=2e-5)  # the RWV oracle of the classic series
+    assert vol.suv_factor == pytest.approx(reference.suv_factor, rel=1e-12)
