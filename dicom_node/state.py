@@ -344,6 +344,11 @@ class StateDB:
             )
             if before is not None and before["purged_at"] is None:
                 self._reopen_for_late_instance(c, before, now)
+            elif before is not None:
+                # Received again after a purge: its first life's sends (kept for `petnode status`) must not
+                # mark the new output delivered with zero C-STOREs.
+                c.execute("DELETE FROM sent_instances WHERE series_uid = ?", (rec.series_uid,))
+                c.execute("DELETE FROM sends WHERE series_uid = ?", (rec.series_uid,))
         return StoreOutcome.NEW, before
 
     def _reopen_for_late_instance(self, c: sqlite3.Connection, before: dict[str, Any], now: float) -> None:
@@ -475,10 +480,6 @@ class StateDB:
         with self._tx() as c:
             c.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
             c.execute("DELETE FROM instance_versions WHERE series_uid = ?", (series_uid,))
-            # Its sends go too: a series received again after a purge is sent again, not marked delivered by
-            # the done rows of its first life.
-            c.execute("DELETE FROM sent_instances WHERE series_uid = ?", (series_uid,))
-            c.execute("DELETE FROM sends WHERE series_uid = ?", (series_uid,))
             c.execute("UPDATE series SET purged_at = ?, received_count = 0, updated_at = ? WHERE series_uid = ?",
                       (time.time(), time.time(), series_uid))
 

@@ -32,7 +32,7 @@ HELD_OUT_SEED = 90_001  # training draws phantoms from seeds below 10_000
 # The knob each method trades noise for resolution with, swept from light to heavy smoothing.
 SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
     "gaussian": ("fwhm_mm", (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)),
-    "nlm": ("h_factor", (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)),  # h = factor x the noise sigma; 2 is the default
+    "nlm": ("h_factor", (0.75, 1.0, 1.25, 1.5, 2.0, 3.0)),  # h = factor x the noise sigma; 1.25 is the default
     "mlem": ("iterations", (100.0, 50.0, 30.0, 20.0, 10.0)),  # fewer iterations = smoother (early stopping)
 }
 

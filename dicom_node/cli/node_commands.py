@@ -180,6 +180,8 @@ def _print_series_table(db: Any, rows: list[dict[str, Any]]) -> None:
                            + (f": {s['last_error']}" if s["last_error"] else "") for s in open_sends)
         if r["error"]:
             detail = f"{r['error']}" + (f"; {detail}" if detail else "")
+        if r["purged_at"]:
+            detail = f"files removed {_age(r['purged_at'])} ago (retention)" + (f"; {detail}" if detail else "")
         print(f"{r['series_uid']:<64} {r['modality'] or '':<3} {recv:>9} {r['state']:<11} {r['rule'] or '-':<16} "
               f"{sends_txt:<5} {_age(r['last_received']):>5}  {detail[:200]}")
 
