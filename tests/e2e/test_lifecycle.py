@@ -148,10 +148,20 @@ def test_purge_and_receive_exclude_each_other(start_node, monkeypatch: pytest.Mo
     purger = threading.Thread(target=node.run_retention, kwargs={"now": time.time() + 100 * HOUR})
     purger.start()
     assert in_purge.wait(10)
+    # From here on, note when the C-STORE's handler asks for its series' lock (the purge holds it).
+    asked = threading.Event()
+    real_lock = node.spool.series_lock
+
+    def series_lock(series_uid: str) -> Any:
+        if threading.current_thread() is not purger:
+            asked.set()
+        return real_lock(series_uid)
+
+    monkeypatch.setattr(node.spool, "series_lock", series_lock)
     statuses: list[int] = []
     sender = threading.Thread(target=lambda: statuses.extend(send_datasets(ct[2:], node.port)))
     sender.start()
-    time.sleep(0.3)  # give the C-STORE time to reach the node; it must wait for the purge's lock
+    assert asked.wait(10), "the C-STORE never reached the node"
     assert not statuses, "the C-STORE was answered while its series was being deleted"
     go_on.set()
     purger.join(10)
