@@ -71,8 +71,7 @@ class Node:
         self._lanes: dict[str, ThreadPoolExecutor] = {}
         self._senders: dict[str, ThreadPoolExecutor] = {}
         self._processing: set[str] = set()
-        self._sending: list[str] = []  # destination of every running send (a destination may run several)
-        self._sending_ids: set[int] = set()
+        self._sending: dict[int, str] = {}  # running sends: send id -> destination (a destination may run several)
         self._futures: set[Future[Any]] = set()
         self._futures_lock = threading.Lock()  # its own: futures are tracked while self._lock is held
         self._evict_lock = threading.Lock()
@@ -168,19 +167,15 @@ class Node:
         quiet = (rule.quiet_period_s if rule is not None and rule.quiet_period_s is not None
                  else self.settings.completion.quiet_period_s)
         instances = self.db.instances(uid)
-        if row["sop_class_uid"] in MULTIFRAME_PET_STORAGE:
-            # Geometry lives in the frames' functional groups, not in per-instance positions: the loader checks
-            # it frame by frame (same tolerance); completion waits for the quiet period.
-            instances = [{**i, "ipp": None, "iop": None, "image_index": None} for i in instances]
-            positions: list[Any] = []
-        else:
-            positions = [i["ipp"] for i in instances]
+        # Multi-frame PET keeps its geometry in the frames' functional groups, not in per-instance positions: the
+        # loader checks it frame by frame (same tolerance); completion waits for the quiet period.
+        per_instance = [] if row["sop_class_uid"] in MULTIFRAME_PET_STORAGE else instances
         decision = decide(
             modality=row["modality"] or "", received=len(instances), expected=row["expected_count"],
             seconds_quiet=now - (row["last_received"] or now), quiet_period_s=quiet,
-            positions=positions, orientations=[i["iop"] for i in instances] if positions else [],
+            positions=[i["ipp"] for i in per_instance], orientations=[i["iop"] for i in per_instance],
             forced=bool(row["force_complete"]), tolerance=self.settings.completion.spacing_tolerance,
-            image_indices=[i["image_index"] for i in instances],
+            image_indices=[i["image_index"] for i in per_instance],
         )
         if decision.verdict is Verdict.WAIT:
             return
@@ -299,10 +294,10 @@ class Node:
             return
         per_dest = self.settings.send.associations_per_destination
         with self._lock:
-            due = self.db.claim_due_sends(time.time(), busy=list(self._sending), per_destination=per_dest)
+            due = self.db.claim_due_sends(time.time(), busy=list(self._sending.values()),
+                                          per_destination=per_dest)
             for row in due:
-                self._sending.append(row["destination"])
-                self._sending_ids.add(row["id"])
+                self._sending[row["id"]] = row["destination"]
                 ex = self._senders.get(row["destination"])
                 if ex is None:
                     ex = ThreadPoolExecutor(per_dest, thread_name_prefix=f"petnode-send-{row['ae_title']}")
@@ -355,8 +350,7 @@ class Node:
                 logger.exception("series=%s dest=%s: could not record the failed send", uid, dest)
         finally:
             with self._lock:
-                self._sending.remove(dest)
-                self._sending_ids.discard(row["id"])
+                self._sending.pop(row["id"], None)
         try:
             if self.db.settle_series(uid) is SeriesState.DELIVERED:
                 logger.info("series=%s: delivered to every destination", uid)
@@ -415,7 +409,7 @@ class Node:
         now = time.time() if now is None else now
         limit = self.settings.workers.stuck_after_s
         with self._lock:
-            processing, sending_ids = set(self._processing), set(self._sending_ids)
+            processing, sending_ids = set(self._processing), set(self._sending)
         reset = {"processing": 0, "sending": 0}
         for row in self.db.list_series([SeriesState.PROCESSING], limit=100_000):
             if row["series_uid"] not in processing and now - row["updated_at"] > limit:

@@ -10,9 +10,7 @@ off) or stored after it (and the series starts over): never acknowledged and the
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +31,7 @@ EVICTION_ORDER: tuple[SeriesState, ...] = (
 
 def max_age_h(retention: RetentionSettings, state: str) -> float | None:
     """Retention age of a final state in hours; None for states that are never removed."""
-    return {
-        SeriesState.DELIVERED: retention.delivered_max_age_h,
-        SeriesState.OWN_OUTPUT: retention.own_output_max_age_h,
-        SeriesState.UNROUTED: retention.unrouted_max_age_h,
-        SeriesState.REFUSED: retention.refused_max_age_h,
-        SeriesState.INCOMPLETE: retention.incomplete_max_age_h,
-        SeriesState.FAILED: retention.failed_max_age_h,
-    }.get(SeriesState(state)) if state in SeriesState._value2member_map_ else None
+    return getattr(retention, f"{state}_max_age_h", None) if state in EVICTION_ORDER else None
 
 
 def finished_at(row: dict[str, Any]) -> float:
@@ -89,14 +80,6 @@ def eviction_candidates(db: StateDB, spool: Spool, limit: int = 5) -> list[Candi
     return out
 
 
-def _remove(path: Path, spool: Spool) -> None:
-    resolved = path.resolve()
-    if spool.data_dir.resolve() not in resolved.parents:
-        raise StorageError(f"refusing to remove {str(path)!r}: outside the data directory")
-    if resolved.exists():
-        shutil.rmtree(resolved)  # errors propagate: a purge that did not delete is not recorded as done
-
-
 def purge_series(db: StateDB, spool: Spool, row: dict[str, Any], reason: str) -> bool:
     """Remove a finished series' spool and outputs and record it; False when it changed meanwhile or failed."""
     uid = row["series_uid"]
@@ -108,7 +91,7 @@ def purge_series(db: StateDB, spool: Spool, row: dict[str, Any], reason: str) ->
             return False
         try:
             for folder in series_dirs(spool, now_row):
-                _remove(folder, spool)
+                spool.remove_tree(folder)
         except (OSError, StorageError) as exc:
             logger.error("series=%s: could not remove its files (%s): %s; kept as it is, tried again later", uid,
                          reason, exc)
@@ -142,19 +125,13 @@ def _pressure(settings: NodeSettings) -> str | None:
 def relieve_pressure(db: StateDB, spool: Spool, settings: NodeSettings) -> int:
     """Under disk pressure, remove the oldest finished series until the disk is clear; the number removed."""
     purged = 0
-    for row in _iter_while_pressed(settings, finished_series(db)):
-        why = _pressure(settings) or "disk pressure"
+    why = _pressure(settings)
+    for row in finished_series(db):
+        if why is None:
+            return purged
         if purge_series(db, spool, row, f"disk pressure: {why}"):
             purged += 1
-    still = _pressure(settings)
-    if still and purged == 0 and disk_problem(settings.data_dir, settings.disk):
-        logger.error("disk full and nothing finished left to remove: %s; new instances are refused (0xA700)",
-                     still)
+        why = _pressure(settings)
+    if why and disk_problem(settings.data_dir, settings.disk):
+        logger.error("disk full and nothing finished left to remove: %s; new instances are refused (0xA700)", why)
     return purged
-
-
-def _iter_while_pressed(settings: NodeSettings, rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for row in rows:
-        if _pressure(settings) is None:
-            return
-        yield row

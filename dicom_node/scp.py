@@ -49,17 +49,14 @@ class ConnectionGuard:
     _connections: int = 0
     _associations: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    refused_connections: int = 0
 
     def open_connection(self, host: str) -> str | None:
         """Take a connection slot for ``host``; the reason when there is none (the connection is then closed)."""
         with self._lock:
             if self._connections >= self.max_connections:
-                self.refused_connections += 1
                 return f"{self._connections} connections open (max_connections={self.max_connections})"
             held = self._per_host.get(host, 0)
             if held >= self.max_per_host:
-                self.refused_connections += 1
                 return (f"{held} connections already open from this address "
                         f"(max_connections_per_host={self.max_per_host})")
             self._per_host[host] = held + 1

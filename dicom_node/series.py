@@ -761,6 +761,14 @@ def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_S
         units,
         suv_factor,
     )
+    return _pet_volume(volume, geometry, units, suv_factor, suv_problem, headers, sorted_paths)
+
+
+def _pet_volume(volume: np.ndarray, geometry: _Geometry, units: str, suv_factor: float | None,
+                suv_problem: str | None, headers: list[Dataset], paths: list[Path], frames: Sequence[int] = ()
+                ) -> PetVolume:
+    """The loaded volume with the identity of its series (from the first slice), classic and multi-frame alike."""
+    first = headers[0]
     return PetVolume(
         array=volume,
         spacing=geometry.spacing,
@@ -770,10 +778,11 @@ def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_S
         suv_factor=suv_factor,
         suv_problem=suv_problem,
         headers=headers,
-        paths=sorted_paths,
+        paths=paths,
         series_uid=str(first.SeriesInstanceUID),
         study_uid=str(first.get("StudyInstanceUID", "")),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        frames=tuple(frames),
     )
 
 
@@ -836,21 +845,7 @@ def _load_multiframe(datasets: list[Dataset], paths: list[Path], spacing_toleran
         "series %s: loaded %d frames of %d multi-frame instance(s) %dx%d, spacing %s, units %s, suv_factor %s",
         first.SeriesInstanceUID, len(headers), len(datasets), rows, cols, geometry.spacing, units, suv_factor,
     )
-    return PetVolume(
-        array=volume,
-        spacing=geometry.spacing,
-        orientation=geometry.orientation,
-        positions=geometry.positions,
-        units=units,
-        suv_factor=suv_factor,
-        suv_problem=suv_problem,
-        headers=headers,
-        paths=sorted_paths,
-        series_uid=str(first.SeriesInstanceUID),
-        study_uid=str(first.get("StudyInstanceUID", "")),
-        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
-        frames=tuple(frames),
-    )
+    return _pet_volume(volume, geometry, units, suv_factor, suv_problem, headers, sorted_paths, frames)
 
 
 def _number(ds: Dataset, keyword: str, default: float, path: Path) -> float:

@@ -92,14 +92,19 @@ def write_durable(path: Path, data: bytes, *, fsync: bool = True) -> None:
         raise StorageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
 
 
+def disk_usage_mb(data_dir: Path) -> tuple[float, float, float]:
+    """(free MB, total MB, used %) of the file system holding the data directory; OSError if it cannot be read."""
+    usage = shutil.disk_usage(data_dir if data_dir.exists() else data_dir.parent)
+    used_pct = 100.0 * (usage.total - usage.free) / usage.total if usage.total else 100.0
+    return usage.free / 2**20, usage.total / 2**20, used_pct
+
+
 def disk_problem(data_dir: Path, disk: DiskSettings) -> str | None:
     """Why the data directory must not take more data now (None when it may)."""
     try:
-        usage = shutil.disk_usage(data_dir if data_dir.exists() else data_dir.parent)
+        free_mb, _, used_pct = disk_usage_mb(data_dir)
     except OSError as exc:
         return f"cannot stat data directory {str(data_dir)!r}: {exc.strerror or exc}"
-    free_mb = usage.free / 2**20
-    used_pct = 100.0 * (usage.total - usage.free) / usage.total if usage.total else 100.0
     if free_mb < disk.min_free_mb:
         return f"free space {free_mb:.0f} MB is below the minimum {disk.min_free_mb:.0f} MB"
     if used_pct > disk.max_used_percent:
@@ -185,8 +190,12 @@ class Spool:
         return removed
 
     def remove_tree(self, path: Path) -> None:
-        """Remove a folder of ours (retention); refuses anything outside the data directory."""
+        """Remove a folder of ours (retention); refuses anything outside the data directory.
+
+        Errors propagate (OSError): a purge that did not delete must not be recorded as done.
+        """
         resolved = path.resolve()
         if self.data_dir.resolve() not in resolved.parents:
             raise StorageError(f"refusing to remove {str(path)!r}: outside the data directory")
-        shutil.rmtree(resolved, ignore_errors=True)
+        if resolved.exists():
+            shutil.rmtree(resolved)

@@ -297,17 +297,10 @@ class StateDB:
                 c.execute("UPDATE instances SET path = ?, ipp = ?, iop = ?, received_at = ?, sha256 = ?, "
                           "image_index = ?, sop_class_uid = ? WHERE series_uid = ? AND sop_instance_uid = ?",
                           (*values, rec.sop_class_uid, rec.series_uid, rec.sop_instance_uid))
-                # Re-open: a finished series is processed again with the corrected instance. Busy states keep
-                # their state; the node sees the new revision when the work ends (see Node._process).
-                c.execute(
-                    """UPDATE series SET revision = revision + 1, last_received = ?, updated_at = ?,
-                           state = CASE WHEN state IN ('processing', 'sending') THEN state ELSE 'receiving' END,
-                           error = CASE WHEN state IN ('processing', 'sending') THEN error ELSE NULL END
-                       WHERE series_uid = ?""", (now, now, rec.series_uid))
-                if before is not None and before["state"] == SeriesState.SENDING:
-                    self._cancel_sends(c, rec.series_uid, f"superseded: instance {rec.sop_instance_uid} changed")
-                    c.execute("UPDATE series SET state = 'receiving', error = NULL WHERE series_uid = ?",
-                              (rec.series_uid,))
+                c.execute("UPDATE series SET last_received = ?, updated_at = ? WHERE series_uid = ?",
+                          (now, now, rec.series_uid))
+                if before is not None:
+                    self._reopen(c, before, now, f"superseded: instance {rec.sop_instance_uid} changed")
                 return StoreOutcome.REPLACED, before
             c.execute(
                 "INSERT INTO instances (series_uid, sop_instance_uid, sop_class_uid, path, ipp, iop, received_at, "
@@ -343,7 +336,7 @@ class StateDB:
                 ),
             )
             if before is not None and before["purged_at"] is None:
-                self._reopen_for_late_instance(c, before, now)
+                self._reopen(c, before, now, "superseded: a new instance arrived after processing")
             elif before is not None:
                 # Received again after a purge: its first life's sends (kept for `petnode status`) must not
                 # mark the new output delivered with zero C-STOREs.
@@ -351,20 +344,20 @@ class StateDB:
                 c.execute("DELETE FROM sends WHERE series_uid = ?", (rec.series_uid,))
         return StoreOutcome.NEW, before
 
-    def _reopen_for_late_instance(self, c: sqlite3.Connection, before: dict[str, Any], now: float) -> None:
-        """A new instance arrived after the series was routed or processed: nothing may be left out silently.
+    def _reopen(self, c: sqlite3.Connection, before: dict[str, Any], now: float, reason: str) -> None:
+        """The series' content changed (a new instance, or other bytes under a stored UID): nothing may be left out.
 
         Processed series (processing, sending, delivered, failed) get a new revision, so their next output has
-        new UIDs: a processing run notices and starts again, pending sends of the stale output are cancelled, a
-        finished series is re-opened. Unrouted and refused series are re-opened and routed again.
+        new UIDs: a processing run notices when it ends (Node._process) and starts again, sends of the stale
+        output are cancelled. Every series not processing goes back to receiving, so it is completed, routed and
+        processed again.
         """
         state, uid = before["state"], before["series_uid"]
         if state in (SeriesState.PROCESSING, SeriesState.SENDING, SeriesState.DELIVERED, SeriesState.FAILED):
             c.execute("UPDATE series SET revision = revision + 1 WHERE series_uid = ?", (uid,))
         if state in (SeriesState.SENDING, SeriesState.FAILED):
-            self._cancel_sends(c, uid, "superseded: a new instance arrived after processing")
-        if state in (SeriesState.SENDING, SeriesState.DELIVERED, SeriesState.FAILED, SeriesState.UNROUTED,
-                     SeriesState.REFUSED):
+            self._cancel_sends(c, uid, reason)
+        if state not in (SeriesState.PROCESSING, SeriesState.RECEIVING):
             c.execute("UPDATE series SET state = 'receiving', error = NULL, updated_at = ? WHERE series_uid = ?",
                       (now, uid))
 
@@ -545,19 +538,6 @@ class StateDB:
             rows = self._conn.execute("SELECT sop_instance_uid FROM sent_instances WHERE destination = ? "
                                       "AND series_uid = ?", (destination, series_uid)).fetchall()
         return {r[0] for r in rows}
-
-    def confirmed(self, destination: str, sop_instance_uids: Sequence[str]) -> set[str]:
-        """Which of these output instances the destination has already acknowledged."""
-        found: set[str] = set()
-        uids = list(sop_instance_uids)
-        with self._lock:
-            for i in range(0, len(uids), 500):
-                chunk = uids[i:i + 500]
-                rows = self._conn.execute(
-                    f"SELECT sop_instance_uid FROM sent_instances WHERE destination = ? "
-                    f"AND sop_instance_uid IN ({','.join('?' * len(chunk))})", [destination, *chunk]).fetchall()
-                found.update(r[0] for r in rows)
-        return found
 
     def finish_send(self, send_id: int, *, ok: bool, sent: int, error: str | None,
                     retry_at: float | None) -> SendState:

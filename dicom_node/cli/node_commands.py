@@ -188,17 +188,13 @@ def _print_series_table(db: Any, rows: list[dict[str, Any]]) -> None:
 
 def _print_disk(settings: NodeSettings, data_dir: Path | None, db: Any) -> None:
     """The disk budget, and what retention and disk pressure would remove next."""
-    import shutil
-
     from dicom_node.retention import eviction_candidates, max_age_h
     from dicom_node.settings import DiskSettings
-    from dicom_node.spool import Spool
+    from dicom_node.spool import Spool, disk_usage_mb
 
     data_dir = data_dir or settings.data_dir
     disk: DiskSettings = settings.disk
-    usage = shutil.disk_usage(data_dir)
-    free_mb, total_mb = usage.free / 2**20, usage.total / 2**20
-    used = 100.0 * (usage.total - usage.free) / usage.total if usage.total else 100.0
+    free_mb, total_mb, used = disk_usage_mb(data_dir)
     evict_free = disk.min_free_mb + disk.evict_headroom_mb
     evict_used = disk.max_used_percent - disk.evict_headroom_percent
     pressed = free_mb < evict_free or used > evict_used

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from dicom_node import retention, scu
+from dicom_node import spool as spool_module
 from dicom_node.cli import main
 from dicom_node.state import SeriesState
 from tests.conftest import wait_until
@@ -144,7 +145,7 @@ def test_purge_and_receive_exclude_each_other(start_node, monkeypatch: pytest.Mo
         go_on.wait(10)  # the purge is deleting while an instance of the series arrives
         real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(retention.shutil, "rmtree", slow_rmtree)
+    monkeypatch.setattr(spool_module.shutil, "rmtree", slow_rmtree)
     purger = threading.Thread(target=node.run_retention, kwargs={"now": time.time() + 100 * HOUR})
     purger.start()
     assert in_purge.wait(10)
@@ -183,7 +184,7 @@ def test_failed_purge_is_not_recorded(start_node, monkeypatch: pytest.MonkeyPatc
     def broken(path: Any, *args: Any, **kwargs: Any) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(retention.shutil, "rmtree", broken)
+    monkeypatch.setattr(spool_module.shutil, "rmtree", broken)
     assert node.run_retention(now=time.time() + 100 * HOUR) == 0
     assert node.db.series(uid)["purged_at"] is None and len(node.db.instances(uid)) == 2
     assert "could not remove its files" in caplog.text
@@ -215,7 +216,8 @@ def test_error_in_the_error_path_is_swept(start_node, monkeypatch: pytest.Monkey
     assert node.db.series(uid)["state"] == "processing"  # what vanished work looks like
     monkeypatch.setattr(node.db, "set_state", real_set_state)
     assert node.sweep_stuck(now=time.time() + 1000)["processing"] == 1
-    assert node.db.series(uid)["state"] in ("complete", "processing", "failed")
+    # Queued again, processed again (still failing), and this time its failure is recorded.
+    assert wait_state(node, uid, ["failed"], timeout=30) == "failed"
 
 
 def test_crashing_send_obeys_the_retry_policy(start_node, monkeypatch: pytest.MonkeyPatch):
