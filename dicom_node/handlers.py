@@ -42,7 +42,8 @@ class Status(enum.IntEnum):
     DUPLICATE_SOP_INSTANCE = 0x0111  # conflicting_instance: refuse, and this UID is stored with other content
 
 
-# SOP classes whose instances must carry Pixel Data (everything we accept is an image).
+# SOP classes whose instances must carry Pixel Data: checked before they are stored (processing and priors read
+# them). Every other storage class (RT, SR, NM, US, ...) is accepted to be forwarded as it is.
 IMAGE_STORAGE_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.128": "PET Image Storage",
     "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image Storage",
@@ -56,17 +57,40 @@ IMAGE_STORAGE_CLASSES: dict[str, str] = {
 
 # Uncompressed and lossless compressed only: a lossy codec would change activity values, so it is never
 # negotiated (the sender then falls back to one of these, or reports the refused context).
-TRANSFER_SYNTAXES: tuple[str, ...] = (
+UNCOMPRESSED_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+)
+LOSSLESS_COMPRESSED_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction (Process 14 SV1)
     "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
     "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
+TRANSFER_SYNTAXES: tuple[str, ...] = UNCOMPRESSED_SYNTAXES + LOSSLESS_COMPRESSED_SYNTAXES
+# What the scanner already compressed with loss: accepted for classes petnode only forwards (a JPEG CT, an
+# ultrasound) and forwarded in that same syntax; never for PET (activity must be exact), never produced here.
+LOSSY_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+)
+PET_STORAGE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130",
+                                 "1.2.840.10008.5.1.4.1.1.128.1"})
+
+
+def supported_storage() -> dict[str, tuple[str, ...]]:
+    """Every storage SOP class petnode accepts, with the transfer syntaxes it accepts for it."""
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    classes = dict.fromkeys([*IMAGE_STORAGE_CLASSES, *(str(cx.abstract_syntax)
+                                                      for cx in AllStoragePresentationContexts)])
+    return {uid: TRANSFER_SYNTAXES if uid in PET_STORAGE_CLASSES else TRANSFER_SYNTAXES + LOSSY_SYNTAXES
+            for uid in classes}
 
 
 @dataclass
@@ -78,6 +102,7 @@ class AssociationStats:
     duplicates: int = 0
     replaced: int = 0
     refused: int = 0
+    returned: int = 0  # instances petnode forwarded to this peer, sent back (loop guard: not stored again)
 
 
 @dataclass
@@ -206,9 +231,10 @@ def handle_conn_close(event: Event, ctx: ReceiveContext) -> None:
     except Exception:  # noqa: BLE001
         logger.exception("could not record association end assoc=%s", _assoc_id(assoc))
     how = "aborted" if assoc.is_aborted else "released"
-    logger.info("association %s assoc=%s from %s: received %d, duplicates %d, replaced %d, refused %d", how,
+    logger.info("association %s assoc=%s from %s: received %d, duplicates %d, replaced %d, refused %d%s", how,
                 _assoc_id(assoc), stats.calling_ae, stats.received, stats.duplicates, stats.replaced,
-                stats.refused)
+                stats.refused, f", returned {stats.returned} (forwarded by petnode to this peer before: not "
+                "stored or routed again)" if stats.returned else "")
 
 
 def handle_echo(event: Event) -> int:
@@ -327,6 +353,15 @@ def handle_store(event: Event, ctx: ReceiveContext) -> int:
                 status, reason = pixel
                 return _refuse(stats, status, sop_uid, "series=%s: %s", series_uid, reason)
 
+        back = returned_from(ctx, sop_uid, assoc.requestor.ae_title)
+        if back is not None:
+            # A PACS routing back what petnode forwarded to it: acknowledged (it is safe there and here) but
+            # neither stored nor routed again, so forwarding cannot loop.
+            logger.debug("instance sop=%s series=%s came back from %s: %s", sop_uid, series_uid,
+                         assoc.requestor.ae_title, back)
+            _count(stats, "returned")
+            return Status.SUCCESS
+
         data = event.encoded_dataset()
         digest = hashlib.sha256(data).hexdigest()
         if ctx.make_room is not None and ctx.spool.space_problem():
@@ -340,6 +375,22 @@ def handle_store(event: Event, ctx: ReceiveContext) -> int:
         logger.exception("C-STORE failed 0x%04X sop=%s: unexpected error", Status.PROCESSING_FAILURE, sop_uid)
         _count(stats, "refused")
         return Status.PROCESSING_FAILURE
+
+
+def returned_from(ctx: ReceiveContext, sop_uid: str, calling_ae: str) -> str | None:
+    """Why this instance is one petnode forwarded to the peer now sending it (None when it is not)."""
+    try:
+        forwards = ctx.db.forwarded_to(sop_uid)
+    except Exception:  # noqa: BLE001 - the guard must not refuse instances when its memory cannot be read
+        logger.exception("sop=%s: could not check whether petnode forwarded it before", sop_uid)
+        return None
+    calling = calling_ae.strip()
+    for row in forwards:
+        peer_names = [p for p in (ctx.settings.peers if ctx.settings is not None else ())
+                      if f"{p.ae_title}@{p.host}:{p.port}" == row["destination"]]
+        if calling == row["ae_title"] or any(p.calls_as(calling) for p in peer_names):
+            return f"petnode forwarded it to {row['destination']}"
+    return None
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -1,7 +1,9 @@
 """The running node: SCP + APScheduler jobs (completion, sends, retention) + worker pools.
 
-Processing runs on a pool of CPU workers and every destination has its own single-thread sender, so a slow
-series never blocks receiving, and a destination that is down never delays another one.
+Processing runs on a pool of CPU workers and every destination has its own senders, so a slow series never blocks
+receiving, and a destination that is down never delays another one. Everything a destination gets (the received
+series forwarded as it is, the derived series, maps) goes through the same sends: confirmed per instance, resumed
+without duplicates, retried by one policy, optionally held until the whole study is ready.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dicom_node.scp import start_scp
 from dicom_node.series import MULTIFRAME_PET_STORAGE
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
-from dicom_node.state import SeriesState, SendState, StateDB
+from dicom_node.state import Payload, SeriesState, SendState, StateDB
 
 if TYPE_CHECKING:
     from denoisers.models import ModelStore
@@ -71,7 +73,11 @@ class Node:
         self._lanes: dict[str, ThreadPoolExecutor] = {}
         self._senders: dict[str, ThreadPoolExecutor] = {}
         self._processing: set[str] = set()
-        self._sending: dict[int, str] = {}  # running sends: send id -> destination (a destination may run several)
+        self._sending: dict[int, dict[str, Any]] = {}  # running sends: id -> row (a destination may run several)
+        # Forwarding on receipt: the rule found for each series still arriving (None: not forwarded on receipt),
+        # and the series that received instances since their running send last looked.
+        self._receipt: dict[str, Rule | None] = {}
+        self._fresh: set[str] = set()
         self._futures: set[Future[Any]] = set()
         self._futures_lock = threading.Lock()  # its own: futures are tracked while self._lock is held
         self._evict_lock = threading.Lock()
@@ -96,7 +102,8 @@ class Node:
             logger.warning("removed %d spool file(s) the database does not know (written by a process that stopped "
                            "before recording them; their C-STOREs were never acknowledged)", len(orphans))
         self._server = start_scp(self.settings, ReceiveContext(spool=self.spool, db=self.db,
-                                                               make_room=self.make_room))
+                                                               make_room=self.make_room,
+                                                               on_received=self.on_received))
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                             "misfire_grace_time": None})
         now = datetime.now()
@@ -168,8 +175,11 @@ class Node:
                  else self.settings.completion.quiet_period_s)
         instances = self.db.instances(uid)
         # Multi-frame PET keeps its geometry in the frames' functional groups, not in per-instance positions: the
-        # loader checks it frame by frame (same tolerance); completion waits for the quiet period.
-        per_instance = [] if row["sop_class_uid"] in MULTIFRAME_PET_STORAGE else instances
+        # loader checks it frame by frame (same tolerance); completion waits for the quiet period. A series that is
+        # only forwarded or dropped is not loaded at all: its geometry is the receiver's business.
+        check_geometry = rule is None or rule.processes
+        per_instance = ([] if row["sop_class_uid"] in MULTIFRAME_PET_STORAGE or not check_geometry
+                        else instances)
         decision = decide(
             modality=row["modality"] or "", received=len(instances), expected=row["expected_count"],
             seconds_quiet=now - (row["last_received"] or now), quiet_period_s=quiet,
@@ -180,22 +190,117 @@ class Node:
         if decision.verdict is Verdict.WAIT:
             return
         self._headers.pop(uid, None)
+        with self._lock:
+            self._receipt.pop(uid, None)
         if decision.verdict is Verdict.INCOMPLETE:
             if row["state"] != SeriesState.INCOMPLETE:
                 self.db.set_state(uid, SeriesState.INCOMPLETE, error=decision.reason,
                                   expect=[SeriesState.RECEIVING])
                 logger.warning("series=%s: incomplete: %s (petnode series complete %s forces it)", uid,
                                decision.reason, uid)
+                if rule is not None and rule.forwards:
+                    # The PACS gets what was received, whatever processing decides: an incomplete series is
+                    # still the scanner's data.
+                    self._queue_originals(uid, rule, row, len(instances))
             return
         if rule is None:
             self.db.set_state(uid, SeriesState.UNROUTED, error="no rule matched (petnode rules test explains)")
             logger.info("series=%s modality=%s: complete (%s); no rule matched, nothing to do", uid,
                         row["modality"], decision.reason)
             return
+        if rule.drop:
+            if self.db.set_state(uid, SeriesState.DROPPED, rule=rule.name, error=f"dropped by rule {rule.name!r}",
+                                 expect=[SeriesState.RECEIVING, SeriesState.INCOMPLETE]):
+                logger.info("series=%s modality=%s route=%s: complete (%s); dropped by the rule: sent nowhere, "
+                            "files removed after %g h", uid, row["modality"], rule.name, decision.reason,
+                            self.settings.retention.dropped_max_age_h)
+            return
+        if rule.forwards:
+            self._queue_originals(uid, rule, row, len(instances))
+        if not rule.processes:
+            if self.db.set_state(uid, SeriesState.SENDING, rule=rule.name,
+                                 expect=[SeriesState.RECEIVING, SeriesState.INCOMPLETE]):
+                logger.info("series=%s modality=%s route=%s: complete (%s); forwarded as it is", uid,
+                            row["modality"], rule.name, decision.reason)
+                self.db.settle_series(uid)  # forwarded on receipt: everything may be confirmed already
+                self.dispatch_sends()
+            return
         if self.db.set_state(uid, SeriesState.COMPLETE, rule=rule.name,
                              expect=[SeriesState.RECEIVING, SeriesState.INCOMPLETE]):
             logger.info("series=%s route=%s: complete (%s)", uid, rule.name, decision.reason)
             self._submit(uid)
+
+    def _hold_s(self, rule: Rule) -> float | None:
+        """The study quiet period this rule's sends are held for (None: not held)."""
+        if not rule.hold_study:
+            return None
+        return (rule.study_quiet_period_s if rule.study_quiet_period_s is not None
+                else self.settings.completion.study_quiet_period_s)
+
+    def _queue_sends(self, uid: str, rule: Rule, row: dict[str, Any], payload: Payload, output_uid: str,
+                     total: int) -> int:
+        """Queue ``payload`` for every destination of ``rule`` that gets it; the number queued."""
+        queued = 0
+        for dest in resolve_destinations(rule, self.settings, row.get("calling_ae"), payload.value):
+            common = {"output_series_uid": output_uid, "kind": payload, "study_uid": row.get("study_uid"),
+                      "hold_quiet_s": self._hold_s(rule)}
+            if isinstance(dest, Destination):
+                self.db.add_send(uid, dest.ae_title, dest.host, dest.port, total, **common)
+            else:
+                logger.error("series=%s route=%s: destination %s cannot be resolved: %s", uid, rule.name,
+                             dest.label, dest.reason)
+                self.db.add_send(uid, dest.label, "-", 0, total, failed_reason=dest.reason, **common)
+            queued += 1
+        return queued
+
+    def _queue_originals(self, uid: str, rule: Rule, row: dict[str, Any], total: int) -> None:
+        """Forward the received series as it is to the rule's destinations that get the original."""
+        self._queue_sends(uid, rule, row, Payload.ORIGINAL, uid, total)
+
+    # --- forwarding on receipt -------------------------------------------------------------------------------
+    def on_received(self, series_uid: str) -> None:
+        """Called by the C-STORE handler once an instance is durable and recorded (never raises).
+
+        For a series whose rule forwards on receipt, the original's sends are queued with the first instance and
+        woken as more arrive; a running send picks up new instances itself before it releases its association.
+        """
+        try:
+            with self._lock:
+                known = series_uid in self._receipt
+                rule = self._receipt.get(series_uid)
+            if not known:
+                rule = self._receipt_rule(series_uid)
+                with self._lock:
+                    self._receipt[series_uid] = rule
+            if rule is None or self._stopped.is_set():
+                return
+            with self._lock:
+                self._fresh.add(series_uid)
+                running = any(r["series_uid"] == series_uid and r["kind"] == Payload.ORIGINAL
+                              for r in self._sending.values())
+            if not known:
+                row = self.db.series(series_uid) or {}
+                self._queue_originals(series_uid, rule, row, int(row.get("received_count") or 0))
+            if not running:
+                self.db.wake_original_sends(series_uid)
+                self.dispatch_sends()
+        except Exception:  # noqa: BLE001 - forwarding trouble must never fail a C-STORE already stored
+            logger.exception("series=%s: could not forward on receipt (the series is forwarded when complete)",
+                             series_uid)
+
+    def _receipt_rule(self, series_uid: str) -> Rule | None:
+        """The series' rule when it forwards the original on receipt, else None."""
+        row = self.db.series(series_uid)
+        if row is None or row["state"] != SeriesState.RECEIVING:
+            return None
+        header = self._header(series_uid)
+        if is_petnode_output(header) or self.db.is_own_output(series_uid):
+            return None
+        rule = select_rule(self.ruleset, MatchContext(header, row["calling_ae"], row["called_ae"]))
+        if rule is None or rule.drop or rule.forward != "on_receipt" or not rule.forwards:
+            return None
+        logger.info("series=%s route=%s: forwarding instances as they arrive", series_uid, rule.name)
+        return rule
 
     # --- processing ------------------------------------------------------------------------------------------
     def lane_for(self, rule: Rule) -> tuple[str, str]:
@@ -206,6 +311,8 @@ class Node:
         from denoisers import registry
         from denoisers.devices import resolve_device
 
+        if rule.denoiser is None:
+            return "cpu:forward", "cpu"  # an operator reprocessing with a forwarding rule: no denoising
         need = registry.get_class(rule.denoiser.name).device_need
         device = resolve_device(rule.device or self.settings.device, need)
         return (device if device.startswith("cuda") else f"cpu:{rule.denoiser.name}"), device
@@ -244,6 +351,14 @@ class Node:
             rule = self.rule_by_name(row.get("rule"))
             if rule is None:
                 raise DicomNodeError(f"rule {row.get('rule')!r} is no longer in the rules file")
+            if not rule.processes:  # `petnode series reprocess --rule` naming a forwarding or drop rule
+                if rule.forwards:
+                    self._queue_originals(uid, rule, row, len(self.db.instance_paths(uid)))
+                self.db.set_state(uid, SeriesState.SENDING if rule.forwards else SeriesState.DROPPED,
+                                  expect=[SeriesState.PROCESSING])
+                self.db.settle_series(uid)
+                return
+            assert rule.denoiser is not None
             log_id = f"series={uid} route={rule.name} denoiser={rule.denoiser.name}"
             revision = int(row.get("revision") or 0)
             out_dir = self.spool.output_dir(uid, rule.name if not revision else f"{rule.name}.r{revision}")
@@ -264,14 +379,13 @@ class Node:
                         result.timings["denoise"], result.timings["write"],
                         f"; run {result.info}" if result.info else "",
                         f"; maps {', '.join(result.maps)}" if result.maps else "")
-            for dest in resolve_destinations(rule, self.settings, row.get("calling_ae")):
-                if isinstance(dest, Destination):
-                    self.db.add_send(uid, dest.ae_title, dest.host, dest.port, len(result.files),
-                                     output_series_uid=result.output_series_uid)
-                else:
-                    logger.error("%s: destination %s cannot be resolved: %s", log_id, dest.label, dest.reason)
-                    self.db.add_send(uid, dest.label, "-", 0, len(result.files),
-                                     output_series_uid=result.output_series_uid, failed_reason=dest.reason)
+            self._queue_sends(uid, rule, row, Payload.DERIVED, result.output_series_uid, len(result.files))
+            wants_maps = any("maps" in d.payloads(True) for d in rule.destinations)
+            if result.maps and wants_maps:
+                # Map series (Secondary Capture / Parametric Map) are written by the map writers; until a method
+                # has one, its maps stay beside the derived series and the `maps` destinations get nothing.
+                logger.warning("%s: maps %s kept in %s; no DICOM map series is written for them yet, so nothing "
+                               "is sent as maps", log_id, ", ".join(result.maps), out_dir / "maps")
             self.db.set_state(uid, SeriesState.SENDING, expect=[SeriesState.PROCESSING])
             self.db.settle_series(uid)
         except RoutingError as exc:
@@ -293,11 +407,15 @@ class Node:
         if self._stopped.is_set():
             return
         per_dest = self.settings.send.associations_per_destination
+        for study, why in self.db.release_held(time.time(), self.settings.completion.study_hold_max_s):
+            logger.info("study=%s: held sends released: %s", study, why)
         with self._lock:
-            due = self.db.claim_due_sends(time.time(), busy=list(self._sending.values()),
+            due = self.db.claim_due_sends(time.time(), busy=[r["destination"] for r in self._sending.values()],
                                           per_destination=per_dest)
             for row in due:
-                self._sending[row["id"]] = row["destination"]
+                self._sending[row["id"]] = row
+                if row["kind"] == Payload.ORIGINAL:
+                    self._fresh.discard(row["series_uid"])  # this send looks at every instance there is now
                 ex = self._senders.get(row["destination"])
                 if ex is None:
                     ex = ThreadPoolExecutor(per_dest, thread_name_prefix=f"petnode-send-{row['ae_title']}")
@@ -320,19 +438,29 @@ class Node:
     def _send(self, row: dict[str, Any]) -> None:
         uid, dest = row["series_uid"], row["destination"]
         attempts = row["attempts"] + 1
+        kind = Payload(row["kind"])
         try:
             series = self.db.series(uid) or {}
-            files = sorted(Path(series["output_dir"]).glob("*.dcm")) if series.get("output_dir") else []
+            more = None
+            if kind is Payload.ORIGINAL:
+                files = self.db.instance_paths(uid)
+                if series.get("state") == SeriesState.RECEIVING:
+                    more = lambda: self.db.instance_paths(uid)  # noqa: E731 - still arriving: take what comes
+                forwarded_to = row["ae_title"]
+            else:
+                files = sorted(Path(series["output_dir"]).glob("*.dcm")) if series.get("output_dir") else []
+                forwarded_to = None
             if not files:
-                report = scu.SendReport(total=row["total"], error="no derived files on disk (purged?)")
+                report = scu.SendReport(total=row["total"], error=f"no {kind.value} files on disk (purged?)")
             else:
                 t0 = time.perf_counter()
                 confirmed = self.db.confirmed_for(dest, uid)
                 report = scu.send_files(files, row["ae_title"], row["host"], row["port"],
                                         calling_ae=self.settings.ae_title, timeout_s=self.settings.send.timeout_s,
-                                        already_stored=confirmed,
-                                        on_stored=lambda sop: self.db.confirm_sent(dest, uid, [sop]))
-                logger.info("series=%s dest=%s: %s in %.2f s", uid, dest, report.summary(),
+                                        already_stored=confirmed, more=more,
+                                        on_stored=lambda sop: self.db.confirm_sent(dest, uid, [sop],
+                                                                                   forwarded_to_ae=forwarded_to))
+                logger.info("series=%s dest=%s %s: %s in %.2f s", uid, dest, kind.value, report.summary(),
                             time.perf_counter() - t0)
             now = time.time()
             retry_at = None if report.ok else self.retry_at(row, attempts, now)
@@ -351,6 +479,13 @@ class Node:
         finally:
             with self._lock:
                 self._sending.pop(row["id"], None)
+                fresh = kind is Payload.ORIGINAL and uid in self._fresh
+        if fresh:  # instances arrived after this send last looked: it goes again
+            try:
+                if self.db.wake_original_sends(uid):
+                    self.dispatch_sends()
+            except Exception:  # noqa: BLE001 - completion queues the original again in any case
+                logger.exception("series=%s: could not wake the forward", uid)
         try:
             if self.db.settle_series(uid) is SeriesState.DELIVERED:
                 logger.info("series=%s: delivered to every destination", uid)

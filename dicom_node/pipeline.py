@@ -62,6 +62,8 @@ class Plan:
 
     @classmethod
     def from_rule(cls, rule: Rule) -> Plan:
+        if rule.denoiser is None:
+            raise RoutingError(f"rule {rule.name!r} forwards or drops series; it has no denoiser to process with")
         return cls(route=rule.name, denoiser=rule.denoiser.name, params=dict(rule.denoiser.params),
                    model=rule.denoiser.model,
                    non_quantitative=rule.non_quantitative,
@@ -88,11 +90,14 @@ def series_seed(series_uid: str, route: str, revision: int = 0) -> int:
     return int.from_bytes(digest[:8], "big") >> 1  # a non-negative int64
 
 
-def resolve_destinations(rule: Rule, settings: NodeSettings, calling_ae: str | None
+def resolve_destinations(rule: Rule, settings: NodeSettings, calling_ae: str | None, payload: str | None = None
                          ) -> list[Destination | Unresolved]:
-    """Turn a rule's destinations into addresses; a sender we cannot return to is reported, not guessed."""
+    """Turn a rule's destinations (those that get ``payload``: original, derived, maps; all when None) into
+    addresses; a sender we cannot return to is reported, not guessed."""
     out: list[Destination | Unresolved] = []
     for dest in rule.destinations:
+        if payload is not None and payload not in dest.payloads(rule.processes):
+            continue
         if isinstance(dest, ReturnToSender):
             peer = settings.peer_by_ae(calling_ae) if calling_ae else None
             if peer is None:
@@ -121,6 +126,57 @@ def resolve_destinations(rule: Rule, settings: NodeSettings, calling_ae: str | N
             seen.add(d)
         unique.append(d)
     return unique
+
+
+def _maps_of(rule: Rule) -> str:
+    """Which maps the rule's method makes, in words (asks the denoiser itself: it may depend on params)."""
+    assert rule.denoiser is not None
+    try:
+        from denoisers import registry
+
+        denoiser = registry.create(rule.denoiser.name, rule.denoiser.params, device="cpu")
+        try:
+            kinds = sorted(str(k) for k in denoiser.spec.produces if str(k) != "denoised")
+        finally:
+            denoiser.close()
+    except Exception as exc:  # noqa: BLE001 - e.g. a learned method without its model here: say so
+        return f"maps the method makes (not known here: {exc})"
+    if not kinds:
+        return f"maps: none ({rule.denoiser.name} makes no maps)"
+    return f"maps ({', '.join(kinds)}) after processing"
+
+
+def delivery_plan(rule: Rule, settings: NodeSettings, calling_ae: str | None) -> list[str]:
+    """What each destination would get from ``rule`` and when, one line per destination (rules test)."""
+    if rule.drop:
+        return [f"dropped: sent nowhere; files kept {settings.retention.dropped_max_age_h:g} h (dropped retention)"]
+    lines = []
+    when_original = ("instance by instance as it arrives" if rule.forward == "on_receipt"
+                     else "when the series is complete (or declared incomplete)")
+    for dest in rule.destinations:
+        resolved = resolve_destinations(rule.model_copy(update={"destinations": (dest,)}), settings, calling_ae)
+        where = dest.describe()
+        if resolved and isinstance(resolved[0], Destination):
+            address = f"{resolved[0].ae_title}@{resolved[0].host}:{resolved[0].port}"
+            where = where if where == address else f"{where} ({address})"
+        elif resolved:
+            where = f"{where} (NOT RESOLVED: {resolved[0].reason})"  # type: ignore[union-attr]
+        parts = []
+        for payload in dest.payloads(rule.processes):
+            if payload == "original":
+                parts.append(f"original as received, {when_original}")
+            elif payload == "derived":
+                parts.append(f"derived series ({rule.denoiser.describe() if rule.denoiser else '?'}) after "
+                             "processing")
+            else:
+                parts.append(_maps_of(rule))
+        lines.append(f"{where}: {'; '.join(parts)}")
+    if rule.hold_study:
+        quiet = (rule.study_quiet_period_s if rule.study_quiet_period_s is not None
+                 else settings.completion.study_quiet_period_s)
+        lines.append(f"study hold: these sends wait until every series of the study is complete and processed and "
+                     f"no instance arrived for {quiet:g} s (at most {settings.completion.study_hold_max_s:g} s)")
+    return lines
 
 
 def _activity_ratio(before: np.ndarray, after: np.ndarray) -> float:

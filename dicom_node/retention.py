@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Removal order under disk pressure: what nobody will look at again goes first, what needs a person last.
 EVICTION_ORDER: tuple[SeriesState, ...] = (
-    SeriesState.OWN_OUTPUT, SeriesState.DELIVERED, SeriesState.UNROUTED, SeriesState.REFUSED,
+    SeriesState.OWN_OUTPUT, SeriesState.DROPPED, SeriesState.DELIVERED, SeriesState.UNROUTED, SeriesState.REFUSED,
     SeriesState.INCOMPLETE, SeriesState.FAILED,
 )
 
@@ -65,8 +65,14 @@ class Candidate:
 
 
 def finished_series(db: StateDB) -> list[dict[str, Any]]:
-    """Finished series that still have files, in eviction order (state rank, then oldest first)."""
-    rows = [r for r in db.list_series(list(EVICTION_ORDER), limit=1_000_000) if r["purged_at"] is None]
+    """Finished series that still have files, in eviction order (state rank, then oldest first).
+
+    A series something is still being sent for is not finished, whatever its state (a series whose processing
+    failed while its original is still being forwarded, an incomplete one forwarded as it is).
+    """
+    active = db.series_with_active_sends()
+    rows = [r for r in db.list_series(list(EVICTION_ORDER), limit=1_000_000)
+            if r["purged_at"] is None and r["series_uid"] not in active]
     rank = {s.value: i for i, s in enumerate(EVICTION_ORDER)}
     return sorted(rows, key=lambda r: (rank[r["state"]], finished_at(r)))
 
@@ -111,6 +117,10 @@ def run_retention(db: StateDB, spool: Spool, retention: RetentionSettings, now: 
             continue
         if purge_series(db, spool, row, f"retention: {row['state']} for more than {age_h:g} h"):
             purged += 1
+    forgotten = db.forget_forwarded(now - retention.forwarded_memory_days * 86400.0)
+    if forgotten:
+        logger.info("forgot %d forwarded instance(s) older than %g days (loop guard memory)", forgotten,
+                    retention.forwarded_memory_days)
     return purged
 
 

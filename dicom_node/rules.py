@@ -661,25 +661,72 @@ class OutputOptions(_Strict):
         return value
 
 
-class ReturnToSender(_Strict):
-    """Send the results back to the AE that sent the series.
+# What a destination can get from a rule: the received series as it is, the derived (denoised) series, the maps.
+Payload = Literal["original", "derived", "maps"]
+PAYLOADS: tuple[str, ...] = get_args(Payload)
+
+
+def _check_send(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [value]  # ``send: original`` is short for ``send: [original]``
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if item not in PAYLOADS:
+                hint = _did_you_mean(str(item), PAYLOADS)
+                raise _error("send", f"unknown payload {_shown(item)}{hint}; a destination gets any of "
+                             f"{', '.join(PAYLOADS)}")
+        if not value:
+            raise _error("send", "send is an empty list; leave the key out for the rule's default")
+        if len(set(value)) != len(value):
+            raise _error("send", f"send lists a payload twice: {_shown(value)}")
+    return value
+
+
+SendList = Annotated[tuple[Payload, ...] | None, BeforeValidator(_check_send)]
+
+
+class _DestinationBase(_Strict):
+    # None: the rule's default (derived and maps for a processing rule, original for a forwarding rule).
+    send: SendList = None
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        own = super().keys()
+        return [k for k in own if k != "send"] + ["send"]  # the address first, then what it gets
+
+    def payloads(self, processes: bool) -> tuple[str, ...]:
+        """What this destination gets, in the order it is sent."""
+        if self.send is not None:
+            return tuple(p for p in PAYLOADS if p in self.send)
+        return ("derived", "maps") if processes else ("original",)
+
+
+class ReturnToSender(_DestinationBase):
+    """Send back to the AE that sent the series.
 
     Resolved when sending: the peer in node.yaml whose AE title equals the calling AE (the sender's own SCP
     host and port are not visible in the association, so the sender must be a known peer).
+    Written ``return_to_sender``, or ``{return_to_sender: true, send: [...]}`` to choose what it gets.
     """
 
-    kind: Literal["return_to_sender"] = "return_to_sender"
+    kind: Literal["return_to_sender"] = Field("return_to_sender", alias="return_to_sender")
 
     @model_validator(mode="before")
     @classmethod
     def _from_text(cls, data: Any) -> Any:
-        return {} if data == "return_to_sender" else data
+        if data == "return_to_sender":
+            return {}
+        if isinstance(data, dict) and "return_to_sender" in data:
+            if data["return_to_sender"] is not True:
+                raise _error("destination", "write return_to_sender: true (or just return_to_sender)")
+            return {k: v for k, v in data.items() if k != "return_to_sender"}
+        return data
 
     def describe(self) -> str:
         return "return_to_sender"
 
 
-class PeerRef(_Strict):
+class PeerRef(_DestinationBase):
     """A destination by name from node.yaml ``peers``."""
 
     peer: str = Field(min_length=1)
@@ -701,7 +748,7 @@ class PeerRef(_Strict):
         return f"peer {self.peer}"
 
 
-class Address(_Strict):
+class Address(_DestinationBase):
     """A destination given in full."""
 
     ae_title: AETitle
@@ -718,6 +765,8 @@ def _destination_tag(value: Any) -> str | None:
     if isinstance(value, str):
         return "<return_to_sender>"
     if isinstance(value, dict):
+        if "return_to_sender" in value:
+            return "<return_to_sender>"
         return "<peer>" if "peer" in value else "<address>"
     return None
 
@@ -756,12 +805,20 @@ class Rule(_Strict):
     priority: int = Field(100, strict=True)
     fallback: bool = Field(False, strict=True)
     match: Match = Field(default_factory=Match)
-    denoiser: DenoiserRef
+    # None: a forwarding rule (the series goes on as it is) or, with ``drop``, a rule that discards.
+    denoiser: DenoiserRef | None = None
+    drop: bool = Field(False, strict=True)
+    # When destinations that get the original get it: instance by instance as it arrives, or once complete.
+    forward: Literal["on_receipt", "on_completion"] = "on_completion"
+    # Hold this rule's sends until every series of the study is complete and processed and the study has been
+    # quiet for study_quiet_period_s (default: node.yaml completion.study_quiet_period_s).
+    hold_study: bool = Field(False, strict=True)
+    study_quiet_period_s: float | None = Field(None, gt=0, le=86400, strict=True)
     non_quantitative: Literal["process", "refuse"] = "process"
     quiet_period_s: float | None = Field(None, gt=0, le=86400, strict=True)
     device: str | None = None  # auto | cpu | cuda | cuda:N; None: the node's `device` setting
     output: OutputOptions = Field(default_factory=OutputOptions)
-    destinations: tuple[Destination, ...]
+    destinations: tuple[Destination, ...] = ()
 
     @field_validator("device")
     @classmethod
@@ -787,8 +844,6 @@ class Rule(_Strict):
     @field_validator("destinations")
     @classmethod
     def _no_repeats(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not value:
-            raise _error("destination", "at least one destination is needed (e.g. return_to_sender)")
         seen: dict[str, int] = {}
         for i, dest in enumerate(value):
             key = dest.describe()
@@ -798,11 +853,73 @@ class Rule(_Strict):
             seen[key] = i
         return value
 
+    @model_validator(mode="after")
+    def _consistent_actions(self) -> Rule:
+        if self.drop:
+            extra = [k for k, given in (("denoiser", self.denoiser is not None),
+                                        ("destinations", bool(self.destinations))) if given]
+            if extra:
+                raise _error("drop", f"a drop rule discards the series: remove {' and '.join(extra)}, or drop: true")
+            return self
+        if not self.destinations:
+            raise _error("destination", "at least one destination is needed (e.g. return_to_sender or "
+                         "{peer: pacs}); a rule that discards series says drop: true",
+                         subpath=("destinations",))
+        for i, dest in enumerate(self.destinations):
+            wanted = dest.payloads(self.processes)
+            if not self.processes and any(p != "original" for p in wanted):
+                raise _error("send", f"{dest.describe()} asks for {' and '.join(p for p in wanted if p != 'original')}"
+                             " but the rule has no denoiser: a forwarding rule sends the original only "
+                             "(add a denoiser to process the series)", subpath=("destinations", i, "send"))
+        if self.forward == "on_receipt":
+            if not self.forwards:
+                raise _error("forward", "forward: on_receipt needs a destination that gets the original "
+                             "(send: [original])", subpath=("forward",))
+            if self.hold_study:
+                raise _error("hold_study", "hold_study keeps the study back until it is complete; it cannot be "
+                             "combined with forward: on_receipt (instance by instance)", subpath=("hold_study",))
+        if self.study_quiet_period_s is not None and not self.hold_study:
+            raise _error("hold_study", "study_quiet_period_s applies only with hold_study: true",
+                         subpath=("study_quiet_period_s",))
+        return self
+
+    @property
+    def processes(self) -> bool:
+        """Whether the rule runs a denoiser (and so produces a derived series)."""
+        return self.denoiser is not None and not self.drop
+
+    @property
+    def forwards(self) -> bool:
+        """Whether some destination gets the original series."""
+        return any("original" in d.payloads(self.processes) for d in self.destinations)
+
+    @property
+    def action(self) -> str:
+        """drop | forward | process | process and forward (what `petnode rules test` and logs call it)."""
+        if self.drop:
+            return "drop"
+        if not self.processes:
+            return "forward"
+        return "process and forward" if self.forwards else "process"
+
     def summary(self) -> str:
-        """One line: ``gaussian(fwhm_mm=4.0, ...) -> return_to_sender, peer pacs; non-quantitative: process``."""
-        dests = ", ".join(d.describe() for d in self.destinations)
+        """One line: ``gaussian(fwhm_mm=4.0, ...) -> return_to_sender, peer pacs [original]; non-quantitative: ...``."""
+        if self.drop:
+            return "drop: the series is kept for the unrouted retention age and sent nowhere"
+
+        def dest_text(d: Any) -> str:
+            default = d.payloads(self.processes) == ("derived", "maps")
+            return d.describe() + ("" if default else f" [{', '.join(d.payloads(self.processes))}]")
+
+        dests = ", ".join(dest_text(d) for d in self.destinations)
         quiet = f"; quiet period {self.quiet_period_s:g} s" if self.quiet_period_s is not None else ""
-        return f"{self.denoiser.describe()} -> {dests}; non-quantitative series: {self.non_quantitative}{quiet}"
+        when = "; originals on receipt" if self.forward == "on_receipt" and self.forwards else ""
+        hold = "; study held until complete" if self.hold_study else ""
+        if not self.processes:
+            return f"forward -> {dests}{when}{hold}{quiet}"
+        assert self.denoiser is not None
+        return (f"{self.denoiser.describe()} -> {dests}; non-quantitative series: {self.non_quantitative}"
+                f"{when}{hold}{quiet}")
 
 
 class RuleSet(_Strict):

@@ -21,8 +21,6 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.handlers import (
-    IMAGE_STORAGE_CLASSES,
-    TRANSFER_SYNTAXES,
     ReceiveContext,
     handle_accepted,
     handle_conn_close,
@@ -31,6 +29,7 @@ from dicom_node.handlers import (
     handle_rejected,
     handle_requested,
     handle_store,
+    supported_storage,
 )
 from dicom_node.settings import NodeSettings
 
@@ -155,8 +154,8 @@ def make_ae(settings: NodeSettings) -> AE:
     # For an acceptor this is how long a new connection may wait before its A-ASSOCIATE-RQ.
     ae.acse_timeout = settings.association_request_timeout_s
     ae.add_supported_context(Verification)
-    for uid in IMAGE_STORAGE_CLASSES:
-        ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+    for uid, syntaxes in supported_storage().items():
+        ae.add_supported_context(uid, list(syntaxes))
     return ae
 
 

@@ -1,5 +1,10 @@
 """C-STORE / C-ECHO SCU: one association per call, every instance's status checked.
 
+Files go out as they are on disk: the data set bytes after the file meta information, in the transfer syntax they
+were stored in (pynetdicom's chunked sending; its default decodes each file and encodes it again). A file whose
+transfer syntax the destination does not accept is converted without loss (decompressed where needed) to an
+uncompressed syntax it accepts, or not sent with the reason; a lossy conversion never happens.
+
 Retries live in the scheduler (``node.py``); this module only reports exactly what happened.
 """
 
@@ -12,15 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_node.errors import SendError
-from dicom_node.handlers import handle_conn_open
+from dicom_node.handlers import LOSSLESS_COMPRESSED_SYNTAXES, UNCOMPRESSED_SYNTAXES, handle_conn_open
 
 logger = logging.getLogger(__name__)
+
+# Send the file's own bytes (pynetdicom reads the data set from the file in chunks, without decoding it).
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 # Warning statuses still mean "stored" (PS3.4 B.2.3: coercion, elements discarded, dataset mismatch).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -36,6 +45,7 @@ class SendReport:
     skipped: int = 0  # already acknowledged by an earlier attempt: not sent again
     failures: dict[str, str] = field(default_factory=dict)  # file name -> reason / status
     error: str | None = None  # association-level failure
+    converted: dict[str, int] = field(default_factory=dict)  # "from -> to" transfer syntax -> instances
 
     @property
     def ok(self) -> bool:
@@ -89,6 +99,32 @@ def keep_responses_for_caller(assoc: Any) -> None:
     dimse.get_msg = get_msg_for_caller
 
 
+def _syntax_name(uid: str) -> str:
+    return UID(uid).name or uid
+
+
+def _conversion(sop_class: str, syntax: str, accepted: dict[tuple[str, str], Any]) -> tuple[str | None, str]:
+    """The uncompressed syntax a file may be converted to for this destination, or None and why not."""
+    if syntax not in UNCOMPRESSED_SYNTAXES and syntax not in LOSSLESS_COMPRESSED_SYNTAXES:
+        return None, (f"the destination does not accept {_syntax_name(syntax)} for this SOP class, and a lossy "
+                      "compressed image is never converted")
+    for target in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        if (sop_class, str(target)) in accepted:
+            return str(target), ""
+    return None, (f"the destination accepts neither {_syntax_name(syntax)} nor an uncompressed transfer syntax "
+                  "for this SOP class")
+
+
+def _converted_dataset(path: Path, syntax: str) -> Any:
+    """The file decoded (and decompressed when compressed) for pynetdicom to encode in the accepted syntax."""
+    ds = dcmread(path)
+    if syntax in LOSSLESS_COMPRESSED_SYNTAXES:
+        # Lossless codecs only reach here (pylibjpeg / pyjpegls decode them exactly): the same image, so the same
+        # SOP Instance UID (pydicom would otherwise make a new one).
+        ds.decompress(generate_instance_uid=False)
+    return ds
+
+
 def _make_ae(calling_ae: str, timeout_s: float) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
@@ -98,12 +134,15 @@ def _make_ae(calling_ae: str, timeout_s: float) -> AE:
 
 def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, calling_ae: str = "PETNODE",
                timeout_s: float = 30.0, already_stored: Collection[str] = (),
-               on_stored: Callable[[str], None] | None = None) -> SendReport:
+               on_stored: Callable[[str], None] | None = None,
+               more: Callable[[], Sequence[Path]] | None = None) -> SendReport:
     """C-STORE ``paths`` to ``ae_title@host:port`` over one association; never raises for network trouble.
 
     Files whose SOP Instance UID is in ``already_stored`` (acknowledged by an earlier attempt) are not sent
     again; ``on_stored(uid)`` is called as soon as the destination acknowledges an instance, so a caller can
-    record it before the next one goes out.
+    record it before the next one goes out. ``more()``, when given, is asked for the current file list once
+    these are sent; what it adds goes out on the same association, until it adds nothing (forwarding a series
+    while it still arrives).
     """
     report = SendReport(total=len(paths))
     if not paths:
@@ -113,19 +152,20 @@ def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, ca
     except SendError as exc:
         report.error = str(exc)
         return report
-    todo = [(path, meta[2]) for path, meta in zip(paths, metas) if meta[2] not in already_stored]
+    todo = [(path, meta) for path, meta in zip(paths, metas) if meta[2] not in already_stored]
     report.skipped = report.sent = len(paths) - len(todo)
     if not todo:
         return report
-    contexts: dict[str, set[str]] = {}
-    for sop_class, syntax, uid in metas:
-        if uid not in already_stored:
-            contexts.setdefault(sop_class, set()).add(syntax)
     ae = _make_ae(calling_ae, timeout_s)
-    for sop_class, syntaxes in contexts.items():
-        ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
-    if len(ae.requested_contexts) > _MAX_CONTEXTS:  # pragma: no cover - 128 SOP classes in one send
-        report.error = f"too many SOP classes in one send ({len(contexts)})"
+    # One context per (SOP class, the file's transfer syntax), so the destination can accept the file's own
+    # syntax, plus an uncompressed one per class to convert to when it does not.
+    wanted = sorted({(m[0], m[1]) for _, m in todo} | {(m[0], "") for _, m in todo})
+    if more is not None:  # classes and syntaxes not yet here cannot be guessed: offer the usual ones too
+        wanted = sorted(set(wanted) | {(m[0], str(ExplicitVRLittleEndian)) for _, m in todo})
+    for sop_class, syntax in wanted:
+        ae.add_requested_context(sop_class, [syntax] if syntax else [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    if len(ae.requested_contexts) > _MAX_CONTEXTS:  # pragma: no cover - 64 SOP classes in one send
+        report.error = f"too many SOP classes and transfer syntaxes in one send ({len(wanted)})"
         return report
     try:
         assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)])
@@ -137,29 +177,76 @@ def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, ca
                         "no association: peer unreachable, connection refused, or aborted")
         return report
     keep_responses_for_caller(assoc)
+    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cx for cx in assoc.accepted_contexts}
+    tried: set[str] = set(already_stored)
     try:
-        for path, uid in todo:
-            try:
-                status = assoc.send_c_store(path)
-            except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
-                report.failures[path.name] = str(exc)
-                continue
-            if not assoc.is_established and not status:
-                report.error = "association lost during the send"
+        while todo:
+            for path, (sop_class, syntax, uid) in todo:
+                tried.add(uid)
+                if not _store_one(assoc, path, sop_class, syntax, uid, accepted, report, ae_title, on_stored):
+                    return report
+            if more is None:
                 break
-            code = int(getattr(status, "Status", -1)) if status else -1
-            if code in _STORED:
-                report.sent += 1
-                if on_stored is not None:
-                    on_stored(uid)
-                if code:
-                    logger.warning("destination %s stored %s with warning 0x%04X", ae_title, path.name, code)
-            else:
-                report.failures[path.name] = f"status 0x{code:04X}" if code >= 0 else "no response (timeout)"
+            current = list(more())
+            try:
+                current_metas = _metas(current)
+            except SendError as exc:
+                report.error = str(exc)
+                break
+            report.total = len(current)
+            todo = [(p, m) for p, m in zip(current, current_metas) if m[2] not in tried]
     finally:
         if assoc.is_established:
             assoc.release()
+    for what, count in report.converted.items():
+        logger.info("destination %s: %d instance(s) converted without loss, %s (it does not accept the stored "
+                    "syntax)", ae_title, count, what)
     return report
+
+
+def _offered(ae: AE, sop_class: str) -> bool:
+    return any(str(cx.abstract_syntax) == sop_class for cx in ae.requested_contexts)
+
+
+def _store_one(assoc: Any, path: Path, sop_class: str, syntax: str, uid: str, accepted: dict[tuple[str, str], Any],
+               report: SendReport, ae_title: str, on_stored: Callable[[str], None] | None) -> bool:
+    """C-STORE one file (as it is, or converted without loss); False when the association is gone."""
+    dataset: Any = path
+    if (sop_class, syntax) not in accepted:
+        if not _offered(assoc.ae, sop_class):
+            report.failures[path.name] = (f"SOP class {_syntax_name(sop_class)} arrived after the association was "
+                                          "negotiated; sent on the next attempt")
+            return True
+        target, why = _conversion(sop_class, syntax, accepted)
+        if target is None:
+            report.failures[path.name] = f"not sent: {why}"
+            return True
+        try:
+            dataset = _converted_dataset(path, syntax)
+        except Exception as exc:  # noqa: BLE001 - a codec missing or a corrupt frame: this file is not sent
+            report.failures[path.name] = (f"not sent: the destination needs {_syntax_name(target)} and "
+                                          f"{_syntax_name(syntax)} could not be decompressed here: {exc}")
+            return True
+        key = f"{_syntax_name(syntax)} -> {_syntax_name(target)}"
+        report.converted[key] = report.converted.get(key, 0) + 1
+    try:
+        status = assoc.send_c_store(dataset)
+    except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
+        report.failures[path.name] = str(exc)
+        return True
+    if not assoc.is_established and not status:
+        report.error = "association lost during the send"
+        return False
+    code = int(getattr(status, "Status", -1)) if status else -1
+    if code in _STORED:
+        report.sent += 1
+        if on_stored is not None:
+            on_stored(uid)
+        if code:
+            logger.warning("destination %s stored %s with warning 0x%04X", ae_title, path.name, code)
+    else:
+        report.failures[path.name] = f"status 0x{code:04X}" if code >= 0 else "no response (timeout)"
+    return True
 
 
 def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "PETNODE", timeout_s: float = 10.0) -> str | None:

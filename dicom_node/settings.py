@@ -45,6 +45,13 @@ class Peer(_Frozen):
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    # Calling AE titles this peer uses when it sends to petnode, when they differ from ``ae_title`` (a PACS that
+    # sends under another title): instances petnode forwarded to it that come back under these are recognised.
+    sends_as: tuple[AETitle, ...] = ()
+
+    def calls_as(self, calling_ae: str) -> bool:
+        """Whether an association calling as ``calling_ae`` comes from this peer."""
+        return calling_ae.strip() in (self.ae_title, *self.sends_as)
 
 
 class DiskSettings(_Frozen):
@@ -68,6 +75,11 @@ class CompletionSettings(_Frozen):
     # Relative tolerance on slice spacing when checking that slices are contiguous: the one setting completion and
     # the loader share (10 %: real GE bed junctions differ by 2-3 %, a missing slice doubles a gap).
     spacing_tolerance: float = Field(0.1, gt=0, lt=0.5)
+    # Rules with hold_study: their sends wait until every series of the study is complete and processed and no
+    # instance of the study arrived for this long (a rule's study_quiet_period_s overrides it) ...
+    study_quiet_period_s: float = Field(60.0, gt=0, le=86400)
+    # ... but never longer than this (an incomplete series must not keep a study from the PACS for ever).
+    study_hold_max_s: float = Field(3600.0, gt=0, le=7 * 86400)
 
 
 class SendSettings(_Frozen):
@@ -109,6 +121,9 @@ class RetentionSettings(_Frozen):
     refused_max_age_h: float = Field(168.0, gt=0)
     incomplete_max_age_h: float = Field(168.0, gt=0)
     failed_max_age_h: float = Field(336.0, gt=0)
+    dropped_max_age_h: float = Field(24.0, gt=0)
+    # How long the node remembers what it forwarded (to recognise it when a PACS routes it back: loop guard).
+    forwarded_memory_days: float = Field(90.0, gt=0)
     interval_min: float = Field(60.0, gt=0)
 
 

@@ -32,6 +32,7 @@ class SeriesState(enum.StrEnum):
     UNROUTED = "unrouted"  # no rule matched (kept, nothing sent)
     REFUSED = "refused"  # a rule matched but refused the series (e.g. not quantitative)
     OWN_OUTPUT = "own_output"  # our own derived series came back: never processed again (loop guard)
+    DROPPED = "dropped"  # a drop rule matched: kept for its retention age, sent nowhere
 
 
 class SendState(enum.StrEnum):
@@ -42,9 +43,18 @@ class SendState(enum.StrEnum):
     CANCELLED = "cancelled"  # its output was superseded (a changed source instance re-opened the series)
 
 
+class Payload(enum.StrEnum):
+    """What a send carries: the received series as it is, the derived series, a map series."""
+
+    ORIGINAL = "original"
+    DERIVED = "derived"
+    MAPS = "maps"
+
+
 # Schema version: 2 keys instances on (series, SOP Instance UID) with a content digest, keeps superseded versions,
-# keys sends on the output series and records every instance a destination confirmed.
-SCHEMA_VERSION = 2
+# keys sends on the output series and records every instance a destination confirmed. 3 adds what a send carries
+# (original, derived, maps), study holds, and the memory of forwarded instances (loop guard).
+SCHEMA_VERSION = 3
 
 
 _SCHEMA = """
@@ -113,7 +123,19 @@ CREATE TABLE IF NOT EXISTS sends (
     total INTEGER NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL,
     created_at REAL NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'derived',
+    study_uid TEXT,
+    held INTEGER NOT NULL DEFAULT 0,
+    hold_quiet_s REAL,
     UNIQUE (series_uid, output_series_uid, destination)
+);
+CREATE TABLE IF NOT EXISTS forwarded (
+    sop_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    ae_title TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    forwarded_at REAL NOT NULL,
+    PRIMARY KEY (sop_instance_uid, destination)
 );
 CREATE TABLE IF NOT EXISTS sent_instances (
     destination TEXT NOT NULL,
@@ -214,6 +236,12 @@ class StateDB:
     def _migrate(self) -> None:
         """Bring a database written by an older petnode to this schema, keeping every row."""
         instance_cols = self._columns("instances")
+        send_cols = self._columns("sends")
+        if instance_cols and "sha256" in instance_cols and send_cols and "kind" not in send_cols:
+            # Version 2: sends learn what they carry and whether they wait for their study.
+            for column in ("kind TEXT NOT NULL DEFAULT 'derived'", "study_uid TEXT",
+                           "held INTEGER NOT NULL DEFAULT 0", "hold_quiet_s REAL"):
+                self._conn.execute(f"ALTER TABLE sends ADD COLUMN {column}")
         if instance_cols and "sha256" not in instance_cols:
             series_cols = self._columns("series")
             if series_cols and "revision" not in series_cols:
@@ -478,19 +506,77 @@ class StateDB:
 
     # --- sends ---------------------------------------------------------------------------------------------
     def add_send(self, series_uid: str, ae_title: str, host: str, port: int, total: int,
-                 *, output_series_uid: str = "", failed_reason: str | None = None) -> None:
+                 *, output_series_uid: str = "", failed_reason: str | None = None,
+                 kind: Payload = Payload.DERIVED, study_uid: str | None = None,
+                 hold_quiet_s: float | None = None) -> None:
         """Queue one destination for one output series (idempotent: the same output and destination again is a
-        no-op). Keyed on the output series, so a new output (new revision, new parameters) is sent anew."""
+        no-op). Keyed on the output series, so a new output (new revision, new parameters) is sent anew.
+
+        The original series is keyed on its own UID, so it is queued once per destination; queueing it again
+        (more instances arrived, the series completed) wakes a finished or cancelled send, and the sender sends
+        what the destination has not confirmed. ``hold_quiet_s`` holds the send until its study is complete,
+        processed and quiet that long (:meth:`release_held`).
+        """
         key = f"{ae_title}@{host}:{port}"
         state = SendState.FAILED if failed_reason else SendState.PENDING
+        held = 1 if hold_quiet_s is not None and not failed_reason else 0
         now = time.time()
         with self._tx() as c:
             c.execute(
                 "INSERT OR IGNORE INTO sends (series_uid, output_series_uid, destination, ae_title, host, port, "
-                "state, total, last_error, updated_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "state, total, last_error, updated_at, created_at, kind, study_uid, held, hold_quiet_s) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (series_uid, output_series_uid, key, ae_title, host, port, state.value, total, failed_reason,
-                 now, now),
+                 now, now, kind.value, study_uid, held, hold_quiet_s),
             )
+            if kind is Payload.ORIGINAL and not failed_reason:
+                c.execute(
+                    "UPDATE sends SET total = ?, updated_at = ?, "
+                    "state = CASE WHEN state IN ('done', 'cancelled') THEN 'pending' ELSE state END, "
+                    "next_attempt_at = CASE WHEN state IN ('done', 'cancelled') THEN 0 ELSE next_attempt_at END, "
+                    "created_at = CASE WHEN state IN ('done', 'cancelled') THEN ? ELSE created_at END "
+                    "WHERE series_uid = ? AND output_series_uid = ? AND destination = ? AND kind = 'original'",
+                    (total, now, now, series_uid, output_series_uid, key))
+
+    def wake_original_sends(self, series_uid: str) -> int:
+        """Instances arrived for a series forwarded on receipt: its finished original sends go again."""
+        with self._tx() as c:
+            return c.execute(
+                "UPDATE sends SET state = 'pending', next_attempt_at = 0, created_at = ?, updated_at = ? "
+                "WHERE series_uid = ? AND kind = 'original' AND state IN ('done', 'cancelled')",
+                (time.time(), time.time(), series_uid)).rowcount
+
+    def release_held(self, now: float, max_hold_s: float) -> list[tuple[str, str]]:
+        """Let the held sends of every study that is ready go: (study UID, why) for each released study.
+
+        A study is ready when none of its series is still receiving, complete (queued) or processing, and no
+        instance of it arrived for the longest quiet period its held sends ask for; or, whatever its series do,
+        when its first held send has waited ``max_hold_s`` (an incomplete series must not hold a study forever).
+        """
+        released: list[tuple[str, str]] = []
+        with self._tx() as c:
+            studies = c.execute(
+                "SELECT study_uid, MAX(hold_quiet_s) AS quiet, MIN(created_at) AS since FROM sends "
+                "WHERE held = 1 AND state = 'pending' GROUP BY study_uid").fetchall()
+            for study in studies:
+                uid = study["study_uid"]
+                busy = c.execute(
+                    "SELECT COUNT(*) FROM series WHERE study_uid IS ? AND purged_at IS NULL "
+                    "AND state IN ('receiving', 'complete', 'processing', 'incomplete')", (uid,)).fetchone()[0]
+                last = c.execute("SELECT MAX(last_received) FROM series WHERE study_uid IS ?",
+                                 (uid,)).fetchone()[0] or 0.0
+                quiet = float(study["quiet"] or 0.0)
+                if not busy and now - last >= quiet:
+                    why = f"every series complete and processed, study quiet for {now - last:.0f} s"
+                elif now - float(study["since"]) >= max_hold_s:
+                    why = (f"held for the maximum of {max_hold_s:.0f} s with {busy} series not finished "
+                           "(incomplete or still arriving)")
+                else:
+                    continue
+                c.execute("UPDATE sends SET held = 0, next_attempt_at = 0, updated_at = ? WHERE held = 1 "
+                          "AND study_uid IS ?", (now, uid))
+                released.append((uid, why))
+        return released
 
     def sends(self, series_uid: str | None = None, *, include_cancelled: bool = False) -> list[dict[str, Any]]:
         where = "" if include_cancelled else " AND state != 'cancelled'"
@@ -507,7 +593,8 @@ class StateDB:
         """
         with self._tx() as c:
             rows = [dict(r) for r in c.execute(
-                "SELECT * FROM sends WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id",
+                "SELECT * FROM sends WHERE state = ? AND held = 0 AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at, id",
                 (SendState.PENDING.value, now),
             ).fetchall()]
             running: dict[str, int] = {}
@@ -523,14 +610,38 @@ class StateDB:
                 claimed.append(row)
         return claimed
 
-    def confirm_sent(self, destination: str, series_uid: str, sop_instance_uids: Sequence[str]) -> None:
-        """The destination acknowledged these output instances: a later attempt does not send them again."""
+    def confirm_sent(self, destination: str, series_uid: str, sop_instance_uids: Sequence[str], *,
+                     forwarded_to_ae: str | None = None) -> None:
+        """The destination acknowledged these instances: a later attempt does not send them again.
+
+        With ``forwarded_to_ae`` (received instances forwarded as they are) the node also remembers that it
+        forwarded them there, beyond the series' own life, so the same instances coming back from that
+        destination are recognised (:meth:`forwarded_to`).
+        """
         if not sop_instance_uids:
             return
         now = time.time()
         with self._tx() as c:
             c.executemany("INSERT OR IGNORE INTO sent_instances VALUES (?, ?, ?, ?)",
                           [(destination, uid, series_uid, now) for uid in sop_instance_uids])
+            if forwarded_to_ae is not None:
+                c.executemany("INSERT OR REPLACE INTO forwarded VALUES (?, ?, ?, ?, ?)",
+                              [(uid, destination, forwarded_to_ae, series_uid, now) for uid in sop_instance_uids])
+
+    def forwarded_to(self, sop_instance_uid: str) -> list[dict[str, Any]]:
+        """Where the node forwarded this received instance (destination, AE title, when)."""
+        return self._query("SELECT * FROM forwarded WHERE sop_instance_uid = ?", (sop_instance_uid,))
+
+    def forget_forwarded(self, before: float) -> int:
+        """Forget forwards older than ``before`` (retention of the loop guard's memory)."""
+        with self._tx() as c:
+            return c.execute("DELETE FROM forwarded WHERE forwarded_at < ?", (before,)).rowcount
+
+    def series_with_active_sends(self) -> set[str]:
+        """Series that something is still being sent for (pending, held or sending): never purged."""
+        with self._lock:
+            rows = self._conn.execute("SELECT DISTINCT series_uid FROM sends WHERE state IN ('pending', 'sending')")
+            return {r[0] for r in rows.fetchall()}
 
     def confirmed_for(self, destination: str, series_uid: str) -> set[str]:
         """Every output instance of this (source) series the destination has acknowledged."""
@@ -566,21 +677,21 @@ class StateDB:
 
     @staticmethod
     def _cancel_sends(c: sqlite3.Connection, series_uid: str, reason: str) -> int:
+        # The original's sends stay: the series is still what was received, and more of it goes on.
         return c.execute("UPDATE sends SET state = 'cancelled', last_error = ?, updated_at = ? "
-                         "WHERE series_uid = ? AND state IN ('pending', 'sending', 'failed')",
+                         "WHERE series_uid = ? AND kind != 'original' AND state IN ('pending', 'sending', 'failed')",
                          (reason, time.time(), series_uid)).rowcount
 
     def settle_series(self, series_uid: str) -> SeriesState | None:
         """After a send finished: DELIVERED when every destination is done, FAILED when the rest gave up."""
         with self._tx() as c:
-            row = c.execute("SELECT state, output_series_uid FROM series WHERE series_uid = ?",
-                            (series_uid,)).fetchone()
-            if row is None or row["state"] not in (SeriesState.SENDING, SeriesState.FAILED,
-                                                   SeriesState.DELIVERED):
-                return None  # re-opened (a changed instance) or being processed again: not this output's call
+            row = c.execute("SELECT state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+            if row is None or row["state"] != SeriesState.SENDING:
+                # Re-opened (a changed instance), being processed, or failed in processing while its original
+                # was forwarded: not the sends' call.
+                return None
             states = [r[0] for r in c.execute(
-                "SELECT state FROM sends WHERE series_uid = ? AND output_series_uid IN (?, '') "
-                "AND state != 'cancelled'", (series_uid, row["output_series_uid"] or ""))]
+                "SELECT state FROM sends WHERE series_uid = ? AND state != 'cancelled'", (series_uid,))]
             if not states or any(s in (SendState.PENDING, SendState.SENDING) for s in states):
                 return None
             now = time.time()

@@ -246,7 +246,7 @@ def _rule_users(args: argparse.Namespace, settings: NodeSettings, store: ModelSt
         active = store.get(name).version if _has_active(store, name) else None
         found = []
         for rule in ruleset.rules:
-            ref = rule.denoiser.model
+            ref = rule.denoiser.model if rule.denoiser is not None else None
             if not ref:
                 continue
             ref_name, ref_version = parse_ref(ref)

@@ -83,7 +83,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"rules ok: {rules_path}: {len(ruleset.rules)} rule(s): "
           + ", ".join(r.name + (" (disabled)" if r.disabled else "") for r in ruleset.rules))
     problems = []
-    with_models = [r for r in ruleset.rules if r.denoiser.model and not r.disabled]
+    with_models = [r for r in ruleset.rules if r.denoiser is not None and r.denoiser.model and not r.disabled]
     if with_models:
         from denoisers.errors import DenoiserError
         from dicom_node.node import open_model_store
@@ -91,10 +91,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         store = open_model_store(settings)
         for rule in with_models:
             try:
-                resolved = store.resolve(str(rule.denoiser.model))
+                resolved = store.resolve(str(rule.denoiser.model))  # type: ignore[union-attr]
                 print(f"model ok: rule {rule.name!r} -> {resolved.ref}")
             except DenoiserError as exc:
-                problems.append(f"rule {rule.name!r}: model {rule.denoiser.model!r}: {exc}")
+                problems.append(f"rule {rule.name!r}: model {rule.denoiser.model!r}: {exc}")  # type: ignore[union-attr]
     for problem in problems:
         print(f"petnode: {problem}", file=sys.stderr)
     return 1 if problems else 0
@@ -152,6 +152,9 @@ def _when(ts: float) -> str:
 def send_progress(send: dict[str, Any]) -> str:
     """What one destination's send is doing, in words (``retrying, next attempt at 03:12:40 ...``)."""
     state = send["state"]
+    if state == "pending" and send.get("held"):
+        return (f"held until every series of the study is complete and processed and the study is quiet for "
+                f"{send.get('hold_quiet_s') or 0:g} s")
     if state == "pending" and send["attempts"]:
         return (f"retrying, next attempt at {_when(send['next_attempt_at'])} (attempt {send['attempts'] + 1}; "
                 f"{send['sent']}/{send['total']} stored)")
@@ -176,7 +179,7 @@ def _print_series_table(db: Any, rows: list[dict[str, Any]]) -> None:
         sends_txt = f"{done}/{len(sends)}" if sends else "-"
         recv = f"{r['received_count']}/{r['expected_count'] or '?'}"
         open_sends = [s for s in sends if s["state"] != "done"]
-        detail = "; ".join(f"{s['destination']}: {send_progress(s)}"
+        detail = "; ".join(f"{s.get('kind', 'derived')} to {s['destination']}: {send_progress(s)}"
                            + (f": {s['last_error']}" if s["last_error"] else "") for s in open_sends)
         if r["error"]:
             detail = f"{r['error']}" + (f"; {detail}" if detail else "")
@@ -258,7 +261,8 @@ def cmd_series_show(args: argparse.Namespace) -> int:
             print(f"{key:<18} {value}")
         print(f"{'instances':<18} {len(db.instances(row['series_uid']))} on disk")
         for s in db.sends(row["series_uid"]):
-            print(f"send {s['destination']}: {send_progress(s)}, {s['attempts']} attempt(s)"
+            print(f"send {s.get('kind', 'derived')} to {s['destination']}: {send_progress(s)}, {s['attempts']} "
+                  "attempt(s)"
                   f"{', last error: ' + s['last_error'] if s['last_error'] else ''}")
     finally:
         db.close()

@@ -167,7 +167,8 @@ def _first_dicom(path: Path) -> tuple[Any, int]:
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
     from dicom_node.cli.node_commands import load_node_config
-    from dicom_node.rules import MatchContext, attribute_values, explain
+    from dicom_node.pipeline import delivery_plan
+    from dicom_node.rules import MatchContext, attribute_values, explain, is_own_output, select_rule
 
     settings, ruleset = load_node_config(args)
     ds, count = _first_dicom(args.path)
@@ -178,15 +179,21 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     for key, value in attribute_values(ctx, ruleset).items():
         print(f"  {key:<44} {value}")
     print("\nrules:")
-    matched = None
     for ex in explain(ruleset, ctx):
         mark = "MATCH" if ex.matched else "no"
         print(f"  [{mark:>5}] {ex.rule}")
         for reason in ex.reasons:
             print(f"          - {reason}")
-        if ex.matched and matched is None:
-            matched = ex.rule
-    print(f"\nresult: {'rule ' + repr(matched) + ' applies' if matched else 'no rule matches: not processed'}")
+    rule = select_rule(ruleset, ctx)
+    if rule is None:
+        why = ("petnode's own output: never routed again" if is_own_output(ds)
+               else "no rule matches: not processed, not forwarded")
+        print(f"\nresult: {why}")
+        return 0
+    print(f"\nresult: rule {rule.name!r} applies: {rule.action}")
+    print("what would be sent, per destination:")
+    for line in delivery_plan(rule, settings, ctx.calling_ae):
+        print(f"  {line}")
     return 0
 
 

@@ -123,7 +123,8 @@ def test_shipped_examples_are_valid_when_uncommented(tmp_path: Path) -> None:
     uncommented = re.sub(r"(?m)^  # ", "  ", marker + examples)
     ruleset = load_rules(_write(tmp_path, head + uncommented), peer_names={"pacs"})
     by_name = {r.name: r for r in ruleset.rules}
-    assert set(by_name) == {"pet-gaussian", "psma-sstr-ge", "research-fdg", "catch-all"}
+    assert set(by_name) == {"pet-gaussian", "psma-sstr-ge", "research-fdg", "catch-all", "pet-to-pacs",
+                            "drop-scouts", "forward-rest"}
     assert by_name["research-fdg"].disabled
     assert by_name["catch-all"].fallback
     # Every key of a rule and of match appears in the examples.
@@ -145,9 +146,19 @@ def test_shipped_examples_route_as_documented(tmp_path: Path) -> None:
     psma.RadiopharmaceuticalInformationSequence[0].Radiopharmaceutical = "Ga-68 PSMA-11"
     del psma.RadiopharmaceuticalInformationSequence[0].RadiopharmaceuticalCodeSequence
     assert select_rule(ruleset, _ctx(psma)).name == "psma-sstr-ge"  # type: ignore[union-attr]
-    assert select_rule(ruleset, _ctx()).name == "pet-gaussian"  # type: ignore[union-attr]
+    fdg = select_rule(ruleset, _ctx())
+    assert fdg is not None and fdg.name == "pet-to-pacs" and fdg.action == "process and forward"
+    assert fdg.destinations[0].payloads(True) == ("original", "derived", "maps")
+    assert fdg.destinations[1].payloads(True) == ("derived",) and fdg.hold_study
+    flt = _header()
+    flt.RadiopharmaceuticalInformationSequence[0].Radiopharmaceutical = "FLT"
+    del flt.RadiopharmaceuticalInformationSequence[0].RadiopharmaceuticalCodeSequence
+    assert select_rule(ruleset, _ctx(flt)).name == "pet-gaussian"  # type: ignore[union-attr]
     assert select_rule(ruleset, _ctx(_header(Modality="NM"))).name == "catch-all"  # type: ignore[union-attr]
-    assert select_rule(ruleset, _ctx(_header(Modality="CT"))) is None
+    ct = select_rule(ruleset, _ctx(_header(Modality="CT")))
+    assert ct is not None and ct.name == "forward-rest" and ct.action == "forward" and ct.forward == "on_receipt"
+    scout = select_rule(ruleset, _ctx(_header(Modality="CT", SeriesDescription="Topogram 0.6 T20s")))
+    assert scout is not None and scout.name == "drop-scouts" and scout.action == "drop"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -605,7 +616,7 @@ def test_denoiser_errors(tmp_path: Path, rule_yaml: str, expected: str) -> None:
         ("[{ae_title: WS1, host: h}]", (), "rules[0].destinations[0].port: required key is missing"),
         ("[{ae_title: WS1, host: h, port: 70000}]", (), "rules[0].destinations[0].port: Input should be less than"),
         ("[{ae_title: WS1, host: h, port: 104, tls: true}]", (),
-         "rules[0].destinations[0].tls: unknown key 'tls'; allowed here: ae_title, host, port"),
+         "rules[0].destinations[0].tls: unknown key 'tls'; allowed here: ae_title, host, port, send"),
         ("[{peer: pacs, port: 104}]", {"pacs"}, "rules[0].destinations[0].port: unknown key 'port'"),
         ("[]", (), "rules[0].destinations: at least one destination is needed"),
         ("[return_to_sender, return_to_sender]", (),
@@ -639,7 +650,6 @@ def test_every_problem_is_listed_in_file_order(tmp_path: Path) -> None:
         ":3: rules[0].match.modality[0]: unknown modality 'PET' (did you mean 'PT'?)",
         ":3: rules[0].match.tracer[0]: unknown tracer 'FGD' (did you mean 'FDG'?)",
         ":4: rules[0].denoiser.name: unknown denoiser 'gausian' (did you mean 'gaussian'?)",
-        ":6: rules[1].destinations: required key is missing",
         ":7: rules[1].priority: Input should be a valid integer (got 'high')",
         ":9: rules[1].destination: unknown key 'destination' (did you mean 'destinations'?)",
     ]

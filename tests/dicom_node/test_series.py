@@ -134,7 +134,7 @@ def test_missing_middle_slice_is_not_contiguous(tmp_path: Path) -> None:
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     reason = check_contiguity(headers)
     assert reason is not None and "non-uniform slice spacing" in reason
-    with pytest.raises(SeriesError, match="slice\(s\) missing"):
+    with pytest.raises(SeriesError, match=r"slice\(s\) missing"):
         load_pet_series(paths)
 
 
