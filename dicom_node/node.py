@@ -465,7 +465,8 @@ class Node:
             now = time.time()
             retry_at = None if report.ok else self.retry_at(row, attempts, now)
             state = self.db.finish_send(row["id"], ok=report.ok, sent=report.sent,
-                                        error=None if report.ok else report.summary(), retry_at=retry_at)
+                                        error=None if report.ok else report.summary(), retry_at=retry_at,
+                                        total=report.total if files else None)
             self._log_attempt(uid, dest, state, attempts, report.summary(), retry_at)
         except Exception as exc:  # noqa: BLE001 - the crash path obeys the same retry policy as a failed send
             logger.exception("series=%s dest=%s: send crashed", uid, dest)

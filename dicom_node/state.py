@@ -651,14 +651,15 @@ class StateDB:
         return {r[0] for r in rows}
 
     def finish_send(self, send_id: int, *, ok: bool, sent: int, error: str | None,
-                    retry_at: float | None) -> SendState:
-        """Record an attempt. ``retry_at`` None with ``ok`` False means the send gave up (failed)."""
+                    retry_at: float | None, total: int | None = None) -> SendState:
+        """Record an attempt. ``retry_at`` None with ``ok`` False means the send gave up (failed). ``total``:
+        how many instances the attempt found (an original forwarded while it arrives grows)."""
         state = SendState.DONE if ok else (SendState.PENDING if retry_at is not None else SendState.FAILED)
         with self._tx() as c:
             c.execute(
                 "UPDATE sends SET state = ?, attempts = attempts + 1, sent = ?, last_error = ?, "
-                "next_attempt_at = ?, updated_at = ? WHERE id = ? AND state != 'cancelled'",
-                (state.value, sent, error, retry_at or 0.0, time.time(), send_id),
+                "next_attempt_at = ?, updated_at = ?, total = COALESCE(?, total) WHERE id = ? AND state != 'cancelled'",
+                (state.value, sent, error, retry_at or 0.0, time.time(), total, send_id),
             )
         return state
 

@@ -731,3 +731,72 @@ def test_factory_series_routes_with_shipped_rules() -> None:
     assert rule is not None and rule.name == "pet-gaussian"
     values = attribute_values(MatchContext(header, None, None), _rules(_rule(match={"tracer": "FDG"})))
     assert values["(tracer)"].startswith("FDG")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forwarding, drop and study hold
+
+
+def test_forwarding_rule_defaults_and_actions() -> None:
+    ruleset = _rules(
+        {"name": "ct", "match": {"modality": "CT"}, "destinations": [{"peer": "pacs"}]},
+        {"name": "both", "denoiser": "gaussian",
+         "destinations": [{"peer": "pacs", "send": ["maps", "original", "derived"]},
+                          {"return_to_sender": True, "send": "derived"},
+                          {"ae_title": "WS1", "host": "h", "port": 104}]},
+        {"name": "scouts", "match": {"series_description": "(?i)scout"}, "drop": True},
+        peer_names={"pacs"},
+    )
+    ct, both, scouts = ruleset.rules
+    assert ct.action == "forward" and not ct.processes and ct.forwards and ct.forward == "on_completion"
+    assert ct.destinations[0].payloads(ct.processes) == ("original",)
+    assert both.action == "process and forward"
+    assert both.destinations[0].payloads(True) == ("original", "derived", "maps")  # always in this order
+    assert isinstance(both.destinations[1], ReturnToSender) and both.destinations[1].payloads(True) == ("derived",)
+    assert both.destinations[2].payloads(True) == ("derived", "maps")  # a processing rule's default
+    assert scouts.action == "drop" and not scouts.processes and scouts.destinations == ()
+    assert "forward -> peer pacs" in ct.summary() and "drop" in scouts.summary()
+    assert "peer pacs [original, derived, maps]" in both.summary()
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"drop": True}, "a drop rule discards the series: remove denoiser and destinations"),
+        ({"denoiser": None, "destinations": [{"peer": "pacs", "send": ["derived"]}]},
+         "asks for derived but the rule has no denoiser"),
+        ({"destinations": [{"peer": "pacs", "send": ["orignal"]}]}, "unknown payload 'orignal' (did you mean "
+                                                                    "'original'?)"),
+        ({"destinations": [{"peer": "pacs", "send": []}]}, "send is an empty list"),
+        ({"forward": "on_receipt"}, "forward: on_receipt needs a destination that gets the original"),
+        ({"forward": "at_once"}, "Input should be 'on_receipt' or 'on_completion'"),
+        ({"forward": "on_receipt", "hold_study": True, "destinations": [{"peer": "pacs", "send": "original"}]},
+         "cannot be combined with forward: on_receipt"),
+        ({"study_quiet_period_s": 30.0}, "study_quiet_period_s applies only with hold_study: true"),
+        ({"destinations": []}, "at least one destination is needed"),
+        ({"destinations": [{"return_to_sender": "yes"}]}, "write return_to_sender: true"),
+    ],
+)
+def test_forwarding_rule_errors(fields: dict[str, Any], expected: str) -> None:
+    rule = {**_rule(), "destinations": [{"peer": "pacs"}], **fields}
+    rule = {k: v for k, v in rule.items() if v is not None}
+    with pytest.raises(ConfigError) as info:
+        _rules(rule, peer_names={"pacs"})
+    assert expected in str(info.value), str(info.value)
+
+
+def test_drop_and_forward_rules_route_like_any_rule() -> None:
+    ruleset = _rules(
+        {"name": "scouts", "priority": 10, "match": {"modality": "CT", "series_description": "(?i)scout"},
+         "drop": True},
+        {"name": "ct", "match": {"modality": "CT"}, "forward": "on_receipt", "destinations": [{"peer": "pacs"}]},
+        _rule("pet", match={"modality": "PT"}),
+        peer_names={"pacs"},
+    )
+    def name(ds: Dataset) -> str | None:
+        rule = select_rule(ruleset, _ctx(ds))
+        return rule.name if rule is not None else None
+
+    assert name(_header(Modality="CT", SeriesDescription="SCOUT")) == "scouts"
+    assert name(_header(Modality="CT", SeriesDescription="CT AC")) == "ct"
+    assert name(_header()) == "pet"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from dicom_node.errors import ConfigError, DiskFullError
 from dicom_node.node import backoff_delay
 from dicom_node.settings import DiskSettings, load_settings
 from dicom_node.spool import Spool, safe_name, write_durable
-from dicom_node.state import InstanceRecord, SendState, SeriesState, StateDB
+from dicom_node.state import InstanceRecord, Payload, SendState, SeriesState, StateDB
 
 
 def _rec(sop: str, series: str = "1.2.3", path: Path = Path("/x"), expected: int | None = 3) -> InstanceRecord:
@@ -240,5 +241,109 @@ def test_version_1_database_is_migrated_keeping_rows(tmp_path: Path):
         assert db.has_instance("1.1", "1.2.3") and db.series("1.2.3")["revision"] == 0
         send = db.sends("1.2.3")[0]
         assert send["output_series_uid"] == "9.9" and send["attempts"] == 3 and send["created_at"] == 7.0
+    finally:
+        db.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forwarding: original sends, study holds, the memory of forwards
+
+
+def test_original_send_is_woken_not_duplicated(db: StateDB):
+    db.record_instance(_rec("1.1"))
+    db.add_send("1.2.3", "PACS", "h", 104, 1, output_series_uid="1.2.3", kind=Payload.ORIGINAL)
+    (send,) = db.claim_due_sends(0.0 + 1e12)
+    db.finish_send(send["id"], ok=True, sent=1, error=None, retry_at=None)
+    db.add_send("1.2.3", "PACS", "h", 104, 2, output_series_uid="1.2.3", kind=Payload.ORIGINAL)  # more arrived
+    (again,) = db.sends("1.2.3")
+    assert again["id"] == send["id"] and again["state"] == "pending" and again["total"] == 2
+    db.add_send("1.2.3", "PACS", "h", 104, 2, output_series_uid="1.2.3")  # a derived output of the same UID key
+    assert len(db.sends("1.2.3")) == 1  # same (series, output, destination): still one row
+    db.claim_due_sends(1e12)
+    assert db.wake_original_sends("1.2.3") == 0  # running: not woken twice
+
+
+def test_reopen_cancels_derived_sends_but_keeps_the_original(db: StateDB):
+    db.record_instance(_rec("1.1"))
+    db.add_send("1.2.3", "PACS", "h", 104, 1, output_series_uid="1.2.3", kind=Payload.ORIGINAL)
+    db.add_send("1.2.3", "PACS", "h", 104, 1, output_series_uid="9.9.9")
+    db.set_state("1.2.3", SeriesState.SENDING)
+    db.record_instance(_rec("1.12"))  # a late instance: the derived output is stale, the original is not
+    states = {s["kind"]: s["state"] for s in db.sends("1.2.3", include_cancelled=True)}
+    assert states == {"original": "pending", "derived": "cancelled"}
+
+
+def test_settle_leaves_a_series_failed_in_processing_alone(db: StateDB):
+    db.record_instance(_rec("1.1"))
+    db.add_send("1.2.3", "PACS", "h", 104, 1, output_series_uid="1.2.3", kind=Payload.ORIGINAL)
+    db.set_state("1.2.3", SeriesState.FAILED, error="denoiser crashed")
+    (send,) = db.claim_due_sends(1e12)
+    db.finish_send(send["id"], ok=True, sent=1, error=None, retry_at=None)
+    assert db.settle_series("1.2.3") is None  # the original arrived, but processing failed: still failed
+    assert db.series("1.2.3")["state"] == "failed" and db.series("1.2.3")["error"] == "denoiser crashed"
+
+
+def _held_study(db: StateDB, now: float) -> None:
+    db.record_instance(_rec("1.1", series="s.pet"), now=now)
+    db.record_instance(_rec("2.1", series="s.ct"), now=now)
+    db.add_send("s.ct", "PACS", "h", 104, 1, output_series_uid="s.ct", kind=Payload.ORIGINAL, study_uid="1.2",
+                hold_quiet_s=60.0)
+    db.set_state("s.ct", SeriesState.SENDING)
+
+
+def test_held_sends_wait_for_every_series_of_the_study(db: StateDB):
+    now = 1_000_000.0
+    _held_study(db, now)
+    assert db.claim_due_sends(now + 1e6) == []  # held
+    assert db.release_held(now + 600, max_hold_s=3600) == []  # the PET is still receiving
+    db.set_state("s.pet", SeriesState.PROCESSING)
+    assert db.release_held(now + 600, max_hold_s=3600) == []  # ... then processing
+    db.set_state("s.pet", SeriesState.SENDING)
+    assert db.release_held(now + 30, max_hold_s=3600) == []  # processed, but the study is not quiet for 60 s
+    ((study, why),) = db.release_held(now + 61, max_hold_s=3600)
+    assert study == "1.2" and "quiet" in why
+    assert [s["series_uid"] for s in db.claim_due_sends(now + 1e6)] == ["s.ct"]
+
+
+def test_held_sends_go_after_the_maximum_hold(db: StateDB):
+    _held_study(db, time.time())
+    db.set_state("s.pet", SeriesState.INCOMPLETE, error="slices missing")  # never completes by itself
+    assert db.release_held(time.time() + 10, max_hold_s=3600) == []
+    ((_, why),) = db.release_held(time.time() + 3601, max_hold_s=3600)
+    assert "maximum" in why
+
+
+def test_forwards_are_remembered_beyond_the_series(db: StateDB):
+    db.record_instance(_rec("1.1"))
+    db.confirm_sent("PACS@h:104", "1.2.3", ["1.1"], forwarded_to_ae="PACS")
+    db.confirm_sent("PACS@h:104", "1.2.3", ["7.7"])  # a derived instance: not a forward
+    db.mark_purged("1.2.3")
+    db.forget_sends("1.2.3")
+    assert [r["ae_title"] for r in db.forwarded_to("1.1")] == ["PACS"]
+    assert db.forwarded_to("7.7") == []
+    assert db.forget_forwarded(before=time.time() + 1) == 1 and db.forwarded_to("1.1") == []
+
+
+def test_version_2_database_gains_the_forwarding_columns(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "v2.sqlite3"
+    old = StateDB(path)
+    old.record_instance(_rec("1.1"))
+    old.add_send("1.2.3", "PACS", "h", 104, 1, output_series_uid="9.9")
+    old.close()
+    con = sqlite3.connect(path)  # back to the version-2 sends table (no kind, hold or study)
+    con.executescript("""
+        CREATE TABLE sends_v2 AS SELECT id, series_uid, output_series_uid, destination, ae_title, host, port, state,
+            attempts, next_attempt_at, last_error, sent, total, updated_at, created_at FROM sends;
+        DROP TABLE sends; ALTER TABLE sends_v2 RENAME TO sends; DROP TABLE forwarded;
+        UPDATE meta SET value = '2' WHERE key = 'schema_version';""")
+    con.close()
+    db = StateDB(path)
+    try:
+        (send,) = db.sends("1.2.3")
+        assert send["kind"] == "derived" and send["held"] == 0 and send["output_series_uid"] == "9.9"
+        assert db.forwarded_to("1.1") == []
+        assert db.claim_due_sends(time.time())[0]["id"] == send["id"]
     finally:
         db.close()

@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.dicomtools import StoreSCP, free_port, run_dciodvfy
 from tests.e2e.conftest import NodeProcess, pet_rule, send_datasets, wait_state, write_config
 from tests.factories import make_ct_series, make_pet_series, write_series
@@ -92,6 +92,56 @@ def test_rules_test_explains(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     write_series(make_ct_series(shape=(2, 8, 8)), tmp_path / "ct")
     assert main(["-c", str(config), "rules", "test", str(tmp_path / "ct")]) == 0
     assert "no rule matches" in capsys.readouterr().out
+
+
+def test_rules_test_shows_what_each_destination_gets(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    peers = [{"name": "pacs", "ae_title": "PACS", "host": "192.0.2.30", "port": 104},
+             {"name": "scanner", "ae_title": "SCANNER", "host": "192.0.2.20", "port": 104}]
+    rules = [pet_rule([{"peer": "pacs", "send": ["original", "derived", "maps"]},
+                       {"return_to_sender": True, "send": ["derived"]}], hold_study=True,
+                      study_quiet_period_s=45.0),
+             {"name": "scouts", "priority": 10, "match": {"modality": ["CT"], "series_description": "(?i)scout"},
+              "drop": True},
+             {"name": "ct", "match": {"modality": ["CT"]}, "forward": "on_receipt",
+              "destinations": [{"peer": "pacs"}]}]
+    config = write_config(tmp_path, rules, peers=peers)
+    write_series(make_pet_series(shape=(2, 8, 8), seed=25), tmp_path / "pet")
+    assert main(["-c", str(config), "rules", "test", str(tmp_path / "pet"), "--calling-ae", "SCANNER"]) == 0
+    out = capsys.readouterr().out
+    assert "rule 'pet-gaussian' applies: process and forward" in out
+    assert ("peer pacs (PACS@192.0.2.30:104): original as received, when the series is complete (or declared "
+            "incomplete); derived series (gaussian(fwhm_mm=6.0") in out
+    assert "maps: none (gaussian makes no maps)" in out
+    assert "return_to_sender (SCANNER@192.0.2.20:104): derived series" in out
+    assert "no instance arrived for 45 s (at most 3600 s)" in out
+    assert main(["-c", str(config), "rules", "test", str(tmp_path / "pet"), "--calling-ae", "OTHER"]) == 0
+    assert "return_to_sender (NOT RESOLVED: calling AE 'OTHER' is not in the node's peers" in capsys.readouterr().out
+    write_series(make_ct_series(shape=(2, 8, 8)), tmp_path / "ct")
+    assert main(["-c", str(config), "rules", "test", str(tmp_path / "ct")]) == 0
+    out = capsys.readouterr().out
+    assert "rule 'ct' applies: forward" in out
+    assert "peer pacs (PACS@192.0.2.30:104): original as received, instance by instance as it arrives" in out
+    write_series(make_ct_series(shape=(1, 8, 8), series_description="SCOUT"), tmp_path / "scout")
+    assert main(["-c", str(config), "rules", "test", str(tmp_path / "scout")]) == 0
+    assert "applies: drop" in (out := capsys.readouterr().out) and "dropped: sent nowhere" in out
+
+
+def test_status_shows_held_and_forwarded_sends(start_node, storescp_sink: StoreSCP,
+                                               capsys: pytest.CaptureFixture[str]):
+    pet = make_pet_series(shape=(3, 8, 8), seed=26)
+    ct = make_ct_series(shape=(3, 8, 8), seed=27, study_uid=str(pet[0].StudyInstanceUID))
+    node = start_node([{"name": "ct", "match": {"modality": ["CT"]}, "hold_study": True,
+                        "study_quiet_period_s": 600.0, "destinations": [{"peer": "sink"}]}],
+                      peers=[{"name": "sink", "ae_title": "SINK", "host": "127.0.0.1", "port": storescp_sink.port}])
+    assert send_datasets(ct, node.port) == [0] * 3
+    uid = str(ct[0].SeriesInstanceUID)
+    assert wait_until(lambda: node.db.sends(uid), timeout=30)
+    data = ["--data-dir", str(node.settings.data_dir)]
+    assert main(["status", *data]) == 0
+    out = capsys.readouterr().out
+    assert uid in out and "sending" in out
+    assert "original to SINK@127.0.0.1" in out and "held until every series of the study is complete" in out
+    assert storescp_sink.files() == []
 
 
 def test_offline_denoise_writes_valid_derived_series(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -10,14 +10,17 @@ import hashlib
 import logging
 import sqlite3
 import time
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGLSLossless
 
+from dicom_node import scu
 from dicom_node.cli import main
 from tests.conftest import wait_until
 from tests.dicomtools import Orthanc, StoreSCP, storescu
@@ -32,10 +35,6 @@ ACRIN = "ohif_acrin_nsclc_fdg_pet_042"
 def _dataset_digest(data: bytes) -> str:
     """sha256 of a Part 10 file's data set: the bytes after the file meta information (which every store
     rewrites: implementation UID and version, source AE)."""
-    from io import BytesIO
-
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-
     stream = BytesIO(data)
     read_preamble(stream, False)
     _read_file_meta_info(stream)
@@ -257,3 +256,93 @@ def test_pacs_routing_everything_back_starts_no_loop(start_node, tmp_path: Path,
         assert sorted(s["kind"] for s in sends) == ["derived", "original", "original"]
         assert all(s["state"] == "done" and s["sent"] == 6 for s in sends)
         assert returned() >= 12  # the 12 originals, acknowledged and not stored again
+
+
+def _capturing_scp(syntaxes: list[str]) -> tuple[Any, dict[str, tuple[str, bytes]]]:
+    """A pynetdicom storage SCP accepting CT in ``syntaxes`` only; records (syntax, data set bytes) per UID."""
+    from pynetdicom import AE, evt
+
+    got: dict[str, tuple[str, bytes]] = {}
+
+    def store(event: Any) -> int:
+        got[str(event.request.AffectedSOPInstanceUID)] = (str(event.context.transfer_syntax),
+                                                           event.encoded_dataset(include_meta=False))
+        return 0x0000
+
+    ae = AE(ae_title="CAPTURE")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2", syntaxes)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    return server, got
+
+
+@pytest.mark.parametrize("accepted", [ExplicitVRLittleEndian, "1.2.840.10008.1.2"])
+def test_send_is_byte_for_byte_or_converted_without_loss(tmp_path: Path, accepted: str):
+    files = write_series(make_ct_series(shape=(3, 16, 16), seed=96), tmp_path / "ct")
+    server, got = _capturing_scp([accepted])
+    try:
+        report = scu.send_files(files, "CAPTURE", "127.0.0.1", server.server_address[1])
+    finally:
+        server.shutdown()
+    assert report.ok, report.summary()
+    for path in files:
+        ds = dcmread(path)
+        syntax, data = got[str(ds.SOPInstanceUID)]
+        assert syntax == accepted
+        raw = path.read_bytes()
+        if accepted == ExplicitVRLittleEndian:  # the file's own syntax: its very bytes
+            assert hashlib.sha256(data).hexdigest() == _dataset_digest(raw)
+            assert report.converted == {}
+        else:  # converted: other bytes, the same image
+            assert hashlib.sha256(data).hexdigest() != _dataset_digest(raw)
+            back = read_dataset(BytesIO(data), is_implicit_VR=True, is_little_endian=True)
+            assert back.PixelData == ds.PixelData and back.SOPInstanceUID == ds.SOPInstanceUID
+            assert report.converted == {"Explicit VR Little Endian -> Implicit VR Little Endian": 3}
+
+
+class _SlowSink:
+    """A pynetdicom storage SCP for CT that takes ``delay_s`` per C-STORE and counts every C-STORE per UID."""
+
+    def __init__(self, delay_s: float) -> None:
+        import threading
+
+        from pynetdicom import AE, evt
+
+        self.delay_s = delay_s
+        self.received: list[str] = []
+        self._lock = threading.Lock()
+        ae = AE(ae_title="SLOW")
+        ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2", [ExplicitVRLittleEndian])
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.port = self.server.server_address[1]
+
+    def _store(self, event: Any) -> int:
+        time.sleep(self.delay_s)  # a slow PACS: the kill lands mid-series
+        with self._lock:
+            self.received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+
+@pytest.mark.slow
+def test_forward_resumes_after_kill9_without_duplicates(tmp_path: Path):
+    from tests.e2e.conftest import NodeProcess, write_config
+
+    sink = _SlowSink(delay_s=0.05)
+    ct = make_ct_series(shape=(40, 16, 16), seed=97)
+    config = write_config(tmp_path, [{"name": "ct", "match": {"modality": ["CT"]},
+                                      "destinations": [{"peer": "slow"}]}],
+                          peers=[{"name": "slow", "ae_title": "SLOW", "host": "127.0.0.1", "port": sink.port}])
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        assert send_datasets(ct, node.port) == [0] * 40
+        assert wait_until(lambda: len(sink.received) >= 10, timeout=60)
+        node.kill9()  # mid-forward
+        at_kill = len(sink.received)
+        assert at_kill < 40
+        node.start(port=node.port)
+        assert wait_until(lambda: len(set(sink.received)) == 40, timeout=60), len(set(sink.received))
+        assert wait_until(lambda: "delivered" in (tmp_path / "node.log").read_text(), timeout=30)
+        assert len(sink.received) <= 41  # at most the instance in flight at the kill arrives twice
+        assert set(sink.received) == {str(ds.SOPInstanceUID) for ds in ct}
+    finally:
+        node.stop()
+        sink.server.shutdown()
