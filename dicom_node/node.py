@@ -169,6 +169,8 @@ class Node:
             self.db.set_state(uid, SeriesState.OWN_OUTPUT, error="petnode's own derived series: not processed")
             logger.info("series=%s: our own derived series came back; never routed again (loop guard)", uid)
             self._headers.pop(uid, None)
+            with self._lock:
+                self._receipt.pop(uid, None)
             return
         rule = select_rule(self.ruleset, MatchContext(header, row["calling_ae"], row["called_ae"]))
         quiet = (rule.quiet_period_s if rule is not None and rule.quiet_period_s is not None
@@ -263,6 +265,11 @@ class Node:
 
         For a series whose rule forwards on receipt, the original's sends are queued with the first instance and
         woken as more arrive; a running send picks up new instances itself before it releases its association.
+
+        Departure from DESIGN.md ("a complete series is matched against the rules"): here the rules are matched on
+        the series' first instance, because a router's low latency is the point of on_receipt. The attributes
+        rules read are series-level, the same on every instance; completion matches again on the complete series
+        and queues the original anyway, so nothing depends on this early match being the last word.
         """
         try:
             with self._lock:
