@@ -480,3 +480,78 @@ def test_derived_from_multiframe_uids_are_deterministic_per_frame(tmp_path: Path
     second = [pydicom.dcmread(p).SOPInstanceUID for p in write_derived_pet(vol, vol.array, tmp_path / "b", PROV)]
     assert first == second and len(set(first)) == 4  # one multi-frame source instance, four distinct outputs
     assert all(UID_RE.match(uid) and len(uid) <= 64 for uid in first)
+
+
+# --- the shared-template writer --------------------------------------------------------------------------------------
+
+
+def _both_paths(vol: PetVolume, tmp_path: Path, *, template_expected: bool = True) -> tuple[list[Path], list[Path]]:
+    """The series written by deriving each slice in full, and by the shared template (checked to be used)."""
+    import datetime as dt
+
+    from dicom_node.outputs import derived_pet
+
+    when = dt.datetime(2026, 12, 4, 20, 0, 0, 123456, tzinfo=dt.timezone.utc)
+    denoised = _smooth(vol)
+    full = write_derived_pet(vol, denoised, tmp_path / "full", PROV, fast=False, created=when)
+    calls = []
+    original = derived_pet._encode_file
+    derived_pet._encode_file = lambda *a: calls.append(1) or original(*a)  # type: ignore[assignment]
+    try:
+        fast = write_derived_pet(vol, denoised, tmp_path / "fast", PROV, created=when)
+    finally:
+        derived_pet._encode_file = original  # type: ignore[assignment]
+    assert len(calls) == (0 if template_expected else len(fast))
+    return full, fast
+
+
+def _varied_series() -> list[pydicom.Dataset]:
+    """Slices that differ as real GE slices do (per-slice NumberOfTimeSlices, decay factors, times) and a
+    series-level module the derivation corrects."""
+    series = make_pet_series(shape=(5, 16, 16), seed=31, SeriesType=["WHOLE BODY", "IMAGE"])
+    for i, ds in enumerate(series):
+        ds.NumberOfTimeSlices = 1 + i % 2  # removed by the derivation on every slice, whatever its value
+        ds.DecayFactor = f"{1.0 + 0.01 * i:.4f}"
+        ds.FrameReferenceTime = str(1000 * i)
+        ds.ClinicalTrialSponsorName = ""  # incomplete module: dropped from every slice
+        if i == 3:
+            ds.AcquisitionTime = "091500"  # present with another value on one slice only
+    return series
+
+
+@pytest.mark.parametrize("make", ["plain", "varied", "jpegls", "legacy"])
+def test_template_writer_is_byte_for_byte_the_full_derivation(tmp_path: Path, make: str) -> None:
+    if make == "plain":
+        datasets = make_pet_series(shape=(6, 16, 16), seed=32)
+    elif make == "varied":
+        datasets = _varied_series()
+    elif make == "jpegls":
+        datasets = make_pet_series(shape=(4, 16, 16), seed=33, transfer_syntax=JPEGLSLossless)
+    else:
+        datasets = make_legacy_converted_pet(make_pet_series(shape=(4, 16, 16), seed=34))
+    vol = load_pet_series(write_series(datasets, tmp_path / "src"))
+    full, fast = _both_paths(vol, tmp_path)
+    assert [p.name for p in full] == [p.name for p in fast]
+    for a, b in zip(full, fast):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    if make == "varied":
+        ds = pydicom.dcmread(fast[3])
+        assert "NumberOfTimeSlices" not in ds and "ClinicalTrialSponsorName" not in ds
+        assert ds.AcquisitionTime == "091500" and pydicom.dcmread(fast[2]).DecayFactor == "1.0200"
+
+
+def test_slices_differing_in_what_the_derivation_reads_are_derived_one_by_one(tmp_path: Path) -> None:
+    datasets = make_pet_series(shape=(4, 16, 16), seed=35)
+    datasets[2].ImageType = ["ORIGINAL", "PRIMARY", "RECON TOMO"]  # ImageType feeds the derived ImageType
+    vol = load_pet_series(write_series(datasets, tmp_path / "src"))
+    full, fast = _both_paths(vol, tmp_path, template_expected=False)
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(full, fast))
+    assert list(pydicom.dcmread(fast[2]).ImageType) == ["DERIVED", "PRIMARY", "RECON TOMO"]
+
+
+@pytest.mark.slow
+def test_template_writer_matches_on_real_series(tmp_path: Path, realdata: Path) -> None:
+    for folder in ("ohif_acrin_nsclc_fdg_pet_042", "mirp_tcia_sts_001_fdg_pet"):
+        vol = load_pet_series(sorted((realdata / folder / "PT_AC").glob("*.dcm")))
+        full, fast = _both_paths(vol, tmp_path / folder)
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(full, fast)), folder
