@@ -1,7 +1,16 @@
-"""``petnode bench receive``: receive throughput beside DCMTK storescp, and end-to-end latency.
+"""``petnode bench receive``: the data path against references measured in the same run, on the same series.
 
-Both receivers get the same series from the same sender (DCMTK ``storescu``, TCP_NODELAY on) in the same run,
-so the ratio means something on any machine. petnode fsyncs every instance; storescp does not.
+Four rows, each a ratio to a reference taken in the same run on the same machine (so it means something anywhere):
+
+1. latency: last instance acknowledged -> last derived instance stored at a DCMTK storescp sink (Gaussian route),
+   against a naive pydicom round trip of the same files (read, decode, re-encode, write, fsync each);
+2. ``petnode denoise --method gaussian`` (the command, a process of its own) against the same naive round trip;
+3. receive rate over one association (DCMTK storescu, TCP_NODELAY on) against a minimal pynetdicom SCP that writes
+   ``event.encoded_dataset()`` and fsyncs it, and DCMTK storescp (no fsync); then 1, 4 and 10 senders at once;
+4. NLM in the node's own path (``petnode denoise --method nlm`` minus the Gaussian command) against
+   scikit-image's ``denoise_nl_means`` (patch 3, distance 2, fast mode, one thread) on the same volume.
+
+Plus the peak memory of the Gaussian command against the volume's size in float32 and the interpreter's baseline.
 """
 
 from __future__ import annotations
@@ -13,8 +22,10 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dicom_node.errors import DicomNodeError
 
@@ -25,6 +36,16 @@ class ReceiveFigures:
     storescp_per_s: list[float]
     petnode_per_s: list[float]
     latency_s: list[float]  # last instance acknowledged -> last derived instance acknowledged by the destination
+    minimal_per_s: list[float] = field(default_factory=list)  # pynetdicom SCP: encoded_dataset() + fsync
+    naive_round_trip_s: list[float] = field(default_factory=list)
+    denoise_gaussian_s: list[float] = field(default_factory=list)
+    denoise_nlm_s: list[float] = field(default_factory=list)
+    skimage_nlm_s: list[float] = field(default_factory=list)
+    concurrent_per_s: dict[int, list[float]] = field(default_factory=dict)  # senders -> instances/s
+    peak_rss_mb: float = 0.0  # the Gaussian command
+    baseline_rss_mb: float = 0.0  # the same interpreter with petnode imported, doing nothing
+    volume_mb: float = 0.0  # the series as float32
+    torch_threads: int = 0
 
 
 def free_port() -> int:
@@ -55,6 +76,105 @@ def _storescu(series_dir: Path, port: int, called: str) -> float:
     t0 = time.perf_counter()
     subprocess.run([_tool("storescu"), "-aec", called, "-aet", "SCANNER", "+sd", "+r", "127.0.0.1", str(port),
                     str(series_dir)], check=True, env=env, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def _storescu_parallel(files: list[Path], port: int, called: str, senders: int) -> float:
+    """Seconds for ``senders`` storescu processes (one association each) to send ``files`` between them."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    chunks = [files[i::senders] for i in range(senders)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([_tool("storescu"), "-aec", called, "-aet", f"SCANNER{i}", "127.0.0.1", str(port),
+                               *map(str, chunk)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i, chunk in enumerate(chunks) if chunk]
+    for proc in procs:
+        if proc.wait() != 0:
+            raise DicomNodeError(f"storescu failed (exit {proc.returncode}) in the concurrent receive benchmark")
+    return time.perf_counter() - t0
+
+
+def naive_round_trip(files: list[Path], out_dir: Path) -> float:
+    """Seconds for the simplest correct pydicom pass over a series: read, decode the pixels, encode them again,
+    write and fsync each file. The reference for the series latency and the denoise command."""
+    from pydicom import dcmread
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i, path in enumerate(files):
+        ds = dcmread(path)
+        ds.PixelData = ds.pixel_array.tobytes()
+        target = out_dir / f"{i:04d}.dcm"
+        ds.save_as(target)
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t0
+
+
+class MinimalScp:
+    """The least a durable pynetdicom storage SCP can do: write ``event.encoded_dataset()`` and fsync it."""
+
+    def __init__(self, directory: Path) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._count = 0
+        ae = AE(ae_title="MINIMAL")
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.port = int(self.server.server_address[1])
+
+    def _store(self, event: Any) -> int:
+        self._count += 1
+        path = self.directory / f"{self._count:06d}-{threading.get_ident()}.dcm"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            os.write(fd, event.encoded_dataset())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+_MEASURED = (
+    "import sys\n"
+    "from dicom_node.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "peak = [line for line in open('/proc/self/status') if line.startswith('VmHWM:')]\n"
+    "print('PEAK_KB', peak[0].split()[1] if peak else 0, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def _run_measured(args: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one ``petnode`` command in a process of its own.
+
+    The peak is the process's own high-water mark (VmHWM) read at its end: rusage's ru_maxrss would also count the
+    pages of this (large) benchmark process that the child shared between fork and exec.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _MEASURED, *args], capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise DicomNodeError(f"petnode {' '.join(args[:2])} ... failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    peak = next((line.split()[1] for line in proc.stderr.splitlines() if line.startswith("PEAK_KB")), "0")
+    return elapsed, int(peak) / 1024.0
+
+
+def _skimage_nlm_s(volume: Any) -> float:
+    import numpy as np
+    from skimage.restoration import denoise_nl_means
+
+    sigma = float(np.std(volume[volume < np.percentile(volume, 50)])) or 1.0
+    t0 = time.perf_counter()
+    denoise_nl_means(volume, patch_size=3, patch_distance=2, h=0.8 * sigma, sigma=sigma, fast_mode=True)
     return time.perf_counter() - t0
 
 
@@ -110,8 +230,58 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
                     figures.latency_s.append(float(row["delivered_at"]) - float(row["last_received"]))
                 finally:
                     node.stop()
+            minimal = MinimalScp(tmpdir / "minimal")
+            try:
+                for _ in range(repeats):
+                    figures.minimal_per_s.append(len(files) / _storescu(series_dir, minimal.port, "MINIMAL"))
+            finally:
+                minimal.stop()
+            _concurrent(figures, files, tmpdir, repeats)
+            _offline(figures, series_dir, files, tmpdir, repeats)
         finally:
             for proc in (ref, sink):
                 proc.terminate()
                 proc.wait(timeout=10)
     return figures
+
+
+def _concurrent(figures: ReceiveFigures, files: list[Path], tmpdir: Path, repeats: int) -> None:
+    """Receive rate with 1, 4 and 10 senders at once (a rule that routes nothing: receiving alone)."""
+    from dicom_node.node import Node
+    from dicom_node.rules import load_rules
+    from dicom_node.settings import load_settings
+
+    rules_path = tmpdir / "receive-only.yaml"
+    rules_path.write_text("rules:\n  - name: keep\n    match: {modality: [MG]}\n    drop: true\n")
+    for senders in (1, 4, 10):
+        rates = figures.concurrent_per_s.setdefault(senders, [])
+        for i in range(repeats):
+            settings = load_settings(None, port=0, bind_address="127.0.0.1", data_dir=tmpdir / f"c{senders}-{i}",
+                                     disk={"min_free_mb": 1}, max_associations=20)
+            node = Node(settings, load_rules(rules_path))
+            node.start()
+            try:
+                rates.append(len(files) / _storescu_parallel(files, node.port, "PETNODE", senders))
+            finally:
+                node.stop()
+
+
+def _offline(figures: ReceiveFigures, series_dir: Path, files: list[Path], tmpdir: Path, repeats: int) -> None:
+    """The naive round trip, the denoise commands (time and peak memory) and scikit-image's NLM."""
+    from dicom_node.series import load_pet_series
+
+    volume = load_pet_series(sorted(files)).array
+    figures.volume_mb = volume.astype("float32").nbytes / 2**20
+    _, figures.baseline_rss_mb = _run_measured(["--version"])
+    for i in range(repeats):
+        figures.naive_round_trip_s.append(naive_round_trip(sorted(files), tmpdir / f"naive{i}"))
+        seconds, rss = _run_measured(["denoise", str(series_dir), str(tmpdir / f"gauss{i}"), "--method",
+                                      "gaussian"])
+        figures.denoise_gaussian_s.append(seconds)
+        figures.peak_rss_mb = max(figures.peak_rss_mb, rss)
+        figures.denoise_nlm_s.append(_run_measured(["denoise", str(series_dir), str(tmpdir / f"nlm{i}"),
+                                                    "--method", "nlm"])[0])
+        figures.skimage_nlm_s.append(_skimage_nlm_s(volume))
+    import torch
+
+    figures.torch_threads = torch.get_num_threads()

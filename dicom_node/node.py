@@ -260,7 +260,7 @@ class Node:
         self._queue_sends(uid, rule, row, Payload.ORIGINAL, uid, total)
 
     # --- forwarding on receipt -------------------------------------------------------------------------------
-    def on_received(self, series_uid: str) -> None:
+    def on_received(self, series_uid: str, count_reached: bool = False) -> None:
         """Called by the C-STORE handler once an instance is durable and recorded (never raises).
 
         For a series whose rule forwards on receipt, the original's sends are queued with the first instance and
@@ -271,6 +271,8 @@ class Node:
         rules read are series-level, the same on every instance; completion matches again on the complete series
         and queues the original anyway, so nothing depends on this early match being the last word.
         """
+        if count_reached:
+            self._wake("completion")  # the last slice is here: no need to wait for the next poll
         try:
             with self._lock:
                 known = series_uid in self._receipt
@@ -294,6 +296,14 @@ class Node:
         except Exception:  # noqa: BLE001 - forwarding trouble must never fail a C-STORE already stored
             logger.exception("series=%s: could not forward on receipt (the series is forwarded when complete)",
                              series_uid)
+
+    def _wake(self, job: str) -> None:
+        """Run a scheduler job now instead of at its next interval (a hint: errors are only logged)."""
+        try:
+            if self._scheduler is not None and not self._stopped.is_set():
+                self._scheduler.modify_job(job, next_run_time=datetime.now())
+        except Exception:  # noqa: BLE001 - e.g. the scheduler shutting down
+            logger.debug("could not wake the %s job", job, exc_info=True)
 
     def _receipt_rule(self, series_uid: str) -> Rule | None:
         """The series' rule when it forwards the original on receipt, else None."""

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import threading
 import uuid
 from collections.abc import Sequence
@@ -93,6 +94,33 @@ def write_durable(path: Path, data: bytes, *, fsync: bool = True) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(f"out of space writing {path.name!r} in {str(path.parent)!r}") from exc
         raise StorageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of group 0002 (UI padded with NUL, SH with a space, OB with NUL)."""
+    if len(value) % 2:
+        value += b" " if vr == b"SH" else b"\0"
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                  implementation_uid: str, implementation_version: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information (PS3.10 7.1) for a data set received over the network.
+
+    The same bytes pydicom and pynetdicom write for these values (tested), built directly: encoding a
+    FileMetaDataset through pydicom costs about a millisecond, a large share of receiving one instance.
+    """
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\0\1"),
+        _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii")),
+        _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii")),
+        _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
+        _meta_element(0x0012, b"UI", implementation_uid.encode("ascii")),
+        _meta_element(0x0013, b"SH", implementation_version.encode("ascii")),
+    ))
+    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
 def sync_files(paths: Sequence[Path]) -> None:

@@ -229,6 +229,8 @@ class StateDB:
             self._migrate()
             self._conn.executescript(_SCHEMA)
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            # Whether anything was ever forwarded: until then the loop guard costs no query per received instance.
+            self._forwarded_any = self._conn.execute("SELECT 1 FROM forwarded LIMIT 1").fetchone() is not None
 
     def _columns(self, table: str) -> list[str]:
         return [r[1] for r in self._conn.execute(f"PRAGMA table_info({table})").fetchall()]
@@ -625,11 +627,14 @@ class StateDB:
             c.executemany("INSERT OR IGNORE INTO sent_instances VALUES (?, ?, ?, ?)",
                           [(destination, uid, series_uid, now) for uid in sop_instance_uids])
             if forwarded_to_ae is not None:
+                self._forwarded_any = True
                 c.executemany("INSERT OR REPLACE INTO forwarded VALUES (?, ?, ?, ?, ?)",
                               [(uid, destination, forwarded_to_ae, series_uid, now) for uid in sop_instance_uids])
 
     def forwarded_to(self, sop_instance_uid: str) -> list[dict[str, Any]]:
         """Where the node forwarded this received instance (destination, AE title, when)."""
+        if not self._forwarded_any:
+            return []
         return self._query("SELECT * FROM forwarded WHERE sop_instance_uid = ?", (sop_instance_uid,))
 
     def forget_forwarded(self, before: float) -> int:

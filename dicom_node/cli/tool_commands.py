@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -238,19 +239,35 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_receive(args: argparse.Namespace) -> int:
-    import statistics
+    from statistics import median
 
     from dicom_node.bench import bench_receive
 
     f = bench_receive(args.series_dir, repeats=args.repeats)
-    ref, ours, lat = (statistics.median(x) for x in (f.storescp_per_s, f.petnode_per_s, f.latency_s))
-    print(f"series: {f.instances} instances from DCMTK storescu (TCP_NODELAY=1), {args.repeats} repeat(s), medians")
-    print(f"{'receiver':<34} {'instances/s':>12}")
-    print(f"{'DCMTK storescp (no fsync)':<34} {ref:>12.1f}")
-    print(f"{'petnode (fsync file+dir+db)':<34} {ours:>12.1f}")
-    print(f"ratio petnode / storescp: {ours / ref:.2f}")
-    print(f"last instance received -> last derived instance acknowledged (gaussian 4 mm): {lat:.2f} s "
-          f"(runs: {', '.join(f'{x:.2f}' for x in f.latency_s)})")
+    ref, ours, minimal = (median(x) for x in (f.storescp_per_s, f.petnode_per_s, f.minimal_per_s))
+    lat, naive = median(f.latency_s), median(f.naive_round_trip_s)
+    gauss, nlm, sk = median(f.denoise_gaussian_s), median(f.denoise_nlm_s), median(f.skimage_nlm_s)
+    print(f"series {args.series_dir}: {f.instances} instances; DCMTK storescu with TCP_NODELAY=1; {args.repeats} "
+          f"repeat(s), medians; {os.cpu_count()} CPUs")
+    print(f"{'what':<64} {'petnode':>10} {'reference':>10} {'ratio':>7}  reference")
+    rows = [
+        ("latency: last instance acked -> last derived stored at storescp", lat, naive, lat / naive,
+         "naive pydicom round trip (s)"),
+        ("petnode denoise --method gaussian (s)", gauss, naive, gauss / naive, "naive pydicom round trip (s)"),
+        ("receive, one association (instances/s)", ours, minimal, ours / minimal,
+         "minimal pynetdicom SCP, fsync (/s)"),
+        ("receive, one association (instances/s)", ours, ref, ours / ref, "DCMTK storescp, no fsync (/s)"),
+        (f"NLM in the node (nlm - gaussian command, torch {f.torch_threads} threads) (s)", nlm - gauss, sk,
+         sk / max(nlm - gauss, 1e-9), "scikit-image fast NLM, 1 thread (s); ratio = speed-up"),
+    ]
+    for what, value, reference, ratio, label in rows:
+        print(f"{what:<64} {value:>10.2f} {reference:>10.2f} {ratio:>7.2f}  {label}")
+    scaling = ", ".join(f"{n} sender(s) {median(r):.1f}/s" for n, r in sorted(f.concurrent_per_s.items()))
+    print(f"receive with concurrent senders (each its own association): {scaling}")
+    print(f"peak memory of the gaussian command: {f.peak_rss_mb:.0f} MB = interpreter baseline "
+          f"{f.baseline_rss_mb:.0f} MB + {f.peak_rss_mb - f.baseline_rss_mb:.0f} MB "
+          f"({(f.peak_rss_mb - f.baseline_rss_mb) / max(f.volume_mb, 1e-9):.1f}x the volume in float32, "
+          f"{f.volume_mb:.1f} MB)")
     return 0
 
 
