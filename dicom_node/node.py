@@ -472,11 +472,14 @@ class Node:
             else:
                 t0 = time.perf_counter()
                 confirmed = self.db.confirmed_for(dest, uid)
+                remember = None
+                if forwarded_to is not None:
+                    def remember(sops: list[str]) -> None:
+                        self.db.remember_forwards(dest, forwarded_to, uid, sops)
                 report = scu.send_files(files, row["ae_title"], row["host"], row["port"],
                                         calling_ae=self.settings.ae_title, timeout_s=self.settings.send.timeout_s,
-                                        already_stored=confirmed, more=more,
-                                        on_stored=lambda sop: self.db.confirm_sent(dest, uid, [sop],
-                                                                                   forwarded_to_ae=forwarded_to))
+                                        already_stored=confirmed, more=more, before_sending=remember,
+                                        on_stored=lambda sop: self.db.confirm_sent(dest, uid, [sop]))
                 logger.info("series=%s dest=%s %s: %s in %.2f s", uid, dest, kind.value, report.summary(),
                             time.perf_counter() - t0)
             now = time.time()

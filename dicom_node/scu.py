@@ -135,14 +135,16 @@ def _make_ae(calling_ae: str, timeout_s: float) -> AE:
 def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, calling_ae: str = "PETNODE",
                timeout_s: float = 30.0, already_stored: Collection[str] = (),
                on_stored: Callable[[str], None] | None = None,
-               more: Callable[[], Sequence[Path]] | None = None) -> SendReport:
+               more: Callable[[], Sequence[Path]] | None = None,
+               before_sending: Callable[[list[str]], None] | None = None) -> SendReport:
     """C-STORE ``paths`` to ``ae_title@host:port`` over one association; never raises for network trouble.
 
     Files whose SOP Instance UID is in ``already_stored`` (acknowledged by an earlier attempt) are not sent
     again; ``on_stored(uid)`` is called as soon as the destination acknowledges an instance, so a caller can
     record it before the next one goes out. ``more()``, when given, is asked for the current file list once
     these are sent; what it adds goes out on the same association, until it adds nothing (forwarding a series
-    while it still arrives).
+    while it still arrives). ``before_sending(uids)`` is called with each batch of SOP Instance UIDs before any of
+    them goes out (the loop guard remembers a forward before the destination can route it back).
     """
     report = SendReport(total=len(paths))
     if not paths:
@@ -181,6 +183,8 @@ def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, ca
     tried: set[str] = set(already_stored)
     try:
         while todo:
+            if before_sending is not None:
+                before_sending([m[2] for _, m in todo])
             for path, (sop_class, syntax, uid) in todo:
                 tried.add(uid)
                 if not _store_one(assoc, path, sop_class, syntax, uid, accepted, report, ae_title, on_stored):

@@ -612,24 +612,27 @@ class StateDB:
                 claimed.append(row)
         return claimed
 
-    def confirm_sent(self, destination: str, series_uid: str, sop_instance_uids: Sequence[str], *,
-                     forwarded_to_ae: str | None = None) -> None:
-        """The destination acknowledged these instances: a later attempt does not send them again.
-
-        With ``forwarded_to_ae`` (received instances forwarded as they are) the node also remembers that it
-        forwarded them there, beyond the series' own life, so the same instances coming back from that
-        destination are recognised (:meth:`forwarded_to`).
-        """
+    def confirm_sent(self, destination: str, series_uid: str, sop_instance_uids: Sequence[str]) -> None:
+        """The destination acknowledged these instances: a later attempt does not send them again."""
         if not sop_instance_uids:
             return
         now = time.time()
         with self._tx() as c:
             c.executemany("INSERT OR IGNORE INTO sent_instances VALUES (?, ?, ?, ?)",
                           [(destination, uid, series_uid, now) for uid in sop_instance_uids])
-            if forwarded_to_ae is not None:
-                self._forwarded_any = True
-                c.executemany("INSERT OR REPLACE INTO forwarded VALUES (?, ?, ?, ?, ?)",
-                              [(uid, destination, forwarded_to_ae, series_uid, now) for uid in sop_instance_uids])
+
+    def remember_forwards(self, destination: str, ae_title: str, series_uid: str,
+                          sop_instance_uids: Sequence[str]) -> None:
+        """Received instances about to be forwarded as they are to ``destination``: remembered before they go
+        (beyond the series' own life), so the same instances coming back from there are recognised
+        (:meth:`forwarded_to`) even when the destination routes them back before it has answered."""
+        if not sop_instance_uids:
+            return
+        now = time.time()
+        self._forwarded_any = True
+        with self._tx() as c:
+            c.executemany("INSERT OR REPLACE INTO forwarded VALUES (?, ?, ?, ?, ?)",
+                          [(uid, destination, ae_title, series_uid, now) for uid in sop_instance_uids])
 
     def forwarded_to(self, sop_instance_uid: str) -> list[dict[str, Any]]:
         """Where the node forwarded this received instance (destination, AE title, when)."""

@@ -315,8 +315,8 @@ def test_held_sends_go_after_the_maximum_hold(db: StateDB):
 
 def test_forwards_are_remembered_beyond_the_series(db: StateDB):
     db.record_instance(_rec("1.1"))
-    db.confirm_sent("PACS@h:104", "1.2.3", ["1.1"], forwarded_to_ae="PACS")
-    db.confirm_sent("PACS@h:104", "1.2.3", ["7.7"])  # a derived instance: not a forward
+    db.remember_forwards("PACS@h:104", "PACS", "1.2.3", ["1.1"])  # before it goes out
+    db.confirm_sent("PACS@h:104", "1.2.3", ["1.1", "7.7"])  # 7.7: a derived instance, not a forward
     db.mark_purged("1.2.3")
     db.forget_sends("1.2.3")
     assert [r["ae_title"] for r in db.forwarded_to("1.1")] == ["PACS"]
