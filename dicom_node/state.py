@@ -465,7 +465,7 @@ class StateDB:
                 (time.time(), series_uid, SeriesState.RECEIVING.value, SeriesState.INCOMPLETE.value),
             ).rowcount > 0
 
-    REPROCESSABLE = ("delivered", "failed", "unrouted", "refused", "incomplete")
+    REPROCESSABLE = ("delivered", "failed", "unrouted", "refused", "incomplete", "dropped")
 
     def reprocess(self, series_uid: str, rule: str | None = None) -> bool:
         """Operator's reprocess: route again with the current rules (or process with ``rule``) and send in full.

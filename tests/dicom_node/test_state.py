@@ -347,3 +347,12 @@ def test_version_2_database_gains_the_forwarding_columns(tmp_path: Path):
         assert db.claim_due_sends(time.time())[0]["id"] == send["id"]
     finally:
         db.close()
+
+
+def test_a_dropped_series_can_be_routed_again(db: StateDB):
+    """A drop rule that was wrong: the operator routes the series again after fixing the rules."""
+    db.record_instance(_rec("1.1"))
+    db.set_state("1.2.3", SeriesState.DROPPED, error="dropped by rule 'scouts'")
+    assert db.reprocess("1.2.3")
+    row = db.series("1.2.3")
+    assert row["state"] == "receiving" and row["force_complete"] == 1 and row["error"] is None
