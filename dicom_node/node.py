@@ -9,6 +9,7 @@ without duplicates, retried by one policy, optionally held until the whole study
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -472,10 +473,9 @@ class Node:
             else:
                 t0 = time.perf_counter()
                 confirmed = self.db.confirmed_for(dest, uid)
-                remember = None
-                if forwarded_to is not None:
-                    def remember(sops: list[str]) -> None:
-                        self.db.remember_forwards(dest, forwarded_to, uid, sops)
+                # Forwards are remembered before they go (loop guard); derived series need no such memory.
+                remember = (functools.partial(self.db.remember_forwards, dest, forwarded_to, uid)
+                            if forwarded_to is not None else None)
                 report = scu.send_files(files, row["ae_title"], row["host"], row["port"],
                                         calling_ae=self.settings.ae_title, timeout_s=self.settings.send.timeout_s,
                                         already_stored=confirmed, more=more, before_sending=remember,
