@@ -241,9 +241,8 @@ class Node:
                 else self.settings.completion.study_quiet_period_s)
 
     def _queue_sends(self, uid: str, rule: Rule, row: dict[str, Any], payload: Payload, output_uid: str,
-                     total: int) -> int:
-        """Queue ``payload`` for every destination of ``rule`` that gets it; the number queued."""
-        queued = 0
+                     total: int) -> None:
+        """Queue ``payload`` for every destination of ``rule`` that gets it."""
         for dest in resolve_destinations(rule, self.settings, row.get("calling_ae"), payload.value):
             common = {"output_series_uid": output_uid, "kind": payload, "study_uid": row.get("study_uid"),
                       "hold_quiet_s": self._hold_s(rule)}
@@ -253,8 +252,6 @@ class Node:
                 logger.error("series=%s route=%s: destination %s cannot be resolved: %s", uid, rule.name,
                              dest.label, dest.reason)
                 self.db.add_send(uid, dest.label, "-", 0, total, failed_reason=dest.reason, **common)
-            queued += 1
-        return queued
 
     def _queue_originals(self, uid: str, rule: Rule, row: dict[str, Any], total: int) -> None:
         """Forward the received series as it is to the rule's destinations that get the original."""
@@ -264,8 +261,9 @@ class Node:
     def on_received(self, series_uid: str, count_reached: bool = False) -> None:
         """Called by the C-STORE handler once an instance is durable and recorded (never raises).
 
-        For a series whose rule forwards on receipt, the original's sends are queued with the first instance and
-        woken as more arrive; a running send picks up new instances itself before it releases its association.
+        For a series whose rule forwards on receipt, the original's sends are queued with the first instance; each
+        later one only marks the series fresh and wakes the sends job, which does the database work off the
+        association's thread. A running send picks up new instances itself before it releases its association.
 
         Departure from DESIGN.md ("a complete series is matched against the rules"): here the rules are matched on
         the series' first instance, because a router's low latency is the point of on_receipt. The attributes
@@ -279,21 +277,18 @@ class Node:
                 known = series_uid in self._receipt
                 rule = self._receipt.get(series_uid)
             if not known:
-                rule = self._receipt_rule(series_uid)
+                rule, row = self._receipt_rule(series_uid)
                 with self._lock:
                     self._receipt[series_uid] = rule
+                if rule is not None:
+                    self._queue_originals(series_uid, rule, row, int(row.get("received_count") or 0))
             if rule is None or self._stopped.is_set():
                 return
             with self._lock:
+                first = series_uid not in self._fresh  # later ones until the sends job looks need no new wake
                 self._fresh.add(series_uid)
-                running = any(r["series_uid"] == series_uid and r["kind"] == Payload.ORIGINAL
-                              for r in self._sending.values())
-            if not known:
-                row = self.db.series(series_uid) or {}
-                self._queue_originals(series_uid, rule, row, int(row.get("received_count") or 0))
-            if not running:
-                self.db.wake_original_sends(series_uid)
-                self.dispatch_sends()
+            if first:
+                self._wake("sends")
         except Exception:  # noqa: BLE001 - forwarding trouble must never fail a C-STORE already stored
             logger.exception("series=%s: could not forward on receipt (the series is forwarded when complete)",
                              series_uid)
@@ -306,19 +301,19 @@ class Node:
         except Exception:  # noqa: BLE001 - e.g. the scheduler shutting down
             logger.debug("could not wake the %s job", job, exc_info=True)
 
-    def _receipt_rule(self, series_uid: str) -> Rule | None:
-        """The series' rule when it forwards the original on receipt, else None."""
-        row = self.db.series(series_uid)
-        if row is None or row["state"] != SeriesState.RECEIVING:
-            return None
+    def _receipt_rule(self, series_uid: str) -> tuple[Rule | None, dict[str, Any]]:
+        """The series' rule when it forwards the original on receipt (else None), and the series row."""
+        row = self.db.series(series_uid) or {}
+        if row.get("state") != SeriesState.RECEIVING:
+            return None, row
         header = self._header(series_uid)
         if is_petnode_output(header) or self.db.is_own_output(series_uid):
-            return None
+            return None, row
         rule = select_rule(self.ruleset, MatchContext(header, row["calling_ae"], row["called_ae"]))
         if rule is None or rule.drop or rule.forward != "on_receipt" or not rule.forwards:
-            return None
+            return None, row
         logger.info("series=%s route=%s: forwarding instances as they arrive", series_uid, rule.name)
-        return rule
+        return rule, row
 
     # --- processing ------------------------------------------------------------------------------------------
     def lane_for(self, rule: Rule) -> tuple[str, str]:
@@ -425,6 +420,13 @@ class Node:
         if self._stopped.is_set():
             return
         per_dest = self.settings.send.associations_per_destination
+        with self._lock:
+            running = {r["series_uid"] for r in self._sending.values() if r["kind"] == Payload.ORIGINAL}
+            idle = [uid for uid in self._fresh if uid not in running]
+        for uid in idle:  # instances arrived for a series forwarded on receipt whose send is not running
+            self.db.wake_original_sends(uid)
+            with self._lock:
+                self._fresh.discard(uid)  # a pending send reads every instance there is when it runs
         for study, why in self.db.release_held(time.time(), self.settings.completion.study_hold_max_s):
             logger.info("study=%s: held sends released: %s", study, why)
         with self._lock:
@@ -501,10 +503,9 @@ class Node:
             with self._lock:
                 self._sending.pop(row["id"], None)
                 fresh = kind is Payload.ORIGINAL and uid in self._fresh
-        if fresh:  # instances arrived after this send last looked: it goes again
+        if fresh:  # instances arrived after this send last looked: dispatch wakes it and it goes again
             try:
-                if self.db.wake_original_sends(uid):
-                    self.dispatch_sends()
+                self.dispatch_sends()
             except Exception:  # noqa: BLE001 - completion queues the original again in any case
                 logger.exception("series=%s: could not wake the forward", uid)
         try:

@@ -90,32 +90,31 @@ def series_seed(series_uid: str, route: str, revision: int = 0) -> int:
     return int.from_bytes(digest[:8], "big") >> 1  # a non-negative int64
 
 
+def resolve_destination(dest: Any, settings: NodeSettings, calling_ae: str | None) -> Destination | Unresolved:
+    """One destination of a rule as an address; a sender we cannot return to is reported, not guessed."""
+    if isinstance(dest, ReturnToSender):
+        peer = settings.peer_by_ae(calling_ae) if calling_ae else None
+        if peer is None:
+            return Unresolved(f"return_to_sender ({calling_ae or 'unknown AE'})",
+                              f"calling AE {calling_ae!r} is not in the node's peers table, so petnode does not "
+                              "know its port: add it under `peers:` in node.yaml")
+        return Destination(peer.ae_title, peer.host, peer.port)
+    if isinstance(dest, PeerRef):
+        peer = settings.peer(dest.peer)
+        if peer is None:  # load_rules refuses unknown peers; this guards a node.yaml edited later
+            return Unresolved(dest.peer, f"peer {dest.peer!r} is not in the peers table")
+        return Destination(peer.ae_title, peer.host, peer.port)
+    if isinstance(dest, Address):
+        return Destination(dest.ae_title, dest.host, dest.port)
+    raise RoutingError(f"unknown destination {dest!r}")  # pragma: no cover - the rules model has no other kind
+
+
 def resolve_destinations(rule: Rule, settings: NodeSettings, calling_ae: str | None, payload: str | None = None
                          ) -> list[Destination | Unresolved]:
     """Turn a rule's destinations (those that get ``payload``: original, derived, maps; all when None) into
     addresses; a sender we cannot return to is reported, not guessed."""
-    out: list[Destination | Unresolved] = []
-    for dest in rule.destinations:
-        if payload is not None and payload not in dest.payloads(rule.processes):
-            continue
-        if isinstance(dest, ReturnToSender):
-            peer = settings.peer_by_ae(calling_ae) if calling_ae else None
-            if peer is None:
-                out.append(Unresolved(f"return_to_sender ({calling_ae or 'unknown AE'})",
-                                      f"calling AE {calling_ae!r} is not in the node's peers table, so petnode "
-                                      "does not know its port: add it under `peers:` in node.yaml"))
-            else:
-                out.append(Destination(peer.ae_title, peer.host, peer.port))
-        elif isinstance(dest, PeerRef):
-            peer = settings.peer(dest.peer)
-            if peer is None:  # load_rules refuses unknown peers; this guards a node.yaml edited later
-                out.append(Unresolved(dest.peer, f"peer {dest.peer!r} is not in the peers table"))
-            else:
-                out.append(Destination(peer.ae_title, peer.host, peer.port))
-        elif isinstance(dest, Address):
-            out.append(Destination(dest.ae_title, dest.host, dest.port))
-        else:  # pragma: no cover - the rules model has no other kind
-            raise RoutingError(f"unknown destination {dest!r}")
+    out = [resolve_destination(dest, settings, calling_ae) for dest in rule.destinations
+           if payload is None or payload in dest.payloads(rule.processes)]
     # The same address twice would send twice.
     seen: set[Destination] = set()
     unique: list[Destination | Unresolved] = []
@@ -154,13 +153,13 @@ def delivery_plan(rule: Rule, settings: NodeSettings, calling_ae: str | None) ->
     when_original = ("instance by instance as it arrives" if rule.forward == "on_receipt"
                      else "when the series is complete (or declared incomplete)")
     for dest in rule.destinations:
-        resolved = resolve_destinations(rule.model_copy(update={"destinations": (dest,)}), settings, calling_ae)
+        resolved = resolve_destination(dest, settings, calling_ae)
         where = dest.describe()
-        if resolved and isinstance(resolved[0], Destination):
-            address = f"{resolved[0].ae_title}@{resolved[0].host}:{resolved[0].port}"
+        if isinstance(resolved, Destination):
+            address = f"{resolved.ae_title}@{resolved.host}:{resolved.port}"
             where = where if where == address else f"{where} ({address})"
-        elif resolved:
-            where = f"{where} (NOT RESOLVED: {resolved[0].reason})"  # type: ignore[union-attr]
+        else:
+            where = f"{where} (NOT RESOLVED: {resolved.reason})"
         parts = []
         for payload in dest.payloads(rule.processes):
             if payload == "original":

@@ -162,8 +162,6 @@ def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, ca
     # One context per (SOP class, the file's transfer syntax), so the destination can accept the file's own
     # syntax, plus an uncompressed one per class to convert to when it does not.
     wanted = sorted({(m[0], m[1]) for _, m in todo} | {(m[0], "") for _, m in todo})
-    if more is not None:  # classes and syntaxes not yet here cannot be guessed: offer the usual ones too
-        wanted = sorted(set(wanted) | {(m[0], str(ExplicitVRLittleEndian)) for _, m in todo})
     for sop_class, syntax in wanted:
         ae.add_requested_context(sop_class, [syntax] if syntax else [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     if len(ae.requested_contexts) > _MAX_CONTEXTS:  # pragma: no cover - 64 SOP classes in one send
@@ -180,25 +178,25 @@ def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, ca
         return report
     keep_responses_for_caller(assoc)
     accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cx for cx in assoc.accepted_contexts}
-    tried: set[str] = set(already_stored)
+    seen = set(paths)  # files whose meta has been read: ``more()`` lists them again, only new ones are read
     try:
         while todo:
             if before_sending is not None:
                 before_sending([m[2] for _, m in todo])
             for path, (sop_class, syntax, uid) in todo:
-                tried.add(uid)
                 if not _store_one(assoc, path, sop_class, syntax, uid, accepted, report, ae_title, on_stored):
                     return report
             if more is None:
                 break
             current = list(more())
+            new = [p for p in current if p not in seen]
             try:
-                current_metas = _metas(current)
+                todo = [(p, m) for p, m in zip(new, _metas(new)) if m[2] not in already_stored]
             except SendError as exc:
                 report.error = str(exc)
                 break
+            seen.update(new)
             report.total = len(current)
-            todo = [(p, m) for p, m in zip(current, current_metas) if m[2] not in tried]
     finally:
         if assoc.is_established:
             assoc.release()

@@ -532,21 +532,26 @@ class StateDB:
                  now, now, kind.value, study_uid, held, hold_quiet_s),
             )
             if kind is Payload.ORIGINAL and not failed_reason:
-                c.execute(
-                    "UPDATE sends SET total = ?, updated_at = ?, "
-                    "state = CASE WHEN state IN ('done', 'cancelled') THEN 'pending' ELSE state END, "
-                    "next_attempt_at = CASE WHEN state IN ('done', 'cancelled') THEN 0 ELSE next_attempt_at END, "
-                    "created_at = CASE WHEN state IN ('done', 'cancelled') THEN ? ELSE created_at END "
-                    "WHERE series_uid = ? AND output_series_uid = ? AND destination = ? AND kind = 'original'",
-                    (total, now, now, series_uid, output_series_uid, key))
+                c.execute("UPDATE sends SET total = ? WHERE series_uid = ? AND destination = ? AND kind = 'original'",
+                          (total, series_uid, key))
+                self._wake_originals(c, series_uid, now, destination=key)
 
     def wake_original_sends(self, series_uid: str) -> int:
         """Instances arrived for a series forwarded on receipt: its finished original sends go again."""
         with self._tx() as c:
-            return c.execute(
-                "UPDATE sends SET state = 'pending', next_attempt_at = 0, created_at = ?, updated_at = ? "
-                "WHERE series_uid = ? AND kind = 'original' AND state IN ('done', 'cancelled')",
-                (time.time(), time.time(), series_uid)).rowcount
+            return self._wake_originals(c, series_uid, time.time())
+
+    @staticmethod
+    def _wake_originals(c: sqlite3.Connection, series_uid: str, now: float, destination: str | None = None) -> int:
+        """Original sends that finished (done, or cancelled) go back to pending: the sender sends what the
+        destination has not confirmed (nothing, when it has everything)."""
+        sql = ("UPDATE sends SET state = 'pending', next_attempt_at = 0, created_at = ?, updated_at = ? "
+               "WHERE series_uid = ? AND kind = 'original' AND state IN ('done', 'cancelled')")
+        args: list[Any] = [now, now, series_uid]
+        if destination is not None:
+            sql += " AND destination = ?"
+            args.append(destination)
+        return c.execute(sql, args).rowcount
 
     def release_held(self, now: float, max_hold_s: float) -> list[tuple[str, str]]:
         """Let the held sends of every study that is ready go: (study UID, why) for each released study.

@@ -52,7 +52,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_file_meta_info
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
@@ -62,7 +62,7 @@ from dicom_node import __version__
 from dicom_node.errors import OutputWriteError
 from dicom_node.outputs.uids import derive_uid
 from dicom_node.series import PET_IMAGE_STORAGE, PetVolume
-from dicom_node.spool import fsync_dir, sync_files, write_durable
+from dicom_node.spool import fsync_dir, part10_header, sync_files, write_durable
 
 __all__ = [
     "CONTRIBUTING_EQUIPMENT_PURPOSE",
@@ -159,7 +159,6 @@ _CONSTANT_BY_DERIVATION = frozenset(tag_for_keyword(k) for k in (
     "InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "SamplesPerPixel",
     "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "RescaleIntercept",
 ))
-_PREAMBLE = b"\0" * 128 + b"DICM"
 
 
 @dataclass(frozen=True)
@@ -478,19 +477,6 @@ class _SeriesTemplate:
         return b"".join(parts[tag] for tag in sorted(parts))
 
 
-def _file_meta_bytes(sop_uid: str) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = PET_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_file_meta_info(fp, meta, enforce_standard=True)
-    return bytes(fp.getvalue())
-
-
 def _derive_header(
     header: Dataset,
     *,
@@ -654,8 +640,9 @@ def write_derived_pet(
         try:
             if template is not None:
                 sop_uid = _instance_uid(series_uid, str(header.SOPInstanceUID), frame)
-                data = _PREAMBLE + _file_meta_bytes(sop_uid) + template.body(header, sop_uid, frame, slope,
-                                                                             stored.tobytes())
+                data = part10_header(PET_IMAGE_STORAGE, sop_uid, ExplicitVRLittleEndian, IMPLEMENTATION_CLASS_UID,
+                                     IMPLEMENTATION_VERSION_NAME) + template.body(header, sop_uid, frame, slope,
+                                                                                  stored.tobytes())
             else:
                 data = _encode_file(derive(header, frame=frame), slope, stored)
             # One flush for the whole series below, not one per file: the series is only recorded as written
