@@ -20,6 +20,7 @@ from pydicom.uid import UID
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from dicom_node.decoded import DecodedCache
 from dicom_node.errors import DiskFullError, StorageError
 from dicom_node.spool import Spool, part10_header
 from dicom_node.state import InstanceRecord, StateDB, StoreOutcome
@@ -117,6 +118,7 @@ class ReceiveContext:
     # now has as many instances as its NumberOfSlices says, so completion can be checked at once)
     on_received: Any = None
     make_room: Any = None  # optional callable() -> int: remove finished series under disk pressure (retention)
+    decoded: DecodedCache | None = None  # PET data sets kept decoded for processing (dicom_node/decoded.py)
     guard: ConnectionGuard | None = None
     settings: NodeSettings | None = None
     _stats: dict[int, AssociationStats] = field(default_factory=dict)
@@ -470,6 +472,9 @@ def _store_checked(event: Event, ctx: ReceiveContext, stats: AssociationStats | 
                            "sender meant (a modality reusing SOP Instance UIDs, or a re-sent corrected series)",
                            sop_uid, conflict["series_uid"], series_uid)
         _count(stats, "received")
+    if ctx.decoded is not None and modality == "PT":
+        # The data set decoded for the checks is what processing would read back from the file: keep it.
+        ctx.decoded.put(series_uid, path, ds, str(event.context.transfer_syntax), len(data))
     if ctx.on_received is not None:
         count = (before["received_count"] if before is not None else 0) + (outcome is StoreOutcome.NEW)
         ctx.on_received(series_uid, expected is not None and count >= expected)

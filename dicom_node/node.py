@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node import scu
 from dicom_node.completion import Verdict, decide
+from dicom_node.decoded import DecodedCache
 from dicom_node.errors import DicomNodeError, RoutingError
 from dicom_node.handlers import ReceiveContext
 from dicom_node.outputs.derived_pet import is_petnode_output
@@ -69,6 +70,7 @@ class Node:
         self.db = StateDB(settings.state_db)
         self.spool = Spool(settings.data_dir, settings.disk)
         self.models = open_model_store(settings)
+        self.decoded = DecodedCache(int(settings.workers.decoded_cache_mb * 2**20))
         self._server: Any = None
         self._scheduler: Any = None
         self._lanes: dict[str, ThreadPoolExecutor] = {}
@@ -104,7 +106,9 @@ class Node:
                            "before recording them; their C-STOREs were never acknowledged)", len(orphans))
         self._server = start_scp(self.settings, ReceiveContext(spool=self.spool, db=self.db,
                                                                make_room=self.make_room,
-                                                               on_received=self.on_received))
+                                                               on_received=self.on_received,
+                                                               decoded=self.decoded if self.decoded.max_bytes
+                                                               else None))
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                             "misfire_grace_time": None})
         now = datetime.now()
@@ -167,6 +171,7 @@ class Node:
         uid = row["series_uid"]
         header = self._header(uid)
         if is_petnode_output(header) or self.db.is_own_output(uid):
+            self.decoded.drop_series(uid)
             self.db.set_state(uid, SeriesState.OWN_OUTPUT, error="petnode's own derived series: not processed")
             logger.info("series=%s: our own derived series came back; never routed again (loop guard)", uid)
             self._headers.pop(uid, None)
@@ -206,6 +211,8 @@ class Node:
                     # still the scanner's data.
                     self._queue_originals(uid, rule, row, len(instances))
             return
+        if not rule or not rule.processes:
+            self.decoded.drop_series(uid)  # never loaded: what the handler decoded for it is not needed
         if rule is None:
             self.db.set_state(uid, SeriesState.UNROUTED, error="no rule matched (petnode rules test explains)")
             logger.info("series=%s modality=%s: complete (%s); no rule matched, nothing to do", uid,
@@ -378,7 +385,8 @@ class Node:
             t0 = time.perf_counter()
             plan = dataclasses.replace(Plan.from_rule(rule), device=device, source_revision=revision,
                                        spacing_tolerance=self.settings.completion.spacing_tolerance)
-            result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id, models=self.models)
+            result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id, models=self.models,
+                                    reader=self.decoded.reader(dcmread))
             now_revision = int((self.db.series(uid) or {}).get("revision") or 0)
             if now_revision != revision:
                 # A changed instance arrived while this ran: the output is already stale. Process again.
@@ -410,6 +418,7 @@ class Node:
                          exc_info=not isinstance(exc, DicomNodeError))
             self.db.set_state(uid, SeriesState.FAILED, error=reason)
         finally:
+            self.decoded.drop_series(uid)  # what processing did not take (e.g. it failed before loading)
             with self._lock:
                 self._processing.discard(uid)
         self.dispatch_sends()

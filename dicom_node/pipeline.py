@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,11 +232,14 @@ def denoise_volume(volume: PetVolume, plan: Plan, weights: Path | None = None, *
 
 
 def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: str = "",
-                   models: ModelStore | None = None) -> ProcessResult:
-    """Load, denoise, check and write; raises :class:`DicomNodeError` (or a denoiser error) on failure."""
+                   models: ModelStore | None = None, reader: Callable[[Path], Any] | None = None) -> ProcessResult:
+    """Load, denoise, check and write; raises :class:`DicomNodeError` (or a denoiser error) on failure.
+
+    ``reader`` reads one instance (default: from disk); the node's takes what the C-STORE handler decoded.
+    """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    volume = load_pet_series(paths, spacing_tolerance=plan.spacing_tolerance)
+    volume = load_pet_series(paths, spacing_tolerance=plan.spacing_tolerance, reader=reader)
     timings["load"] = time.perf_counter() - t0
 
     if not volume.is_quantitative:

@@ -21,7 +21,7 @@ import copy
 import datetime as dt
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -682,7 +682,8 @@ def check_contiguity(headers: Sequence[Dataset], spacing_tolerance: float = SLIC
     return None
 
 
-def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_SPACING_RTOL) -> PetVolume:
+def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_SPACING_RTOL,
+                    reader: Callable[[Path], Dataset] | None = None) -> PetVolume:
     """Read a PET series into a :class:`PetVolume`.
 
     Parameters
@@ -690,6 +691,9 @@ def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_S
     paths
         One file per slice of a classic PET series, or the Enhanced PET / Legacy Converted Enhanced PET instances
         of a multi-frame series (one or several), in any order.
+    reader
+        Reads one file into a data set (default ``pydicom.dcmread``); the node passes one that takes the data sets
+        the C-STORE handler already decoded (:mod:`dicom_node.decoded`) and reads the rest from disk.
 
     Returns
     -------
@@ -709,10 +713,11 @@ def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_S
     paths = [Path(p) for p in paths]
     if not paths:
         raise SeriesError("no files given")
+    read = reader or dcmread
     datasets: list[Dataset] = []
     for path in paths:
         try:
-            datasets.append(dcmread(path))
+            datasets.append(read(path))
         except Exception as exc:  # pydicom raises many types for truncated or foreign files
             raise SeriesError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
     for ds, path in zip(datasets, paths):

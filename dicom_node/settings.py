@@ -103,6 +103,9 @@ class WorkerSettings(_Frozen):
     """Processing threads: ``cpu`` per CPU lane (one lane per method), and one worker per GPU."""
 
     cpu: int = Field(2, ge=1, le=64)
+    # PET instances stay decoded in memory from receipt until their series is processed (not read and decoded
+    # again), up to this many MB; oldest series out first; 0 turns it off (dicom_node/decoded.py).
+    decoded_cache_mb: float = Field(512.0, ge=0)
     # Work left in processing/sending with no worker holding it this long is put back (see Node.sweep_stuck).
     stuck_after_s: float = Field(300.0, gt=0)
 

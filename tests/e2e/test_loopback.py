@@ -84,6 +84,8 @@ def test_storescu_real_series_to_orthanc(realdata: Path, start_node, orthanc: Or
     uid = str(first.SeriesInstanceUID)
     assert wait_state(node, uid, ["delivered", "failed"], timeout=120) == "delivered", node.db.series(uid)
     derived_uid = node.db.series(uid)["output_series_uid"]
+    # Processing took every slice the handler had decoded on receipt instead of reading it back from disk.
+    assert (node.decoded.hits, node.decoded.misses, node.decoded.size_bytes) == (267, 0, 0)
     found = orthanc.wait_for_series(lambda s: s["MainDicomTags"]["SeriesInstanceUID"] == derived_uid, timeout=60)
     assert found is not None and len(found["Instances"]) == len(sources) == 267
     study = orthanc.rest("GET", f"/studies/{found['ParentStudy']}")
