@@ -42,19 +42,21 @@ import functools
 import io
 import json
 import logging
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr, write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
@@ -397,20 +399,44 @@ def _encode_element(elem: Any, encodings: Any) -> bytes:
     return bytes(fp.getvalue())
 
 
-def _same_element(a: Dataset, b: Dataset, tag: Any) -> bool:
+def _elements(ds: Dataset) -> dict[int, Any]:
+    """The elements of ``ds`` by tag (plain ints), raw ones left undecoded, in no particular order.
+
+    pydicom's own store when it has one (``Dataset.elements()`` sorts the tags and looks each up again, which
+    was most of the cost of comparing 267 headers), else ``elements()``.
+    """
+    store = getattr(ds, "_dict", None)
+    if isinstance(store, dict):
+        return {int(t): e for t, e in store.items()}
+    return {int(e.tag): e for e in ds.elements()}
+
+
+def _public(ds: Dataset) -> dict[int, Any]:
+    """The public, not dropped elements of ``ds`` by tag (as plain ints), raw ones left undecoded."""
+    return {t: e for t, e in _elements(ds).items() if not (t >> 16) & 1 and t not in _DROP_TAGS}
+
+
+def _same_element(a: Dataset, b: Dataset, tag: int, elem_a: Any = None, elem_b: Any = None) -> bool:
     """Whether two source headers hold the same value under ``tag``: raw bytes compared without decoding when
     both are still raw (the usual case), else decoded values, sequences item by item."""
-    raw_a, raw_b = a.get_item(tag), b.get_item(tag)
-    if raw_a.VR == raw_b.VR and not isinstance(raw_a, DataElement) and not isinstance(raw_b, DataElement):
-        return bool(raw_a.value == raw_b.value)
-    elem_a, elem_b = a[tag], b[tag]
+    elem_a = a.get_item(tag) if elem_a is None else elem_a
+    elem_b = b.get_item(tag) if elem_b is None else elem_b
+    raw_a, raw_b = isinstance(elem_a, RawDataElement), isinstance(elem_b, RawDataElement)
+    if raw_a and raw_b and elem_a.VR == elem_b.VR:
+        return bool(elem_a.value == elem_b.value)
+    if raw_a or raw_b:  # one was decoded by the loader: compare decoded values
+        elem_a, elem_b = a[tag], b[tag]
     if elem_a.VR != elem_b.VR:
         return False
     if elem_a.VR == "SQ":
         items_a, items_b = list(elem_a.value or []), list(elem_b.value or [])
-        return len(items_a) == len(items_b) and all(
-            set(x.keys()) == set(y.keys()) and all(_same_element(x, y, t) for t in x.keys())
-            for x, y in zip(items_a, items_b))
+        if len(items_a) != len(items_b):
+            return False
+        for x, y in zip(items_a, items_b):
+            ex, ey = _elements(x), _elements(y)
+            if ex.keys() != ey.keys() or not all(_same_element(x, y, t, ex[t], ey[t]) for t in ex):
+                return False
+        return True
     return bool(elem_a.value == elem_b.value)
 
 
@@ -421,15 +447,22 @@ def _varying_tags(headers: list[Dataset]) -> set[Any]:
     mostly still raw bytes, which compare without decoding.
     """
     ref = headers[1] if len(headers) > 1 else headers[0]
-    base = {t for t in ref.keys() if not t.is_private and t not in _DROP_TAGS}
-    varying: set[Any] = set()
+    base = _public(ref)
+    varying: set[int] = set()
     for header in headers:
         if header is ref:
             continue
-        keys = {t for t in header.keys() if not t.is_private and t not in _DROP_TAGS}
-        varying |= keys ^ base
-        varying.update(t for t in keys & base if t not in varying and not _same_element(ref, header, t))
-    return varying
+        own = _public(header)
+        varying |= own.keys() ^ base.keys()
+        for tag, elem in own.items():
+            other = base.get(tag)
+            if other is None or tag in varying:
+                continue
+            if (other is not elem and not (isinstance(elem, RawDataElement) and isinstance(other, RawDataElement)
+                                           and elem.VR == other.VR and elem.value == other.value)
+                    and not _same_element(ref, header, tag, other, elem)):
+                varying.add(tag)
+    return {Tag(t) for t in varying}
 
 
 class _SeriesTemplate:
@@ -444,9 +477,13 @@ class _SeriesTemplate:
     def __init__(self, derived: Dataset, varying: set[Any]) -> None:
         correct_ambiguous_vr(derived, True)
         self.encodings = derived.get("SpecificCharacterSet", "iso8859")
-        self.varying = varying
-        self.parts = {tag: _encode_element(derived[tag], self.encodings) for tag in derived.keys()
+        self.varying = {int(t) for t in varying}
+        self.parts = {int(tag): _encode_element(derived[tag], self.encodings) for tag in derived.keys()
                       if tag not in _PER_SLICE and tag not in varying and not (tag.element == 0 and tag.group > 6)}
+        # Varying elements whose raw bytes can be copied as they are: not private, not of an ambiguous VR (US or
+        # SS...: resolved against PixelRepresentation as the full derivation does).
+        self._references: dict[tuple[str, int, int | None], tuple[bytes, bytes]] = {}
+        self.raw_ok = {int(tag) for tag in varying if not Tag(tag).is_private and " or " not in _dictionary_vr(tag)}
 
     @classmethod
     def build(cls, headers: list[Dataset], derive: Any, frame: int | None) -> _SeriesTemplate | None:
@@ -460,21 +497,85 @@ class _SeriesTemplate:
         return cls(derived, varying - _CONSTANT_BY_DERIVATION - _PER_SLICE - removed)
 
     def body(self, header: Dataset, sop_uid: str, frame: int | None, slope: str, pixels: bytes) -> bytes:
-        own = Dataset()
-        for tag in self.varying:
-            if tag in header:
-                own.add(_copy_element(header[tag]))
-        own.SOPInstanceUID = sop_uid
-        own.SourceImageSequence = _source_image_sequence(header, frame)
-        own.RescaleSlope = slope
-        own.PixelRepresentation = 1  # as in the template: resolves ambiguous VRs (US or SS) the same way
-        correct_ambiguous_vr(own, True)
-        del own.PixelRepresentation
-        own.add_new(0x7FE00010, "OW", pixels)
         parts = dict(self.parts)
+        own = Dataset()
+        store = _elements(header)
+        for tag in self.varying:
+            elem = store.get(tag)
+            if elem is None:
+                continue
+            raw = _raw_little_endian(elem) if tag in self.raw_ok else None
+            if raw is not None:
+                parts[tag] = raw  # copied as it came, as the template's own raw elements are
+            else:
+                own.add(_copy_element(header[tag]))
+        parts[_SOP_INSTANCE_UID] = _pack(_SOP_INSTANCE_UID, "UI", _padded(sop_uid, b"\0"))
+        parts[_RESCALE_SLOPE] = _pack(_RESCALE_SLOPE, "DS", _padded(slope, b" "))
+        parts[_PIXEL_DATA] = _pack(_PIXEL_DATA, "OW", pixels)
+        parts[_SOURCE_IMAGE_SEQUENCE] = self._source_reference(header, frame)
+        if len(own):
+            own.PixelRepresentation = 1  # as in the template: resolves ambiguous VRs (US or SS) the same way
+            correct_ambiguous_vr(own, True)
+            del own.PixelRepresentation
         for tag in own.keys():
-            parts[tag] = _encode_element(own[tag], self.encodings)
+            parts[int(tag)] = _encode_element(own[tag], self.encodings)
         return b"".join(parts[tag] for tag in sorted(parts))
+
+    def _source_reference(self, header: Dataset, frame: int | None) -> bytes:
+        """The encoded Source Image Sequence: encoded through pydicom once per (class, UID length, frame), then
+        only the referenced instance UID is put in (same length, so every length in the sequence holds)."""
+        sop_class = str(header.get("SOPClassUID", PET_IMAGE_STORAGE))
+        uid = _padded(str(header.SOPInstanceUID), b"\0")
+        key = (sop_class, len(uid), frame)
+        cut = self._references.get(key)
+        if cut is None:
+            data = _encode_element(DataElement(_SOURCE_IMAGE_SEQUENCE, "SQ", _source_image_sequence(header, frame)),
+                                   self.encodings)
+            needle = _pack(_REFERENCED_SOP_INSTANCE_UID, "UI", uid)
+            if data.count(needle) != 1:  # pragma: no cover - the UID also in the class or purpose: no shortcut
+                return data
+            at = data.index(needle)
+            cut = self._references[key] = (data[:at], data[at + len(needle):])
+        return cut[0] + _pack(_REFERENCED_SOP_INSTANCE_UID, "UI", uid) + cut[1]
+
+
+_SOURCE_IMAGE_SEQUENCE, _REFERENCED_SOP_INSTANCE_UID = 0x00082112, 0x00081155
+_SOP_INSTANCE_UID, _RESCALE_SLOPE, _PIXEL_DATA = 0x00080018, 0x00281053, 0x7FE00010
+_LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:  # not in the dictionary: decode and encode it through pydicom
+        return " or "
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    value = text.encode("ascii")
+    return value + pad if len(value) % 2 else value
+
+
+def _pack(tag: int, vr: str, value: bytes) -> bytes:
+    """One explicit VR little endian element (PS3.5 7.1.2), as pydicom writes it."""
+    if vr in _LONG_LENGTH_VRS:
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode("ascii"), 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode("ascii"), len(value)) + value
+
+
+def _raw_little_endian(elem: Any) -> bytes | None:
+    """The explicit VR little endian encoding of a raw element read from little endian data, its value bytes
+    as they came (None for anything else: decoded elements, big endian, sequences, unknown or ambiguous VRs,
+    undefined or odd lengths, values too long for their VR). Implicit VR elements take the dictionary's VR, as
+    decoding them would."""
+    if not isinstance(elem, RawDataElement) or not elem.is_little_endian:
+        return None
+    vr = elem.VR if not elem.is_implicit_VR else _dictionary_vr(int(elem.tag))
+    value = elem.value
+    if (not vr or " or " in vr or vr in ("SQ", "UN") or elem.length == 0xFFFFFFFF or not isinstance(value, bytes)
+            or len(value) % 2 or (vr not in _LONG_LENGTH_VRS and len(value) > 0xFFFF)):
+        return None
+    return _pack(int(elem.tag), vr, value)
 
 
 def _derive_header(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEGLSLossless, RLELossless
+from pydicom.uid import ImplicitVRLittleEndian, JPEGLSLossless, RLELossless
 from scipy.ndimage import gaussian_filter
 
 from dicom_node.errors import OutputWriteError
@@ -493,15 +493,17 @@ def _both_paths(vol: PetVolume, tmp_path: Path, *, template_expected: bool = Tru
 
     when = dt.datetime(2026, 12, 4, 20, 0, 0, 123456, tzinfo=dt.timezone.utc)
     denoised = _smooth(vol)
-    full = write_derived_pet(vol, denoised, tmp_path / "full", PROV, fast=False, created=when)
     calls = []
     original = derived_pet._encode_file
     derived_pet._encode_file = lambda *a: calls.append(1) or original(*a)  # type: ignore[assignment]
     try:
+        # The template path first, on headers as the loader left them (mostly raw elements, as in the node): the
+        # full derivation decodes every element it copies, in the source headers themselves.
         fast = write_derived_pet(vol, denoised, tmp_path / "fast", PROV, created=when)
     finally:
         derived_pet._encode_file = original  # type: ignore[assignment]
     assert len(calls) == (0 if template_expected else len(fast))
+    full = write_derived_pet(vol, denoised, tmp_path / "full", PROV, fast=False, created=when)
     return full, fast
 
 
@@ -519,12 +521,17 @@ def _varied_series() -> list[pydicom.Dataset]:
     return series
 
 
-@pytest.mark.parametrize("make", ["plain", "varied", "jpegls", "legacy"])
+@pytest.mark.parametrize("make", ["plain", "varied", "implicit", "jpegls", "legacy"])
 def test_template_writer_is_byte_for_byte_the_full_derivation(tmp_path: Path, make: str) -> None:
     if make == "plain":
         datasets = make_pet_series(shape=(6, 16, 16), seed=32)
     elif make == "varied":
         datasets = _varied_series()
+    elif make == "implicit":  # per-slice raw values copied with the dictionary's VR
+        datasets = make_pet_series(shape=(5, 16, 16), seed=36, transfer_syntax=ImplicitVRLittleEndian,
+                                   DecayFactor="1.0", FrameReferenceTime="0")
+        for i, ds in enumerate(datasets):
+            ds.DecayFactor, ds.FrameReferenceTime, ds.ActualFrameDuration = f"{1 + 0.001 * i:.3f}", str(7 * i), 600 + i
     elif make == "jpegls":
         datasets = make_pet_series(shape=(4, 16, 16), seed=33, transfer_syntax=JPEGLSLossless)
     else:
