@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # ~2.3548
 TRUNCATE = 4.0  # kernel radius in sigmas (+1 voxel); the tail cut off is < 0.1 % of the variance
-SLAB_VOXELS = 1 << 20  # in-plane passes run on slabs of about this many voxels (4 MB of float32 scratch)
+SLAB_VOXELS = 1 << 18  # in-plane passes run on slabs of about this many voxels (1 MB of float32 scratch)
 
 
 class GaussianParams(DenoiserParams):

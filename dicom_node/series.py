@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -87,7 +88,8 @@ class PetVolume:
     suv_problem
         Why ``suv_factor`` is None (None when it is available).
     headers
-        Datasets sorted like ``array``, without Pixel Data. For a multi-frame source, the classic PET header of each
+        Datasets sorted like ``array``, without Pixel Data; read-only: slices share the element objects they hold
+        equal (:class:`ElementSharer`). For a multi-frame source, the classic PET header of each
         frame (see :func:`frame_headers`): SOP Class and Instance UID are those of the multi-frame instance.
     paths
         Source files sorted like ``array`` (a multi-frame file appears once per frame).
@@ -713,11 +715,12 @@ def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_S
     paths = [Path(p) for p in paths]
     if not paths:
         raise SeriesError("no files given")
-    read = reader or dcmread
+    read = reader or _read_deferring_pixels
+    sharer = ElementSharer()
     datasets: list[Dataset] = []
     for path in paths:
         try:
-            datasets.append(read(path))
+            datasets.append(sharer.share(read(path)))
         except Exception as exc:  # pydicom raises many types for truncated or foreign files
             raise SeriesError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
     for ds, path in zip(datasets, paths):
@@ -741,7 +744,9 @@ def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_S
     volume = np.empty((len(headers), rows, cols), dtype=np.float32)
     for k, (ds, path) in enumerate(zip(headers, sorted_paths)):
         try:
-            stored = pixel_array(ds)
+            stored = native_pixels(ds)
+            if stored is None:
+                stored = pixel_array(ds)
         except Exception as exc:  # truncated, corrupt or undecodable pixel data
             raise SeriesError(f"cannot decode Pixel Data of {path}: {type(exc).__name__}: {exc}") from exc
         if stored.shape != (rows, cols):
@@ -767,6 +772,75 @@ def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_S
         suv_factor,
     )
     return _pet_volume(volume, geometry, units, suv_factor, suv_problem, headers, sorted_paths)
+
+
+DEFER_BYTES = 16 * 1024
+"""Values larger than this (Pixel Data) are read from the file when decoded, one slice at a time, instead of all
+being held from the first read to the last decode (9 MB for the 267-slice real series)."""
+
+
+def _read_deferring_pixels(path: Path) -> Dataset:
+    return dcmread(path, defer_size=DEFER_BYTES)
+
+
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # Implicit and Explicit VR Little Endian
+
+
+def native_pixels(ds: Dataset) -> np.ndarray | None:
+    """One uncompressed little endian single-frame greyscale slice whose stored bits fill its allocated bits, read
+    straight from the Pixel Data bytes (what ``pydicom.pixels.pixel_array`` returns, without its per-call set-up:
+    a third of the load time of a 267-slice series); None for anything else, which goes through pydicom."""
+    meta = getattr(ds, "file_meta", None)
+    try:
+        if meta is None or str(meta.get("TransferSyntaxUID", "")) not in _NATIVE_LE:
+            return None
+        bits, rows, cols = int(ds.BitsAllocated), int(ds.Rows), int(ds.Columns)
+        if (bits not in (8, 16, 32) or int(ds.get("BitsStored", bits)) != bits or int(ds.get("SamplesPerPixel", 1)) != 1
+                or int(ds.get("NumberOfFrames", 1) or 1) != 1 or "FloatPixelData" in ds):
+            return None
+        signed = int(ds.PixelRepresentation) == 1
+        data = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None  # let pydicom decode it and say what is wrong
+    size = rows * cols * bits // 8
+    if not isinstance(data, bytes) or len(data) < size:
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    return np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+
+
+class ElementSharer:
+    """Lets the data sets of a series share one object for each element they hold equal.
+
+    The slices of a series repeat most of their header (patient, study, equipment, reconstruction...) byte for
+    byte. Sharing each data set's equal elements with the previous ones as soon as it is read lets the memory of
+    its own copies be reused for the next file: on the 267-slice real series the headers took 15 MB, 4.4 MB less
+    once shared. Only undecoded (raw) elements are shared: they are immutable tuples, and pydicom decodes an element
+    into the data set that reads it, so sharing never lets one slice change another's values. Uses pydicom's element
+    store where it has one (does nothing otherwise). Equal raw elements are also what the derived writer compares
+    first (by identity).
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[int, RawDataElement] = {}
+        self.shared = 0
+
+    def share(self, ds: Dataset) -> Dataset:
+        store = getattr(ds, "_dict", None)
+        if not isinstance(store, dict):
+            return ds
+        latest = self._latest
+        for tag, elem in store.items():
+            if not isinstance(elem, RawDataElement):
+                continue
+            seen = latest.get(tag)
+            if (seen is not None and seen is not elem and elem.value is not None  # None: deferred, read later
+                    and seen.VR == elem.VR and seen.value == elem.value):
+                store[tag] = seen
+                self.shared += 1
+            else:
+                latest[tag] = elem
+        return ds
 
 
 def _pet_volume(volume: np.ndarray, geometry: _Geometry, units: str, suv_factor: float | None,

@@ -641,3 +641,31 @@ def test_real_acrin_as_enhanced_pet_matches_the_classic_series(realdata: Path, t
     assert vol.positions == reference.positions and vol.spacing == pytest.approx(reference.spacing)
     assert vol.suv_factor == pytest.approx(4.2111e-4, rel=2e-5)  # the RWV oracle of the classic series
     assert vol.suv_factor == pytest.approx(reference.suv_factor, rel=1e-12)
+
+
+@pytest.mark.parametrize("case", ["int16", "uint16", "uint8", "implicit", "bits12", "rle"])
+def test_native_pixels_equal_pydicom_or_defer_to_it(tmp_path: Path, case: str) -> None:
+    """The direct read of uncompressed slices gives pydicom's array; what it cannot read exactly it leaves alone."""
+    from pydicom.pixels import pixel_array
+
+    from dicom_node.series import native_pixels
+
+    syntax = {"implicit": ImplicitVRLittleEndian, "rle": RLELossless}.get(case)
+    ds = make_pet_series(shape=(1, 12, 10), seed=51, **({"transfer_syntax": syntax} if syntax else {}))[0]
+    if case == "uint16":
+        ds.PixelRepresentation = 0
+        ds.PixelData = np.arange(120, dtype="<u2").tobytes()
+    elif case == "uint8":
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.PixelData = np.arange(120, dtype="u1").tobytes()
+    elif case == "bits12":  # stored bits narrower than allocated: pydicom masks them, so it decodes
+        ds.BitsStored, ds.HighBit = 12, 11
+    path = write_series([ds], tmp_path)[0]
+    read = pydicom.dcmread(path)
+    fast = native_pixels(read)
+    if case in ("bits12", "rle"):
+        assert fast is None
+        return
+    assert fast is not None and fast.dtype == pixel_array(read).dtype
+    np.testing.assert_array_equal(fast, pixel_array(read))
