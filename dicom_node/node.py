@@ -16,6 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
@@ -27,6 +28,7 @@ from dicom_node.decoded import DecodedCache
 from dicom_node.errors import DicomNodeError, RoutingError
 from dicom_node.handlers import ReceiveContext
 from dicom_node.outputs.derived_pet import is_petnode_output
+from dicom_node.progress import Follow, WriteProgress
 from dicom_node.pipeline import Destination, Plan, process_series, resolve_destinations
 from dicom_node.rules import MatchContext, Rule, RuleSet, select_rule
 from dicom_node.scp import start_scp
@@ -81,6 +83,7 @@ class Node:
         # and the series that received instances since their running send last looked.
         self._receipt: dict[str, Rule | None] = {}
         self._fresh: set[str] = set()
+        self._writing: dict[str, WriteProgress] = {}  # derived series being written: their sends follow the writer
         self._futures: set[Future[Any]] = set()
         self._futures_lock = threading.Lock()  # its own: futures are tracked while self._lock is held
         self._evict_lock = threading.Lock()
@@ -364,6 +367,7 @@ class Node:
         self._track(self._executor(lane).submit(self._process, series_uid, device), f"series={series_uid} processing")
 
     def _process(self, uid: str, device: str = "cpu") -> None:
+        progress: WriteProgress | None = None
         try:
             if not self.db.set_state(uid, SeriesState.PROCESSING, expect=[SeriesState.COMPLETE]):
                 return
@@ -385,13 +389,31 @@ class Node:
             t0 = time.perf_counter()
             plan = dataclasses.replace(Plan.from_rule(rule), device=device, source_revision=revision,
                                        spacing_tolerance=self.settings.completion.spacing_tolerance)
+            # Sends start as the files are written (held ones wait for their study anyway).
+            streams = not rule.hold_study and any("derived" in d.payloads(True) for d in rule.destinations)
+
+            def start_sends(output_uid: str, total: int) -> Callable[[Path], None] | None:
+                nonlocal progress
+                if not streams:
+                    return None
+                progress = WriteProgress()
+                with self._lock:
+                    self._writing[uid] = progress
+                self.db.set_outputs(uid, output_uid, out_dir)
+                self._queue_sends(uid, rule, row, Payload.DERIVED, output_uid, total)
+                self.dispatch_sends()
+                return progress.add
+
             result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id, models=self.models,
-                                    reader=self.decoded.reader(dcmread))
+                                    reader=self.decoded.reader(dcmread), on_write=start_sends)
+            if progress is not None:
+                progress.finish()
             now_revision = int((self.db.series(uid) or {}).get("revision") or 0)
             if now_revision != revision:
                 # A changed instance arrived while this ran: the output is already stale. Process again.
                 logger.warning("%s: an instance changed during processing (revision %d -> %d); processing again "
                                "instead of sending a stale result", log_id, revision, now_revision)
+                self.db.cancel_sends(uid, f"superseded: revision {revision} -> {now_revision} during processing")
                 self.db.set_state(uid, SeriesState.RECEIVING, expect=[SeriesState.PROCESSING])
                 return
             self.db.set_outputs(uid, result.output_series_uid, out_dir)
@@ -416,11 +438,17 @@ class Node:
             reason = f"{type(exc).__name__}: {exc}"
             logger.error("series=%s: processing failed: %s", uid, reason,
                          exc_info=not isinstance(exc, DicomNodeError))
+            if progress is not None:  # sends that followed the writer stop; what they sent is re-sent in full
+                progress.finish(error=reason)
+                self.db.cancel_sends(uid, f"processing failed while the output was written: {reason}")
             self.db.set_state(uid, SeriesState.FAILED, error=reason)
         finally:
+            if progress is not None:
+                progress.finish(error="processing stopped")  # a no-op when it finished
             self.decoded.drop_series(uid)  # what processing did not take (e.g. it failed before loading)
             with self._lock:
                 self._processing.discard(uid)
+                self._writing.pop(uid, None)
         self.dispatch_sends()
 
     # --- sending ---------------------------------------------------------------------------------------------
@@ -470,15 +498,27 @@ class Node:
         kind = Payload(row["kind"])
         try:
             series = self.db.series(uid) or {}
-            more = None
+            more: Callable[[], Sequence[Path]] | None = None
+            progress = None
             if kind is Payload.ORIGINAL:
                 files = self.db.instance_paths(uid)
                 if series.get("state") == SeriesState.RECEIVING:
                     more = lambda: self.db.instance_paths(uid)  # noqa: E731 - still arriving: take what comes
                 forwarded_to = row["ae_title"]
             else:
-                files = sorted(Path(series["output_dir"]).glob("*.dcm")) if series.get("output_dir") else []
+                with self._lock:
+                    progress = self._writing.get(uid)
                 forwarded_to = None
+                if progress is not None:  # still being written: send what is there, then follow the writer
+                    files = progress.wait_beyond(0, self._stopped)
+                    more = Follow(progress, len(files), self._stopped)
+                elif series.get("state") not in (SeriesState.SENDING, SeriesState.DELIVERED, SeriesState.FAILED):
+                    # Queued by a run that stopped while writing (the node restarted): the output on disk may
+                    # be partial. Back to pending without an attempt; the new run writes it and sends.
+                    self.db.requeue_send(row["id"], delay_s=self.settings.send.poll_interval_s)
+                    return
+                else:
+                    files = sorted(Path(series["output_dir"]).glob("*.dcm")) if series.get("output_dir") else []
             if not files:
                 report = scu.SendReport(total=row["total"], error=f"no {kind.value} files on disk (purged?)")
             else:
@@ -491,6 +531,9 @@ class Node:
                                         calling_ae=self.settings.ae_title, timeout_s=self.settings.send.timeout_s,
                                         already_stored=confirmed, more=more, before_sending=remember,
                                         on_stored=lambda sop: self.db.confirm_sent(dest, uid, [sop]))
+                if progress is not None and (progress.error or not progress.done):
+                    report.error = (f"the derived series was not written to the end ({progress.error})"
+                                    if progress.error else "stopped while the derived series was written")
                 logger.info("series=%s dest=%s %s: %s in %.2f s", uid, dest, kind.value, report.summary(),
                             time.perf_counter() - t0)
             now = time.time()

@@ -232,10 +232,13 @@ def denoise_volume(volume: PetVolume, plan: Plan, weights: Path | None = None, *
 
 
 def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: str = "",
-                   models: ModelStore | None = None, reader: Callable[[Path], Any] | None = None) -> ProcessResult:
+                   models: ModelStore | None = None, reader: Callable[[Path], Any] | None = None,
+                   on_write: Callable[[str, int], Callable[[Path], None] | None] | None = None) -> ProcessResult:
     """Load, denoise, check and write; raises :class:`DicomNodeError` (or a denoiser error) on failure.
 
     ``reader`` reads one instance (default: from disk); the node's takes what the C-STORE handler decoded.
+    ``on_write(output_series_uid, count)`` is called once the output is checked, just before its files are
+    written; what it returns is called with each file as it is written (the node starts its sends there).
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -282,13 +285,15 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         stochastic=stochastic,
         inputs=tuple(sorted(provided)),
     )
+    output_uid = derived_series_uid(volume.series_uid, provenance)
+    on_written = on_write(output_uid, len(volume.headers)) if on_write is not None else None
     t0 = time.perf_counter()
-    files = write_derived_pet(volume, denoised, out_dir, provenance)
+    files = write_derived_pet(volume, denoised, out_dir, provenance, on_written=on_written)
     maps = _save_maps(result, out_dir)
     timings["write"] = time.perf_counter() - t0
 
     return ProcessResult(
-        output_series_uid=derived_series_uid(volume.series_uid, provenance),
+        output_series_uid=output_uid,
         files=files,
         timings=timings,
         activity_ratio=ratio,

@@ -676,11 +676,19 @@ class StateDB:
             )
         return state
 
-    def requeue_send(self, send_id: int) -> bool:
-        """A send left in ``sending`` by a sender that is gone goes back to ``pending`` (attempts kept)."""
+    def requeue_send(self, send_id: int, delay_s: float = 0.0) -> bool:
+        """A send left in ``sending`` by a sender that is gone (or that found its output not written yet) goes
+        back to ``pending``, due in ``delay_s``; attempts kept."""
+        now = time.time()
         with self._tx() as c:
-            return c.execute("UPDATE sends SET state = 'pending', next_attempt_at = 0, updated_at = ? "
-                             "WHERE id = ? AND state = 'sending'", (time.time(), send_id)).rowcount > 0
+            return c.execute("UPDATE sends SET state = 'pending', next_attempt_at = ?, updated_at = ? "
+                             "WHERE id = ? AND state = 'sending'",
+                             (now + delay_s if delay_s > 0 else 0.0, now, send_id)).rowcount > 0
+
+    def cancel_sends(self, series_uid: str, reason: str) -> int:
+        """Cancel the unfinished sends of a series' outputs (its original's sends stay)."""
+        with self._tx() as c:
+            return self._cancel_sends(c, series_uid, reason)
 
     def forget_sends(self, series_uid: str) -> int:
         """Drop a series' send history and confirmations (its files are gone, or an operator reprocesses it):

@@ -43,7 +43,7 @@ import io
 import json
 import logging
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -641,6 +641,7 @@ def write_derived_pet(
     fsync: bool = True,
     fast: bool = True,
     created: dt.datetime | None = None,
+    on_written: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Write ``denoised`` as a PET Image Storage series derived from ``volume``, one file per source slice.
 
@@ -664,6 +665,9 @@ def write_derived_pet(
         slice in full through pydicom (the reference; the output is the same bytes).
     created
         The instance creation time written (default: now).
+    on_written
+        Called with each file once it is complete under its name (before the series is flushed), so a send can
+        follow the writer (:mod:`dicom_node.progress`).
 
     Returns
     -------
@@ -752,6 +756,8 @@ def write_derived_pet(
         except Exception as exc:  # disk full, permissions, encoding errors: one error type for the pipeline
             raise OutputWriteError(f"cannot write {path}: {type(exc).__name__}: {exc}") from exc
         paths.append(path)
+        if on_written is not None:
+            on_written(path)
     if fsync:
         try:
             sync_files(paths)
