@@ -133,7 +133,31 @@ class _Geometry:
     positions: list[tuple[float, float, float]]
 
 
+_DS_TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
+    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness", "RescaleSlope",
+    "RescaleIntercept")}
+
+
+def _raw_decimals(ds: Dataset, keyword: str) -> list[float] | None:
+    """The numbers of a Decimal String element still undecoded, read from its bytes (None when it is decoded,
+    absent or anything but plain numbers: pydicom reads it then). Reading them this way leaves the element raw,
+    so slices keep sharing it (:class:`ElementSharer`) and the writer copies it as it came."""
+    store = getattr(ds, "_dict", None)
+    tag = _DS_TAGS.get(keyword)
+    elem = store.get(tag) if isinstance(store, dict) and tag is not None else None
+    if not isinstance(elem, RawDataElement) or elem.VR not in ("DS", None) or not isinstance(elem.value, bytes):
+        return None
+    try:
+        numbers = [float(v) for v in elem.value.split(b"\\")]
+    except ValueError:
+        return None
+    return numbers if all(math.isfinite(n) for n in numbers) else None
+
+
 def _floats(ds: Dataset, keyword: str, count: int, label: str | None = None) -> np.ndarray:
+    fast = _raw_decimals(ds, keyword)
+    if fast is not None and len(fast) == count:
+        return np.array(fast, dtype=float)
     label = label or str(ds.get("SOPInstanceUID", "?"))
     value = ds.get(keyword)
     if value is None or value == "":
@@ -928,6 +952,9 @@ def _load_multiframe(datasets: list[Dataset], paths: list[Path], spacing_toleran
 
 
 def _number(ds: Dataset, keyword: str, default: float, path: Path) -> float:
+    fast = _raw_decimals(ds, keyword)
+    if fast is not None and len(fast) == 1:
+        return fast[0]
     value = ds.get(keyword)
     if value in (None, ""):
         return default
