@@ -43,7 +43,8 @@ class ReceiveFigures:
     skimage_nlm_s: list[float] = field(default_factory=list)
     concurrent_per_s: dict[int, list[float]] = field(default_factory=dict)  # senders -> instances/s
     peak_rss_mb: float = 0.0  # the Gaussian command
-    baseline_rss_mb: float = 0.0  # the same interpreter with petnode imported, doing nothing
+    baseline_rss_mb: float = 0.0  # the same interpreter with petnode's CLI imported, doing nothing
+    libraries_rss_mb: float = 0.0  # ... and the libraries the Gaussian command loads (numpy, scipy, pydicom)
     volume_mb: float = 0.0  # the series as float32
     torch_threads: int = 0
 
@@ -168,6 +169,18 @@ def _run_measured(args: list[str]) -> tuple[float, float]:
     return elapsed, int(peak) / 1024.0
 
 
+_LIBRARIES = (
+    "import dicom_node.cli, dicom_node.pipeline, denoisers.gaussian, scipy.ndimage, pydicom.pixels\n"
+    "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])\n"
+)
+
+
+def _libraries_rss_mb() -> float:
+    """Peak RSS of an interpreter that has imported what the Gaussian command runs on, and done nothing else."""
+    proc = subprocess.run([sys.executable, "-c", _LIBRARIES], capture_output=True, text=True, check=True)
+    return int(proc.stdout.strip()) / 1024.0
+
+
 def _skimage_nlm_s(volume: Any) -> float:
     import numpy as np
     from skimage.restoration import denoise_nl_means
@@ -273,6 +286,7 @@ def _offline(figures: ReceiveFigures, series_dir: Path, files: list[Path], tmpdi
     volume = load_pet_series(sorted(files)).array
     figures.volume_mb = volume.astype("float32").nbytes / 2**20
     _, figures.baseline_rss_mb = _run_measured(["--version"])
+    figures.libraries_rss_mb = _libraries_rss_mb()
     for i in range(repeats):
         figures.naive_round_trip_s.append(naive_round_trip(sorted(files), tmpdir / f"naive{i}"))
         seconds, rss = _run_measured(["denoise", str(series_dir), str(tmpdir / f"gauss{i}"), "--method",
