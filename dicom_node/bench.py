@@ -47,6 +47,8 @@ class ReceiveFigures:
     libraries_rss_mb: float = 0.0  # ... and the libraries the Gaussian command loads (numpy, scipy, pydicom)
     volume_mb: float = 0.0  # the series as float32
     torch_threads: int = 0
+    send_only_s: list[float] = field(default_factory=list)  # petnode's SCU sending the series to the same sink
+    libraries_s: list[float] = field(default_factory=list)  # starting an interpreter and importing the libraries
 
 
 def free_port() -> int:
@@ -175,6 +177,25 @@ _LIBRARIES = (
 )
 
 
+def _send_only(files: list[Path], port: int) -> float:
+    """Seconds for petnode's SCU (pynetdicom) to C-STORE the files to the sink over one association."""
+    from dicom_node.scu import send_files
+
+    t0 = time.perf_counter()
+    report = send_files(files, "SINK", "127.0.0.1", port, calling_ae="BENCH")
+    elapsed = time.perf_counter() - t0
+    if not report.ok:
+        raise DicomNodeError(f"sending to the benchmark sink failed: {report.summary()}")
+    return elapsed
+
+
+def _libraries_s() -> float:
+    """Seconds to start an interpreter that imports what the Gaussian command runs on."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _LIBRARIES], capture_output=True, check=True)
+    return time.perf_counter() - t0
+
+
 def _libraries_rss_mb() -> float:
     """Peak RSS of an interpreter that has imported what the Gaussian command runs on, and done nothing else."""
     proc = subprocess.run([sys.executable, "-c", _LIBRARIES], capture_output=True, text=True, check=True)
@@ -243,6 +264,8 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
                     figures.latency_s.append(float(row["delivered_at"]) - float(row["last_received"]))
                 finally:
                     node.stop()
+            for _ in range(repeats):  # the latency's floor: only sending, the same way, to the same sink
+                figures.send_only_s.append(_send_only(sorted(files), sink_port))
             minimal = MinimalScp(tmpdir / "minimal")
             try:
                 for _ in range(repeats):
@@ -289,6 +312,7 @@ def _offline(figures: ReceiveFigures, series_dir: Path, files: list[Path], tmpdi
     figures.libraries_rss_mb = _libraries_rss_mb()
     for i in range(repeats):
         figures.naive_round_trip_s.append(naive_round_trip(sorted(files), tmpdir / f"naive{i}"))
+        figures.libraries_s.append(_libraries_s())
         seconds, rss = _run_measured(["denoise", str(series_dir), str(tmpdir / f"gauss{i}"), "--method",
                                       "gaussian"])
         figures.denoise_gaussian_s.append(seconds)

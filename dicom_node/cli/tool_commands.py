@@ -262,6 +262,10 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
     ]
     for what, value, reference, ratio, label in rows:
         print(f"{what:<64} {value:>10.2f} {reference:>10.2f} {ratio:>7.2f}  {label}")
+    send_only, libraries = median(f.send_only_s), median(f.libraries_s)
+    print(f"floors: petnode's SCU (pynetdicom) sending the {f.instances} files alone to the same storescp "
+          f"{send_only:.2f} s ({send_only / naive:.2f}x the naive round trip); an interpreter importing the "
+          f"Gaussian command's libraries {libraries:.2f} s ({libraries / naive:.2f}x)")
     scaling = ", ".join(f"{n} sender(s) {median(r):.1f}/s" for n, r in sorted(f.concurrent_per_s.items()))
     print(f"receive with concurrent senders (each its own association): {scaling}")
     for label, base in (("interpreter with petnode's CLI", f.baseline_rss_mb),

@@ -111,7 +111,8 @@ def test_perceptual_loss_is_the_distance_of_the_first_vgg_block(tmp_path: Path) 
         return F.relu(F.conv2d(x, state[VGG_KEYS[2]], state[VGG_KEYS[3]], padding=1))
 
     value = loss(pred, target)
-    assert float(value.detach()) == pytest.approx(float(F.mse_loss(features(pred.detach()), features(target))), rel=1e-5)
+    expected = F.mse_loss(features(pred.detach()), features(target))
+    assert float(value.detach()) == pytest.approx(float(expected), rel=1e-5)
     value.backward()
     assert pred.grad is not None and float(pred.grad.abs().sum()) > 0
     assert not any(p.requires_grad for p in loss.parameters())  # VGG stays frozen
