@@ -1,15 +1,17 @@
 """Speed benchmarks of the denoisers against a reference measured in the same process (``petnode bench speed``).
 
 ``bench_nlm`` times our PyTorch NLM (``denoisers.nlm.nonlocal_means``) against scikit-image's ``denoise_nl_means``
-in fast mode on the same seeded volume, with the same windows and the same absolute ``h`` in the same units.
-scikit-image's loop is single-threaded Cython; ours runs on ``threads`` torch threads (by default every CPU this
-process may use), so a plain ratio would credit ours with the extra cores. Each row therefore says how many threads
-it used, and ``ours_uniform_1t`` (ours on one thread) is the like-for-like comparison.
+in fast mode on the same volume (seeded, or a real series), with the same windows and the same absolute ``h`` in the
+same units. scikit-image's loop is single-threaded Cython; ours runs on ``threads`` torch threads (by default every
+CPU this process may use), so a plain ratio would credit ours with the extra cores. Each row therefore says how
+many threads it used, and the ``_1t`` rows (ours on one thread) are the like-for-like comparisons.
 
 Both loop over the search offsets, and skimage's fast mode weighs the patch uniformly and normalises each voxel's
 weights to 1 (``normalisation="row"``), so ``ours_uniform`` is the apples-to-apples filter for the work done;
-``ours_default`` is the node's default (uniform patch, ``normalisation="symmetric"``: four passes over the weights
-to conserve activity). The values differ more than that suggests, because scikit-image's fast 3-D distance (checked
+``ours_symmetric`` is the same windows and h with the activity-conserving normalisation (four passes over the
+weights). ``node_nlm`` is what the node runs: ``NLMDenoiser`` with its default parameters through its public
+``denoise`` (noise estimate, h = 1.25 sigma, 4 mm smoothed comparison image, symmetric filter), timed as a whole.
+The values differ more than the filters suggest, because scikit-image's fast 3-D distance (checked
 on 0.26 against a loop reference, to 0.3 % of the maximum) sums the squared differences over a box of
 ``(p - 1)**3`` voxels, at offsets ``-r + 1 .. r`` from the centre (its integral-image box is one voxel short and not
 centred), and divides by ``p**3``; it also cuts weights below ``exp(-5)`` to 0 and approximates ``exp``.
@@ -24,6 +26,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,13 +74,16 @@ def _time(fn: Callable[[], npt.NDArray[np.float32]], repeats: int, label: str) -
 SKIMAGE_THREADS = 1
 """scikit-image's ``denoise_nl_means`` runs one thread (a Cython loop, no OpenMP), whatever the machine has."""
 
-# (label, gaussian patch weighting, normalisation, one thread): what ``bench_nlm`` times of ours.
+# (label, gaussian patch weighting, normalisation, one thread): what ``bench_nlm`` times of ``nonlocal_means``.
 _OURS: tuple[tuple[str, bool, str, bool], ...] = (
     ("ours_gaussian", True, "row", False),
     ("ours_uniform", False, "row", False),
     ("ours_uniform_1t", False, "row", True),
-    ("ours_default", False, "symmetric", False),
+    ("ours_symmetric", False, "symmetric", False),
 )
+
+# (label, one thread): the node's NLM denoiser with its default parameters, through ``NLMDenoiser.denoise``.
+_NODE: tuple[tuple[str, bool], ...] = (("node_nlm", False), ("node_nlm_1t", True))
 
 
 def bench_nlm(
@@ -91,14 +97,18 @@ def bench_nlm(
     seed: int = 0,
     threads: int | None = None,
     chunk_slices: int | None = None,
+    volume: npt.NDArray[np.float32] | None = None,
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0),
+    include_node: bool = True,
 ) -> dict[str, Any]:
-    """Time our NLM (row normalisation with both patch weightings, on ``threads`` and on one thread, and the
-    default symmetric filter) and scikit-image's fast NLM (single-threaded) on one seeded volume.
+    """Time our NLM (row normalisation with both patch weightings, on ``threads`` and on one thread, the symmetric
+    filter, and the node's default NLM denoiser on ``threads`` and on one) and scikit-image's fast NLM
+    (single-threaded) on one volume.
 
     Parameters
     ----------
     shape : tuple of int
-        Volume (z, y, x).
+        Volume (z, y, x) of the seeded phantom (``bench_volume``); ignored when ``volume`` is given.
     patch, search : int
         Odd window sizes in voxels (scikit-image: ``patch_size=patch``, ``patch_distance=search // 2``).
     repeats : int
@@ -113,18 +123,26 @@ def bench_nlm(
         torch intra-op threads for ours (restored afterwards); None: the CPUs this process may use.
         ``ours_uniform_1t`` always uses one.
     chunk_slices : int or None
-        Slab size for ours; None: the device default.
+        Slab size for ``nonlocal_means``; None: the device default (the node rows always use the node's).
+    volume : ndarray, optional
+        A (z, y, x) volume to time on instead of the phantom, e.g. a real series (``load_series``).
+    spacing : tuple of float
+        Voxel size in mm (z, y, x) for the node rows (its 4 mm comparison image is in mm).
+    include_node : bool
+        Also time the node's NLM denoiser (``node_nlm``, ``node_nlm_1t``).
 
     Returns
     -------
     dict
         ``shape``, ``patch``, ``search``, ``h``, ``device``, ``threads`` (torch threads of ours),
-        ``skimage_threads`` (1), ``repeats``, ``cpu``; per method (``ours_gaussian``, ``ours_uniform``,
-        ``ours_uniform_1t``, ``ours_default``, ``skimage``) ``<m>_s`` (best), ``<m>_median_s``, ``<m>_times_s``,
-        ``<m>_per_slice_ms`` and ``<m>_threads``; when scikit-image ran, ``speedup_<m>`` (scikit-image time / ours)
-        for each of ours, and ``max_abs_diff_vs_skimage`` (ours_uniform) with ``max_rel_diff_vs_skimage`` (over
-        the volume's maximum) and ``max_abs_change_ours_uniform`` (how much the filter changed the volume: the
-        scale the difference is small against).
+        ``skimage_threads`` (1), ``repeats``, ``cpu``, ``source`` ("phantom" or "volume"), ``spacing``; per method
+        (``ours_gaussian``, ``ours_uniform``, ``ours_uniform_1t``, ``ours_symmetric``, ``node_nlm``,
+        ``node_nlm_1t``, ``skimage``) ``<m>_s`` (best), ``<m>_median_s``, ``<m>_times_s``, ``<m>_per_slice_ms`` and
+        ``<m>_threads``; ``node_info`` (the node denoiser's ``info``: its own h, slab, cached weights); when
+        scikit-image ran, ``speedup_<m>`` (scikit-image time / ours) for each of ours, and
+        ``max_abs_diff_vs_skimage`` (ours_uniform) with ``max_rel_diff_vs_skimage`` (over the volume's maximum) and
+        ``max_abs_change_ours_uniform`` (how much the filter changed the volume: the scale the difference is small
+        against).
 
     Raises
     ------
@@ -133,7 +151,8 @@ def bench_nlm(
     """
     import torch
 
-    from denoisers.nlm import estimate_image_std, nonlocal_means, resolve_device
+    from denoisers.base import DenoiseInputs
+    from denoisers.nlm import NLMDenoiser, NLMParams, estimate_image_std, nonlocal_means, resolve_device
 
     if patch < 1 or search < 1 or patch % 2 == 0 or search % 2 == 0:
         raise TrainingError(f"patch and search must be odd voxel counts >= 1, got {patch} and {search}")
@@ -149,7 +168,10 @@ def bench_nlm(
             ) from exc
 
     dev = resolve_device(device)
-    vol = bench_volume(shape, seed)
+    vol = bench_volume(shape, seed) if volume is None else np.ascontiguousarray(volume, dtype=np.float32)
+    if vol.ndim != 3:
+        raise TrainingError(f"expected a (z, y, x) volume, got shape {vol.shape}")
+    shape = (int(vol.shape[0]), int(vol.shape[1]), int(vol.shape[2]))
     h = estimate_image_std(vol)  # one absolute h for every run (the Gong 2018 choice), in the same units
     previous_threads = torch.get_num_threads()
     n_threads = threads if threads is not None else len(os.sched_getaffinity(0))
@@ -163,6 +185,8 @@ def bench_nlm(
         "skimage_threads": SKIMAGE_THREADS,
         "repeats": repeats,
         "cpu": platform.processor() or platform.machine(),
+        "source": "phantom" if volume is None else "volume",
+        "spacing": list(spacing),
     }
     outputs: dict[str, npt.NDArray[np.float32]] = {}
     try:
@@ -184,6 +208,22 @@ def bench_nlm(
 
             times, outputs[label] = _time(ours, repeats, label)
             _record(result, label, times, shape[0], label_threads)
+        if include_node:
+            inputs = DenoiseInputs(pet=vol, spacing=spacing)
+            for label, one_thread in _NODE:
+                label_threads = 1 if one_thread else n_threads
+                torch.set_num_threads(label_threads)
+                info: dict[str, Any] = {}
+
+                def node() -> npt.NDArray[np.float32]:
+                    res = NLMDenoiser(NLMParams(), device=dev).denoise(inputs)
+                    info.update(res.info)
+                    return res.denoised
+
+                times, outputs[label] = _time(node, repeats, label)
+                _record(result, label, times, shape[0], label_threads)
+                result["node_info"] = {k: info[k] for k in ("h", "h_factor", "guide_fwhm_mm", "chunk_slices",
+                                                             "weight_cache_mb", "normalisation") if k in info}
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -205,8 +245,9 @@ def bench_nlm(
 
         times, ref = _time(reference, repeats, "skimage")
         _record(result, "skimage", times, shape[0], SKIMAGE_THREADS)
-        for label, *_ in _OURS:
-            result[f"speedup_{label}"] = result["skimage_s"] / result[f"{label}_s"]
+        for label in _labels():
+            if f"{label}_s" in result:
+                result[f"speedup_{label}"] = result["skimage_s"] / result[f"{label}_s"]
         ours_uniform = outputs["ours_uniform"].astype(np.float64)
         diff = float(np.abs(ours_uniform - ref).max())
         result["max_abs_diff_vs_skimage"] = diff
@@ -225,15 +266,21 @@ def _record(result: dict[str, Any], label: str, times: list[float], slices: int,
     result[f"{label}_threads"] = threads
 
 
+def _labels() -> list[str]:
+    """Every method ``bench_nlm`` may time of ours, in table order."""
+    return [label for label, *_ in _OURS] + [label for label, _ in _NODE]
+
+
 def format_nlm_table(result: dict[str, Any]) -> str:
     """Return ``bench_nlm``'s result as a small text table (threads, best time, median, per slice, speed-up)."""
+    source = result.get("source", "phantom")
     head = (
-        f"NLM {'x'.join(map(str, result['shape']))}, patch {result['patch']}, search {result['search']}, "
+        f"NLM {'x'.join(map(str, result['shape']))} ({source}), patch {result['patch']}, search {result['search']}, "
         f"h {result['h']:.4g}, {result['device']}, ours on {result['threads']} torch thread(s) unless marked _1t, "
         f"scikit-image on {result['skimage_threads']}, best of {result['repeats']}"
     )
     lines = [head, f"{'method':<17}{'threads':>8}{'best s':>9}{'median s':>10}{'ms/slice':>10}{'speed-up':>10}"]
-    for label in [label for label, *_ in _OURS] + ["skimage"]:
+    for label in _labels() + ["skimage"]:
         if f"{label}_s" not in result:
             continue
         key = f"speedup_{label}"
@@ -247,6 +294,16 @@ def format_nlm_table(result: dict[str, Any]) -> str:
             f"like for like (same filter, one thread each): ours_uniform_1t is "
             f"{result['speedup_ours_uniform_1t']:.1f}x scikit-image; ours_uniform's "
             f"{result['speedup_ours_uniform']:.1f}x also counts its {result['ours_uniform_threads']} threads"
+        )
+    if "speedup_node_nlm" in result:
+        info = result.get("node_info", {})
+        lines.append(
+            f"the node's NLM (NLMDenoiser.denoise with its defaults: noise estimate, "
+            f"h {info.get('h', float('nan')):.4g} = {info.get('h_factor', '?')} sigma, "
+            f"{info.get('guide_fwhm_mm', '?')} mm comparison image, "
+            f"{info.get('normalisation', '?')} filter, {info.get('chunk_slices', '?')}-slice slabs, "
+            f"{info.get('weight_cache_mb', '?')} MiB of cached weights) is {result['speedup_node_nlm']:.1f}x "
+            f"scikit-image on {result['node_nlm_threads']} threads and {result['speedup_node_nlm_1t']:.1f}x on one"
         )
     if "max_abs_diff_vs_skimage" in result:
         lines.append(
@@ -301,3 +358,44 @@ def _torch_threads() -> int:
     import torch
 
     return int(torch.get_num_threads())
+
+
+def load_series(directory: Path) -> tuple[npt.NDArray[np.float32], tuple[float, float, float]]:
+    """Read a PET series folder as the node does (``dicom_node.series.load_pet_series``): the (z, y, x) volume in
+    its stored units (e.g. Bq/ml) and the spacing in mm."""
+    from dicom_node.series import load_pet_series
+
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise TrainingError(f"{str(directory)!r} holds no files")
+    volume = load_pet_series(files)
+    spacing = tuple(float(s) for s in volume.spacing)
+    return np.asarray(volume.array, dtype=np.float32), (spacing[0], spacing[1], spacing[2])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.bench_speed [--series DIR]``: the NLM table (``bench_nlm``) on a real series or the
+    seeded phantom."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--series", type=Path, default=None, help="a PET series folder (default: the phantom)")
+    parser.add_argument("--shape", default="200,192,192", help="phantom size z,y,x")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of ours (default: all CPUs)")
+    parser.add_argument("--no-reference", action="store_true", help="skip scikit-image")
+    args = parser.parse_args(argv)
+    volume, spacing = (None, (2.0, 2.0, 2.0)) if args.series is None else load_series(args.series)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    if len(shape) != 3:
+        parser.error(f"--shape {args.shape!r}: expected z,y,x")
+    result = bench_nlm(
+        (shape[0], shape[1], shape[2]), repeats=args.repeats, include_skimage=not args.no_reference,
+        threads=args.threads, volume=volume, spacing=spacing,
+    )
+    print(format_nlm_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,15 +19,21 @@ from denoisers.base import DenoiseInputs, DeviceNeed, InputKind
 from denoisers.errors import DenoiserError, DenoiserUnavailableError
 from denoisers.gaussian import GaussianDenoiser, GaussianParams
 from denoisers.nlm import (
+    CPU_WEIGHT_CACHE_BYTES,
     NLMDenoiser,
     NLMParams,
+    _FlatGeometry,
+    _SymmetricFilter,
+    default_chunk_slices,
     estimate_image_std,
     estimate_noise_sigma,
+    gaussian_guide,
     mm_to_odd_vox,
     nonlocal_means,
     patch_kernel_1d,
     peak_memory_bytes,
     resolve_device,
+    weight_cache_bytes,
 )
 
 Triple = tuple[int, int, int]
@@ -515,10 +521,94 @@ def test_validating_params_does_not_import_torch() -> None:
 
 def test_peak_memory_formula_is_small() -> None:
     # 200 x 192 x 192 float32 is 29.5 MB. Row: the padded copy, the output and one slab of scratch, about 2.2x that;
-    # symmetric: two padded per-voxel vectors and one volume of sums more, about 5.3x (measured 141 MB of RSS).
-    volume = 200 * 192 * 192 * 4
-    assert peak_memory_bytes((200, 192, 192), (3, 3, 3), (5, 5, 5), 7, "row") < 2.5 * volume
-    assert peak_memory_bytes((200, 192, 192), (3, 3, 3), (5, 5, 5), 7) < 6.0 * volume
+    # symmetric: the padded volume, three padded per-voxel vectors, the output and the slab scratch, about 5.4x, plus
+    # the weights cached between the passes (at most CPU_WEIGHT_CACHE_BYTES; 168 MB at the default 9-slice slabs).
+    shape, volume = (200, 192, 192), 200 * 192 * 192 * 4
+    assert peak_memory_bytes(shape, (3, 3, 3), (5, 5, 5), 7, "row") < 2.5 * volume
+    assert peak_memory_bytes(shape, (3, 3, 3), (5, 5, 5), 7, cache_bytes=0) < 6.0 * volume
+    chunk = default_chunk_slices(shape)
+    cache = weight_cache_bytes(shape, (3, 3, 3), (5, 5, 5), chunk, None)
+    assert chunk == 9 and 0 < cache <= CPU_WEIGHT_CACHE_BYTES
+    assert peak_memory_bytes(shape, (3, 3, 3), (5, 5, 5), chunk) == (
+        peak_memory_bytes(shape, (3, 3, 3), (5, 5, 5), chunk, cache_bytes=0) - 4 * 9 * 194 * 194 + cache
+    )
+    # Planes too large for the bound: the weights are recomputed, and the memory is that of no cache.
+    big = (100, 400, 400)
+    assert weight_cache_bytes(big, (3, 3, 3), (5, 5, 5), default_chunk_slices(big), None) == 0
+
+
+def allocated_bytes(sym: _SymmetricFilter) -> int:
+    """Bytes of the distinct tensor storages a symmetric filter holds."""
+    tensors = [sym.v, sym.g, *sym.acc, sym.sq, sym.spare, *sym.tmp, sym.field, sym.cache]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("guide", [True, False])
+def test_peak_memory_is_what_the_symmetric_filter_allocates(cached: bool, guide: bool) -> None:
+    import torch
+
+    shape, patch, search, chunk = (23, 17, 19), (3, 1, 5), (5, 3, 3), 4
+    vol = small_volume(shape)
+    geometry = _FlatGeometry(shape, patch, search, chunk)
+    kernels = tuple(patch_kernel_1d(p, False) for p in patch)
+    sym = _SymmetricFilter(torch, geometry, vol, vol + 1 if guide else None, kernels, 40.0, torch.device("cpu"), cached)
+    budget = None if cached else 0
+    output = 4 * vol.size
+    expected = peak_memory_bytes(shape, patch, search, chunk, guide=guide, cache_bytes=budget)
+    assert allocated_bytes(sym) + output == expected
+    assert (sym.cache is not None) == cached
+
+
+def test_cached_and_recomputed_weights_agree_and_the_ring_wraps() -> None:
+    # 14 slices in slabs of 1-3: the weight cache's ring (slab + 3 lags of 3 slices, a multiple of the slab) is
+    # shorter than the volume, so slices are overwritten while the passes trail each other, and passes 1-3 split
+    # where the ring wraps. Cached, recomputed and the dense reference agree; each is deterministic.
+    vol = small_volume((14, 6, 7), seed=5)
+    expected = reference_symmetric(vol, 40.0, (3, 3, 3), (5, 5, 5), False)
+    for chunk in (1, 2, 3, 14):
+        geometry = _FlatGeometry(vol.shape, (3, 3, 3), (5, 5, 5), chunk)
+        assert geometry.lag == 3 and (geometry.ring < vol.shape[0]) == (chunk < 14)
+        cached = nonlocal_means(vol, 40.0, chunk_slices=chunk)
+        again = nonlocal_means(vol, 40.0, chunk_slices=chunk)
+        recomputed = nonlocal_means(vol, 40.0, chunk_slices=chunk, cache_bytes=0)
+        np.testing.assert_array_equal(cached, again)
+        np.testing.assert_allclose(recomputed, cached, rtol=1e-6, atol=1e-6 * float(cached.max()))
+        np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-5 * float(expected.max()))
+        assert cached.sum(dtype=np.float64) == pytest.approx(float(vol.sum(dtype=np.float64)), rel=1e-6)
+
+
+def test_weight_cache_bound_falls_back_to_recomputing() -> None:
+    vol = small_volume((12, 10, 11), seed=6)
+    shape, patch, search = vol.shape, (3, 3, 3), (5, 5, 5)
+    need = _FlatGeometry(shape, patch, search, 3).cache_bytes()
+    assert weight_cache_bytes(shape, patch, search, 3, need) == need
+    assert weight_cache_bytes(shape, patch, search, 3, need - 1) == 0  # one byte short: recompute
+    assert peak_memory_bytes(shape, patch, search, 3, cache_bytes=need - 1) < peak_memory_bytes(
+        shape, patch, search, 3, cache_bytes=need
+    )
+    cached = run(vol, h=40.0, chunk_voxels=3 * 10 * 11)
+    recomputed = run(vol, h=40.0, chunk_voxels=3 * 10 * 11, weight_cache_mb=0.0)
+    assert cached.info["weight_cache_mb"] == round(need / (1 << 20), 1) and recomputed.info["weight_cache_mb"] == 0
+    np.testing.assert_allclose(recomputed.denoised, cached.denoised, rtol=1e-6, atol=1e-6 * float(vol.max()))
+    assert not np.allclose(cached.denoised, vol)  # guard: the filter did something
+    assert run(vol, h=40.0, normalisation="row").info["weight_cache_mb"] == 0  # the row filter needs one pass
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 10), (2, 5, 6), (3, 3, 3), (9, 16, 12)])
+@pytest.mark.parametrize("spacing", [(3.27, 4.0, 4.0), (1.0, 1.0, 1.0), (4.0, 2.0, 8.0)])
+def test_torch_guide_matches_scipy(shape: Triple, spacing: tuple[float, float, float]) -> None:
+    # The comparison image is scipy's gaussian_filter (mode "reflect", truncate 4), computed in float32 torch.
+    from scipy import ndimage
+
+    vol = small_volume(shape, seed=7)
+    sigma = [4.0 / (2.0 * math.sqrt(2.0 * math.log(2.0))) / s for s in spacing]
+    expected = ndimage.gaussian_filter(vol, sigma, mode="reflect")
+    got = gaussian_guide(vol, 4.0, spacing, chunk_slices=4)
+    assert got.dtype == np.float32 and got.shape == vol.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.max()))
+    assert np.abs(expected - vol).max() > 1.0  # guard: it smoothed
 
 
 # --- devices --------------------------------------------------------------------------------------------------
@@ -574,7 +664,10 @@ def test_bench_nlm_smoke() -> None:
     assert torch.get_num_threads() == threads  # restored
     # Every row says how many threads it used: ours on the requested 2 (one for _1t), scikit-image on one.
     assert result["threads"] == 2 and result["skimage_threads"] == 1
-    expected_threads = {"ours_gaussian": 2, "ours_uniform": 2, "ours_uniform_1t": 1, "ours_default": 2, "skimage": 1}
+    expected_threads = {
+        "ours_gaussian": 2, "ours_uniform": 2, "ours_uniform_1t": 1, "ours_symmetric": 2, "node_nlm": 2,
+        "node_nlm_1t": 1, "skimage": 1,
+    }
     for label, n in expected_threads.items():
         assert result[f"{label}_threads"] == n
         assert result[f"{label}_s"] > 0 and len(result[f"{label}_times_s"]) == 2
@@ -591,6 +684,22 @@ def test_bench_nlm_smoke() -> None:
     assert result["max_abs_diff_vs_skimage"] > 0  # two implementations (its box differs), not one compared to itself
     table = format_nlm_table(result)
     assert "ours_uniform_1t" in table and "skimage" in table and "threads" in table and "one thread each" in table
+    # The node rows run NLMDenoiser with its defaults (its own h from the noise, the 4 mm comparison image).
+    node = NLMDenoiser(NLMParams()).denoise(DenoiseInputs(vol, (2.0, 2.0, 2.0)))
+    assert result["node_info"]["h"] == pytest.approx(node.info["h"]) and result["node_info"]["guide_fwhm_mm"] == 4.0
+    assert "the node's NLM" in table and "node_nlm_1t" in table
+
+
+def test_bench_nlm_on_a_given_volume_and_main(capsys: pytest.CaptureFixture[str]) -> None:
+    from training.bench_speed import bench_nlm, main
+
+    vol = small_volume((5, 12, 14), seed=8)
+    result = bench_nlm(repeats=1, threads=1, include_skimage=False, volume=vol, spacing=(3.0, 4.0, 4.0))
+    assert result["shape"] == [5, 12, 14] and result["source"] == "volume" and result["spacing"] == [3.0, 4.0, 4.0]
+    assert result["node_nlm_s"] > 0 and "speedup_node_nlm" not in result and "skimage_s" not in result
+    assert main(["--shape", "4,10,12", "--repeats", "1", "--threads", "1", "--no-reference"]) == 0
+    out = capsys.readouterr().out
+    assert "4x10x12 (phantom)" in out and "node_nlm" in out and "skimage" not in out.split("\n", 1)[1]
 
 
 def test_guide_changes_weights_not_mass_and_smoothed_guide_helps_correlated_noise() -> None:
