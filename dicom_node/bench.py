@@ -7,8 +7,9 @@ Four rows, each a ratio to a reference taken in the same run on the same machine
 2. ``petnode denoise --method gaussian`` (the command, a process of its own) against the same naive round trip;
 3. receive rate over one association (DCMTK storescu, TCP_NODELAY on) against a minimal pynetdicom SCP that writes
    ``event.encoded_dataset()`` and fsyncs it, and DCMTK storescp (no fsync); then 1, 4 and 10 senders at once;
-4. NLM in the node's own path (``petnode denoise --method nlm`` minus the Gaussian command) against
-   scikit-image's ``denoise_nl_means`` (patch 3, distance 2, fast mode, one thread) on the same volume.
+4. NLM in the node's own path against scikit-image's ``denoise_nl_means`` (patch 3, distance 2, fast mode, one
+   thread) on the same volume: the denoise step of a running node's NLM route (torch imported once, as a node
+   has it), and ``petnode denoise --method nlm`` minus the Gaussian command (which includes importing torch).
 
 Plus the peak memory of the Gaussian command against the volume's size in float32 and the interpreter's baseline.
 """
@@ -49,6 +50,7 @@ class ReceiveFigures:
     torch_threads: int = 0
     send_only_s: list[float] = field(default_factory=list)  # petnode's SCU sending the series to the same sink
     libraries_s: list[float] = field(default_factory=list)  # starting an interpreter and importing the libraries
+    node_nlm_s: list[float] = field(default_factory=list)  # a running node's NLM step on the series
 
 
 def free_port() -> int:
@@ -264,6 +266,7 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
                     figures.latency_s.append(float(row["delivered_at"]) - float(row["last_received"]))
                 finally:
                     node.stop()
+            _node_nlm(figures, series_dir, tmpdir, sink_port, repeats)
             for _ in range(repeats):  # the latency's floor: only sending, the same way, to the same sink
                 figures.send_only_s.append(_send_only(sorted(files), sink_port))
             minimal = MinimalScp(tmpdir / "minimal")
@@ -279,6 +282,35 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
                 proc.terminate()
                 proc.wait(timeout=10)
     return figures
+
+
+def _node_nlm(figures: ReceiveFigures, series_dir: Path, tmpdir: Path, sink_port: int, repeats: int) -> None:
+    """The denoise step of a running node's NLM route on the series (torch imported once, as in a node)."""
+    import torch  # noqa: F401 - a running node has it; its import is the command's cost, not the step's
+
+    from dicom_node.node import Node
+    from dicom_node.rules import load_rules
+    from dicom_node.settings import load_settings
+
+    rules_path = tmpdir / "nlm.yaml"
+    rules_path.write_text("rules:\n  - name: bench-nlm\n    match: {modality: [PT]}\n    denoiser: {name: nlm}\n"
+                          f"    destinations: [{{ae_title: SINK, host: 127.0.0.1, port: {sink_port}}}]\n")
+    for i in range(repeats):
+        settings = load_settings(None, port=0, bind_address="127.0.0.1", data_dir=tmpdir / f"nlm-node{i}",
+                                 completion={"poll_interval_s": 0.05}, send={"poll_interval_s": 0.05},
+                                 disk={"min_free_mb": 1})
+        node = Node(settings, load_rules(rules_path))
+        node.start()
+        try:
+            _storescu(series_dir, node.port, "PETNODE")
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not node.timings:
+                threading.Event().wait(0.05)
+            if not node.timings:
+                raise DicomNodeError("the NLM route did not process the series in the benchmark")
+            figures.node_nlm_s.append(next(iter(node.timings.values()))["denoise"])
+        finally:
+            node.stop()
 
 
 def _concurrent(figures: ReceiveFigures, files: list[Path], tmpdir: Path, repeats: int) -> None:

@@ -83,6 +83,7 @@ class Node:
         # and the series that received instances since their running send last looked.
         self._receipt: dict[str, Rule | None] = {}
         self._fresh: set[str] = set()
+        self.timings: dict[str, dict[str, float]] = {}  # the last series processed: seconds per step
         self._writing: dict[str, WriteProgress] = {}  # derived series being written: their sends follow the writer
         self._futures: set[Future[Any]] = set()
         self._futures_lock = threading.Lock()  # its own: futures are tracked while self._lock is held
@@ -125,11 +126,34 @@ class Node:
                                 seconds=self.settings.disk.pressure_check_interval_s)
         self._scheduler.add_job(self.sweep_stuck, "interval", id="stuck", seconds=60)
         self._scheduler.start()
+        self._warm_up()
         from dicom_node import __version__
 
         logger.info("petnode %s started: AE %s port %d, data %s, %d rule(s), device %s", __version__,
                     self.settings.ae_title, self.port, self.settings.data_dir, len(self.ruleset.rules),
                     self.settings.device)
+
+    def _warm_up(self) -> None:
+        """Import torch in the background when a rule's method runs on it (NLM, the learned methods): the first
+        series would otherwise pay for the import (about 1 s on the 2-core machine) inside its latency."""
+        from denoisers import registry
+        from denoisers.base import DeviceNeed
+
+        def needs_torch(rule: Rule) -> bool:
+            try:
+                need = registry.get_class(rule.denoiser.name).device_need if rule.denoiser is not None else None
+                return need is not None and need != DeviceNeed.CPU
+            except Exception:  # noqa: BLE001 - an unavailable plugin is reported when a series needs it
+                return False
+
+        if any(not rule.disabled and needs_torch(rule) for rule in self.ruleset.rules):
+            def load() -> None:
+                try:
+                    import torch  # noqa: F401
+                except Exception:  # noqa: BLE001 - the plugin reports a broken torch when it runs
+                    logger.debug("torch could not be imported ahead of time", exc_info=True)
+
+            threading.Thread(target=load, name="petnode-warm-up", daemon=True).start()
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -417,6 +441,10 @@ class Node:
                 self.db.set_state(uid, SeriesState.RECEIVING, expect=[SeriesState.PROCESSING])
                 return
             self.db.set_outputs(uid, result.output_series_uid, out_dir)
+            with self._lock:
+                self.timings[uid] = {**result.timings, "total": time.perf_counter() - t0}
+                while len(self.timings) > 256:
+                    self.timings.pop(next(iter(self.timings)))
             logger.info("%s: %d derived instances written in %.2f s (load %.2f, denoise %.2f, write %.2f)%s%s",
                         log_id, len(result.files), time.perf_counter() - t0, result.timings["load"],
                         result.timings["denoise"], result.timings["write"],

@@ -263,7 +263,8 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
     timings["denoise"] = time.perf_counter() - t0
 
     ratio = _activity_ratio(volume.array, denoised)
-    if not np.all(np.isfinite(denoised)) or abs(ratio - 1.0) > MAX_ACTIVITY_CHANGE:
+    finite = bool(np.isfinite(np.sum(denoised, dtype=np.float64)))  # a NaN or inf anywhere; no boolean copy
+    if not finite or abs(ratio - 1.0) > MAX_ACTIVITY_CHANGE:
         raise DicomNodeError(f"denoiser {plan.denoiser!r} changed total activity by "
                              f"{100 * (ratio - 1):+.2f} % (limit {100 * MAX_ACTIVITY_CHANGE:.0f} %): "
                              "output withheld")

@@ -74,6 +74,8 @@ def test_send_starts_before_the_last_file_is_written(start_node, recorder: Recor
     assert len({assoc for _, _, assoc in recorder.arrivals}) == 1  # one association for the whole series
     sends = node.db.sends(uid)
     assert [(s["state"], s["sent"], s["total"]) for s in sends] == [("done", 16, 16)]
+    steps = node.timings[uid]  # what `petnode bench receive` reads for a running node's denoise step
+    assert set(steps) == {"load", "denoise", "write", "total"} and steps["write"] >= 16 * 0.05
 
 
 def test_a_writer_that_fails_half_way_leaves_no_send_done(start_node, recorder: RecordingSCP,
