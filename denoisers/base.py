@@ -79,12 +79,16 @@ class DenoiseInputs:
         Voxel spacing (dz, dy, dx) in mm.
     mr_prior, ct_prior : Volume or None
         Anatomical priors resampled onto the PET grid (same shape, float32).
+    suv_factor : float or None
+        SUVbw per unit of ``pet`` (g/ml per Bq/ml) when the series' metadata allows it; learned methods trained
+        on SUV-normalised images use it.
     """
 
     pet: Volume
     spacing: tuple[float, float, float]
     mr_prior: Volume | None = None
     ct_prior: Volume | None = None
+    suv_factor: float | None = None
 
     def provided(self) -> frozenset[InputKind]:
         """Return the kinds of input present."""
@@ -218,7 +222,10 @@ class Denoiser(abc.ABC, Generic[ParamsT]):
     device : str
         Torch device string for plugins that use one ("cpu", "cuda", "cuda:1").
     weights : Path or None
-        Model weights, for plugins whose ``spec.needs_weights``.
+        Model weights, for plugins whose ``spec.needs_weights`` (a bare path, unchecked).
+    model : object or None
+        A checked model from the registry (``denoisers.models.ResolvedModel``: its card, with the weights'
+        sha256, and the weights' path), for plugins that build themselves from a model card (``cnn``).
     seed : int or None
         Seed for stochastic plugins; the same seed gives the same result.
     """
@@ -237,12 +244,14 @@ class Denoiser(abc.ABC, Generic[ParamsT]):
         device: str = "cpu",
         weights: Path | None = None,
         seed: int | None = None,
+        model: Any = None,
     ) -> None:
         if not isinstance(params, self.Params):
             raise TypeError(f"{type(self).__name__} needs {self.Params.__name__}, got {type(params).__name__}")
         self.params: ParamsT = params
         self.device = device
-        self.weights = weights
+        self.weights = weights if weights is not None or model is None else model.weights_path
+        self.model = model
         self.seed = seed
 
     @classmethod

@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 _BUILTIN: dict[str, str] = {
     "gaussian": "denoisers.gaussian:GaussianDenoiser",
     "nlm": "denoisers.nlm:NLMDenoiser",
+    "cnn": "denoisers.cnn:CNNDenoiser",
     # Later plugins plug in here by one entry each (and the contract test picks them up), e.g.
-    # "cnn": "denoisers.cnn:CNNDenoiser",
     # "cdip": "denoisers.cdip:ConditionalDIPDenoiser",
     # "bcdpm": "denoisers.bcdpm:BCDPMDenoiser",
 }
@@ -123,10 +123,12 @@ def create(
     device: str = "cpu",
     weights: Path | None = None,
     seed: int | None = None,
+    model: Any = None,
 ) -> Denoiser[Any]:
-    """Validate ``params`` and build denoiser ``name`` (errors as ``validate_params``)."""
+    """Validate ``params`` and build denoiser ``name`` (errors as ``validate_params``); ``model`` is a checked
+    registry model (``denoisers.models.ResolvedModel``) for plugins built from a model card."""
     cls = get_class(name)
-    denoiser = cls(validate_params(name, params), device=device, weights=weights, seed=seed)
+    denoiser = cls(validate_params(name, params), device=device, weights=weights, seed=seed, model=model)
     logger.debug("created %r", denoiser)
     return denoiser
 

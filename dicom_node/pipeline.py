@@ -211,18 +211,19 @@ def build_inputs(volume: PetVolume) -> DenoiseInputs:
     """The denoiser's inputs for a series (priors join here when the pipeline finds them)."""
     from denoisers.base import DenoiseInputs
 
-    return DenoiseInputs(pet=volume.array, spacing=volume.spacing)
+    return DenoiseInputs(pet=volume.array, spacing=volume.spacing, suv_factor=volume.suv_factor)
 
 
 def denoise_volume(volume: PetVolume, plan: Plan, weights: Path | None = None, *, seed: int | None = None,
-                   inputs: DenoiseInputs | None = None) -> tuple[DenoiseResult, bool]:
+                   inputs: DenoiseInputs | None = None, model: Any = None) -> tuple[DenoiseResult, bool]:
     """Run the plan's denoiser on the volume; the whole result (volume, maps, info) and whether it is stochastic.
 
     Imported lazily: torch only loads for learned methods.
     """
     from denoisers import registry
 
-    denoiser = registry.create(plan.denoiser, plan.params, device=plan.device, weights=weights, seed=seed)
+    denoiser = registry.create(plan.denoiser, plan.params, device=plan.device, weights=weights, seed=seed,
+                               model=model)
     try:
         result = denoiser.denoise(inputs if inputs is not None else build_inputs(volume))
         stochastic = bool(denoiser.spec.stochastic)
@@ -258,7 +259,7 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
     seed = series_seed(volume.series_uid, plan.route, plan.source_revision)
     t0 = time.perf_counter()
     result, stochastic = denoise_volume(volume, plan, resolved.weights_path if resolved else None, seed=seed,
-                                        inputs=inputs)
+                                        inputs=inputs, model=resolved)
     denoised = result.denoised
     timings["denoise"] = time.perf_counter() - t0
 

@@ -65,14 +65,14 @@ def test_a_physicists_session(run: Run, node: Path, tmp_path: Path, monkeypatch:
     assert code == 0 and "no models installed" in out and "petnode models add" in out
 
     card = tmp_path / "card.yaml"
-    card.write_text("denoiser: cnn\narchitecture: U-Net 2.5D\ndescription: FDG 1/10 dose\ninput_slices: 3\n"
+    card.write_text("denoiser: ldpet\narchitecture: U-Net 2.5D\ndescription: FDG 1/10 dose\ninput_slices: 3\n"
                     "units: SUV\nnormalisation: suv\ntracers: [FDG]\nexpected_voxel_mm: [2.0, 2.0, 2.0]\n")
     w1 = save_weights(tmp_path / "train" / "w1.pt", 1.0)
     code, out, err = run("add", str(w1), "--name", "unet-fdg", "--version", "1.0.0", "--card", str(card),
                          "--epochs", "40", "--metric", "psnr=38.5", "--activate")
     assert code == 0, err
-    assert "added unet-fdg@1.0.0: denoiser cnn, w1.pt" in out and "active: new series" in out
-    assert "no denoiser plugin named 'cnn'" in err  # stored anyway, with a warning
+    assert "added unet-fdg@1.0.0: denoiser ldpet, w1.pt" in out and "active: new series" in out
+    assert "no denoiser plugin named 'ldpet'" in err  # a plugin this install lacks: stored anyway, with a warning
     code, out, _ = run("add", str(save_weights(tmp_path / "train" / "w2.pt", 2.0)), "--name", "unet-fdg",
                        "--version", "1.1.0", "--card", str(card), "--description", "FDG 1/10 dose, more data")
     assert code == 0 and "not active: `petnode models activate unet-fdg@1.1.0`" in out
@@ -80,7 +80,7 @@ def test_a_physicists_session(run: Run, node: Path, tmp_path: Path, monkeypatch:
     code, out, _ = run("list")
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["MODEL", "VERSION", "STATE"]
-    assert lines[1].split()[:7] == ["unet-fdg", "1.0.0", "active", "cnn", "SUV", "2x2x2", "FDG"]
+    assert lines[1].split()[:7] == ["unet-fdg", "1.0.0", "active", "ldpet", "SUV", "2x2x2", "FDG"]
     assert lines[2].split()[:3] == ["unet-fdg", "1.1.0", "available"] and "more data" in lines[2]
 
     code, out, _ = run("show", "unet-fdg")

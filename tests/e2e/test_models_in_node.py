@@ -120,3 +120,36 @@ def test_config_check_resolves_models(tmp_path: Path, capsys: pytest.CaptureFixt
     _add(ModelStore(tmp_path / "var" / "models"), tmp_path, "toy", "1.0.0", 1.0, SPACING, activate=True)
     assert main(["-c", str(config), "config", "check"]) == 0
     assert "model ok: rule 'pet-gaussian' -> toy@1.0.0" in capsys.readouterr().out
+
+
+def test_a_registered_cnn_model_processes_a_series(start_node, storescp_sink: StoreSCP, tmp_path: Path):
+    """The real `cnn` plugin in a running node: a feature-oriented DCNN registered in the node's store, named by a
+    rule, processes a series; the derived series names the model and keeps the total activity."""
+    from denoisers.nets import build
+
+    torch.manual_seed(7)
+    net, _ = build("fo-dcnn", {"features": 4, "layers": 4})
+    weights = tmp_path / "fo.pt"
+    torch.save(net.state_dict(), weights)
+    node = start_node(
+        [pet_rule([{"peer": "sink"}], name="fo", denoiser={"name": "cnn", "model": "fo-test"})],
+        peers=[{"name": "sink", "ae_title": "SINK", "host": "127.0.0.1", "port": storescp_sink.port}],
+    )
+    node.models.add(weights, {"denoiser": "cnn", "architecture": "fo-dcnn", "normalisation": "mean",
+                              "input_slices": 3, "expected_voxel_mm": list(SPACING), "units": "BQML",
+                              "extra": {"net": {"features": 4, "layers": 4}}},
+                    name="fo-test", version="0.1.0", activate=True)
+    series = make_pet_series(shape=(6, 16, 16), spacing=SPACING, seed=52)
+    assert send_datasets(series, node.port) == [0] * 6
+    uid = str(series[0].SeriesInstanceUID)
+    assert wait_state(node, uid, ["delivered", "failed"]) == "delivered", node.db.series(uid)
+    assert storescp_sink.wait_for(6)
+    derived = _derived(storescp_sink, node, uid)
+    assert len(derived) == 6
+    assert "model fo-test@0.1.0" in derived[0].ContributingEquipmentSequence[-1].SoftwareVersions
+    assert "architecture" in derived[0].DerivationDescription and "fo-dcnn" in derived[0].DerivationDescription
+
+    def total(datasets: list) -> float:
+        return sum(float((d.pixel_array * float(d.RescaleSlope)).sum()) for d in datasets)
+
+    assert total(derived) == pytest.approx(total(series), rel=1e-3)

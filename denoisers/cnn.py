@@ -1,0 +1,183 @@
+"""``cnn``: the supervised denoising networks (Gong 2018, Xu 2017, the feature-oriented DCNN), built from a card.
+
+A rule names a registered model (``denoiser: {name: cnn, model: NAME[@VERSION]}``); the node checks its card against
+the series and hands the plugin the checked model (card + weights path). Everything about the network comes from
+the card: ``architecture`` (``gong-resnet``, ``xu-unet``, ``fo-dcnn``; :mod:`denoisers.nets`), its configuration
+in ``extra["net"]`` and the intensity ``normalisation`` it was trained with, undone after inference:
+
+- ``mean``: the volume divided by its mean (computable from the input alone; ``training.datasets.volume_scale``);
+- ``suv``: multiplied by the series' SUVbw factor (refused when the series has none);
+- ``none``: as it is.
+
+The weights are loaded with ``torch.load(weights_only=True)`` from the bytes whose sha256 the card holds, into a
+network that must match them exactly (``strict``). Loaded networks are kept (a few per process, by weights hash and
+device) so a node does not rebuild them for every series.
+
+Quantitation. The network's output is clipped at zero and then scaled so that its total equals the input's: total
+activity is kept exactly (to float rounding) whatever the network does; regional SUVmean depends on the network and
+is what ``petnode bench quality`` reports. The scale applied is in ``info["activity_scale"]``.
+
+Inputs: PET, SPACING (+ the SUV factor for ``suv`` cards). Outputs: DENOISED. GPU preferred; runs on CPU.
+Deterministic (inference only, no dropout).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+from pydantic import Field
+
+from denoisers.base import (
+    DeviceNeed,
+    DenoiseInputs,
+    DenoiseResult,
+    Denoiser,
+    DenoiserParams,
+    DenoiserSpec,
+    InputKind,
+    OutputKind,
+)
+from denoisers.errors import DenoiserError, InvalidInputError
+
+if importlib.util.find_spec("torch") is None:
+    raise ImportError("the cnn denoiser needs PyTorch (pip install torch)")
+
+logger = logging.getLogger(__name__)
+
+_CACHE_SIZE = 4
+_cache: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+class CNNParams(DenoiserParams):
+    """How inference runs; what the network is comes from the model card."""
+
+    batch: int = Field(8, ge=1, le=256, strict=True, description="slices per forward pass")
+    half_precision: bool = Field(False, strict=True, description="float16 on CUDA (ignored on a CPU)")
+
+
+def _load(card: Any, weights_path: Path, device: str) -> tuple[Any, Any]:
+    """The network of ``card`` with its checked weights, on ``device``, in eval mode (cached)."""
+    from denoisers.models import load_weights
+    from denoisers.nets import build
+
+    key = (str(card.sha256), repr(sorted((card.extra.get("net") or {}).items())), device)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    state = load_weights(weights_path, expected_sha256=card.sha256)
+    net, spec = build(card.architecture, card.extra.get("net") or {})
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DenoiserError(f"model {card.name}@{card.version}: its weights do not fit a {card.architecture!r} "
+                            f"network configured {card.extra.get('net') or {}}: {str(exc).splitlines()[0]}") from exc
+    net = net.to(device).eval()
+    with _cache_lock:
+        _cache[key] = (net, spec)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return net, spec
+
+
+class CNNDenoiser(Denoiser[CNNParams]):
+    """A supervised 2.5D network from the model registry (see the module docstring)."""
+
+    name = "cnn"
+    Params = CNNParams
+    device_need = DeviceNeed.GPU_PREFERRED
+
+    @property
+    def spec(self) -> DenoiserSpec:
+        return self.make_spec(requires=frozenset({InputKind.PET, InputKind.SPACING}),
+                              produces=frozenset({OutputKind.DENOISED}), needs_weights=True)
+
+    def _card(self) -> Any:
+        if self.model is None:
+            raise DenoiserError("the cnn denoiser needs a model from the registry: give the rule "
+                                "`denoiser: {name: cnn, model: NAME}` (petnode models list shows them)")
+        return self.model.card
+
+    def _scale(self, card: Any, inputs: DenoiseInputs) -> float:
+        how = (card.normalisation or "none").strip().lower()
+        if how == "none":
+            return 1.0
+        if how == "mean":
+            mean = float(np.mean(inputs.pet, dtype=np.float64))
+            if not mean > 0:
+                raise InvalidInputError(f"model {card.ref} normalises by the volume's mean, which is {mean:g}")
+            return 1.0 / mean
+        if how == "suv":
+            if inputs.suv_factor is None or not inputs.suv_factor > 0:
+                raise InvalidInputError(f"model {card.ref} was trained on SUV images and this series has no SUV "
+                                        "factor (weight, dose, half-life or times missing)")
+            return float(inputs.suv_factor)
+        raise DenoiserError(f"model {card.ref}: unknown normalisation {card.normalisation!r} (mean, suv or none)")
+
+    def _check_voxels(self, card: Any, spacing: tuple[float, float, float]) -> None:
+        """A network sees voxels, not millimetres: a series at another voxel size than its training is refused."""
+        expected = card.expected_voxel_mm
+        if expected is None:
+            return
+        off = [abs(s - e) / e for s, e in zip(spacing, expected)]
+        if max(off) > card.voxel_tolerance:
+            raise InvalidInputError(
+                f"model {card.ref} was trained on {expected[0]:g} x {expected[1]:g} x {expected[2]:g} mm voxels "
+                f"(dz, dy, dx; tolerance {100 * card.voxel_tolerance:g} %); this series has {spacing[0]:g} x "
+                f"{spacing[1]:g} x {spacing[2]:g} mm")
+
+    def _run(self, inputs: DenoiseInputs) -> DenoiseResult:
+        from denoisers.devices import resolve_device
+        from denoisers.nets.infer import apply_25d
+
+        card = self._card()
+        self._check_voxels(card, inputs.spacing)
+        device = resolve_device(self.device, self.device_need)
+        t0 = time.perf_counter()
+        net, spec = _load(card, Path(self.model.weights_path), device)
+        scale = self._scale(card, inputs)
+        out = apply_25d(net, spec, inputs.pet * np.float32(scale), batch=self.params.batch, device=device,
+                        half_precision=self.params.half_precision)
+        out /= np.float32(scale)
+        np.maximum(out, 0.0, out=out)
+        total_in = float(np.sum(inputs.pet, dtype=np.float64))
+        total_out = float(np.sum(out, dtype=np.float64))
+        activity_scale = total_in / total_out if total_out > 0 and total_in > 0 else 1.0
+        if activity_scale != 1.0:
+            out *= np.float32(activity_scale)
+        return DenoiseResult(denoised=out.astype(np.float32, copy=False), info={
+            "model": card.ref, "architecture": card.architecture, "normalisation": card.normalisation,
+            "activity_scale": round(activity_scale, 6), "device": device,
+            "seconds": round(time.perf_counter() - t0, 3)})
+
+    @classmethod
+    def example(cls, *, seed: int | None = None) -> Self:
+        """A tiny untrained feature-oriented DCNN with its own card and weights in a temporary folder."""
+        import torch
+
+        from denoisers.models import ModelCard, ResolvedModel, sha256_file
+        from denoisers.nets import build
+
+        torch.manual_seed(0 if seed is None else seed)
+        net_config = {"features": 4, "layers": 3}
+        net, _ = build("fo-dcnn", net_config)
+        folder = Path(tempfile.mkdtemp(prefix="petnode-cnn-example-"))
+        weights = folder / "weights.pt"
+        torch.save(net.state_dict(), weights)
+        card = ModelCard(name="example-fo-dcnn", version="0.0.1", denoiser="cnn", architecture="fo-dcnn",
+                         input_slices=3, normalisation="mean", expected_voxel_mm=(3.27, 4.0, 4.0),
+                         created="2026-12-04T00:00:00Z",
+                         petnode_version="example", weights_file=weights.name, sha256=sha256_file(weights),
+                         extra={"net": net_config})
+        model = ResolvedModel(name=card.name, version=card.version, card=card, weights_path=weights, pinned=True)
+        return cls(CNNParams(), seed=seed, model=model)

@@ -1,0 +1,101 @@
+"""The ``cnn`` plugin: networks built from a model card, checked weights, normalisation undone, total activity
+kept, voxel size and SUV requirements refused with their reasons, loaded networks reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from denoisers import cnn, registry
+from denoisers.base import DenoiseInputs
+from denoisers.errors import DenoiserError, InvalidInputError, WeightsError
+from denoisers.models import ModelCard, ResolvedModel, sha256_file
+from denoisers.nets import build
+
+SPACING = (3.27, 4.0, 4.0)
+
+
+def _model(tmp_path: Path, arch: str, net: dict[str, Any], *, identity: bool = False, seed: int = 0,
+           normalisation: str = "mean", state: dict[str, Any] | None = None, **card: Any) -> ResolvedModel:
+    torch.manual_seed(seed)
+    module, _ = build(arch, net)
+    if identity:  # zero the last layer: fo-dcnn estimates no noise, xu-unet adds no residual
+        last = [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    path = tmp_path / f"{arch}-{seed}.pt"
+    torch.save(state if state is not None else module.state_dict(), path)
+    fields = {"name": f"t-{arch}", "version": "1.0.0", "denoiser": "cnn", "architecture": arch,
+              "normalisation": normalisation, "created": "2026-12-04T00:00:00Z", "petnode_version": "test",
+              "weights_file": path.name, "sha256": sha256_file(path), "extra": {"net": net}, **card}
+    c = ModelCard(**fields)
+    return ResolvedModel(name=c.name, version=c.version, card=c, weights_path=path, pinned=True)
+
+
+def _pet(seed: int = 0, shape: tuple[int, int, int] = (7, 20, 18)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.poisson(40.0, shape) * 25.0).astype(np.float32)
+
+
+def _run(model: ResolvedModel, pet: np.ndarray, **inputs: Any) -> Any:
+    den = registry.create("cnn", {"batch": 3}, model=model)
+    return den.denoise(DenoiseInputs(pet=pet, spacing=SPACING, **inputs))
+
+
+@pytest.mark.parametrize(("arch", "net"), [("fo-dcnn", {"features": 4}), ("xu-unet", {"features": 4, "depth": 2,
+                                                                                      "in_slices": 3})])
+def test_an_identity_network_returns_its_input(tmp_path: Path, arch: str, net: dict[str, Any]) -> None:
+    pet = _pet()
+    result = _run(_model(tmp_path, arch, net, identity=True), pet)
+    np.testing.assert_allclose(result.denoised, pet, rtol=1e-5)
+    assert result.info["activity_scale"] == pytest.approx(1.0, abs=1e-5)
+    assert result.info["model"] == f"t-{arch}@1.0.0"
+
+
+def test_total_activity_is_kept_and_output_is_non_negative(tmp_path: Path) -> None:
+    pet = _pet(1)
+    result = _run(_model(tmp_path, "gong-resnet", {"features": 6, "blocks": 1}, seed=3), pet)
+    out = result.denoised
+    assert out.dtype == np.float32 and out.shape == pet.shape and float(out.min()) >= 0.0
+    assert float(out.sum(dtype=np.float64)) == pytest.approx(float(pet.sum(dtype=np.float64)), rel=1e-5)
+    assert result.info["activity_scale"] != 1.0  # an untrained network: the scale did the work
+
+
+def test_tampered_or_mismatched_weights_are_refused(tmp_path: Path) -> None:
+    model = _model(tmp_path, "fo-dcnn", {"features": 4})
+    model.weights_path.write_bytes(model.weights_path.read_bytes() + b"x")
+    with pytest.raises(WeightsError, match="fails its checksum"):
+        _run(model, _pet())
+    unet, _ = build("xu-unet", {"features": 4, "depth": 2, "in_slices": 3})
+    wrong = _model(tmp_path, "fo-dcnn", {"features": 4}, state=unet.state_dict(), seed=9)
+    with pytest.raises(DenoiserError, match="do not fit a 'fo-dcnn' network"):
+        _run(wrong, _pet())
+
+
+def test_voxel_size_and_suv_requirements(tmp_path: Path) -> None:
+    voxels = _model(tmp_path, "fo-dcnn", {"features": 4}, expected_voxel_mm=(2.0, 2.0, 2.0), seed=4)
+    with pytest.raises(InvalidInputError, match=r"trained on 2 x 2 x 2 mm voxels .* this series has 3.27 x 4 x 4"):
+        _run(voxels, _pet())
+    suv = _model(tmp_path, "fo-dcnn", {"features": 4}, normalisation="suv", identity=True, seed=5)
+    with pytest.raises(InvalidInputError, match="no SUV factor"):
+        _run(suv, _pet())
+    pet = _pet(2)
+    np.testing.assert_allclose(_run(suv, pet, suv_factor=2.5e-4).denoised, pet, rtol=1e-5)
+    with pytest.raises(DenoiserError, match="needs a model from the registry"):
+        registry.create("cnn").denoise(DenoiseInputs(pet=pet, spacing=SPACING))
+
+
+def test_loaded_networks_are_reused(tmp_path: Path) -> None:
+    cnn._cache.clear()
+    model = _model(tmp_path, "fo-dcnn", {"features": 4}, seed=6)
+    first = _run(model, _pet())
+    assert len(cnn._cache) == 1
+    net = next(iter(cnn._cache.values()))[0]
+    second = _run(model, _pet())
+    assert next(iter(cnn._cache.values()))[0] is net and len(cnn._cache) == 1
+    np.testing.assert_array_equal(first.denoised, second.denoised)  # deterministic
