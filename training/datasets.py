@@ -383,8 +383,11 @@ class SlabDataset(Dataset):
         Add the prior slices as input channels; default when every volume has a prior.
     samples_per_slice : int
         Samples (patches) per centre slice and epoch (Gong 2018: two 128 x 128 patches per slice).
+    target_slices : int
+        1: the full-count centre slice; ``k``: the full-count slices of every input slice (the feature-oriented
+        DCNN returns all three it reads).
 
-    Items are ``(input, target)`` float32 tensors: ``[k (+k), h, w]`` and ``[1, h, w]``.
+    Items are ``(input, target)`` float32 tensors: ``[k (+k), h, w]`` and ``[target_slices, h, w]``.
     """
 
     def __init__(
@@ -399,6 +402,7 @@ class SlabDataset(Dataset):
         seed: int = 0,
         use_prior: bool | None = None,
         samples_per_slice: int = 1,
+        target_slices: int = 1,
     ) -> None:
         self.volumes = list(volumes)
         if not self.volumes:
@@ -431,6 +435,10 @@ class SlabDataset(Dataset):
                        for v in self.volumes]
         if int(samples_per_slice) != samples_per_slice or samples_per_slice < 1:
             raise DatasetError(f"samples_per_slice must be a positive integer, got {samples_per_slice!r}")
+        if target_slices not in (1, self.k):
+            raise DatasetError(f"target_slices must be 1 (the centre) or k = {self.k} (all input slices, for "
+                               f"networks that return every slice they read), got {target_slices!r}")
+        self.target_slices = int(target_slices)
         self._index = [(i, z) for _ in range(int(samples_per_slice))
                        for i, v in enumerate(self.volumes) for z in range(v.shape[0])]
 
@@ -476,7 +484,7 @@ class SlabDataset(Dataset):
         prior = self.priors[vi]
         if prior is not None:
             parts.append(prior[zs, ys, xs])
-        parts.append(vol.full[z:z + 1, ys, xs] * scale)
+        parts.append((vol.full[zs, ys, xs] if self.target_slices > 1 else vol.full[z:z + 1, ys, xs]) * scale)
         stack = np.concatenate(parts, axis=0)
         # one array for input and target, so every augmentation is applied to both identically
         if plan["flip_y"]:
@@ -486,4 +494,5 @@ class SlabDataset(Dataset):
         if plan["transpose"]:
             stack = stack.transpose(0, 2, 1)
         stack = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))
-        return stack[:-1], stack[-1:]
+        t = self.target_slices
+        return stack[:-t], stack[-t:]
