@@ -185,9 +185,9 @@ def train(config: TrainConfig, train_volumes: Sequence[PairedVolume], val_volume
     patch = (config.patch, config.patch) if config.patch else None
     dataset = SlabDataset(train_volumes, k=spec.in_slices, patch=patch, normalise=config.normalise,
                           seed=config.seed, samples_per_slice=config.samples_per_slice,
-                          target_slices=spec.out_slices, transposes=patch is not None)
+                          target_slices=spec.out_slices, transposes=patch is not None, use_prior=False)
     val = (SlabDataset(val_volumes, k=spec.in_slices, patch=None, normalise=config.normalise, flips=False,
-                       transposes=False, seed=config.seed + 1, target_slices=spec.out_slices)
+                       transposes=False, seed=config.seed + 1, target_slices=spec.out_slices, use_prior=False)
            if val_volumes else None)
     if init_from is not None:
         try:

@@ -61,6 +61,9 @@ def add_subparsers(sub: Any) -> None:
     p.add_argument("--series-number-offset", type=int, default=1000)
     p.add_argument("--refuse-non-quantitative", action="store_true",
                    help="fail instead of processing a series that is not in BQML with SUV attributes")
+    p.add_argument("--model", default=None, metavar="NAME[@VERSION]",
+                   help="registered model (--method cnn), from the node's registry (--data-dir or -c)")
+    p.add_argument("--data-dir", type=Path, default=None, help="node data directory holding the model registry")
     p.set_defaults(func=cmd_denoise)
 
     p = sub.add_parser("denoisers", help="denoiser plugins")
@@ -223,10 +226,16 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     plan = Plan(route="offline", denoiser=args.method, params=params,
                 non_quantitative="refuse" if args.refuse_non_quantitative else "process",
                 series_description_suffix=args.suffix if args.suffix is not None else f" [petnode {args.method}]",
-                series_number_offset=args.series_number_offset)
+                series_number_offset=args.series_number_offset, model=args.model)
+    store = None
+    if args.model:
+        from dicom_node.cli.model_commands import open_store
+        from dicom_node.settings import load_settings
+
+        store = open_store(load_settings(args.config, data_dir=args.data_dir), quiet=True)
     files = dicom_files([args.in_dir])
     try:
-        result = process_series(files, plan, args.out_dir, log_id="offline")
+        result = process_series(files, plan, args.out_dir, log_id="offline", models=store)
     except DenoiserError as exc:
         raise DicomNodeError(f"denoiser {args.method!r} failed: {exc}") from exc
     print(f"wrote {len(result.files)} derived instance(s) to {args.out_dir} (series {result.output_series_uid}); "

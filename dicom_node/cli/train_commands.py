@@ -1,4 +1,4 @@
-"""Offline training-data commands: ``petnode simulate brain|torso ...``.
+"""Offline training commands: ``petnode simulate brain|torso ...`` and ``petnode train ...``.
 
 ``training`` (and torch) are imported inside the command functions only: ``petnode --help`` and the node's own
 commands never load them.
@@ -75,6 +75,52 @@ def add_subparsers(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 
+    t = sub.add_parser(
+        "train",
+        help="train or fine-tune a cnn model (gong-resnet, xu-unet, fo-dcnn) and register it",
+        description="Train a supervised denoiser on paired low/full-count volumes: simulated cases (petnode "
+                    "simulate ... --out DIR) at one or more count levels, and/or real paired DICOM series "
+                    "(--pair LOW_DIR FULL_DIR). Checkpoints every minute into --out; run the same command again "
+                    "to continue a stopped run. --register NAME@VERSION adds the result to the model registry. "
+                    "--fine-tune NAME[@VERSION] starts from a registered model and trains its last layers and "
+                    "batch norms (Gong et al. 2018).",
+    )
+    t.add_argument("--arch", choices=["gong-resnet", "xu-unet", "fo-dcnn"], help="network (not with --fine-tune)")
+    t.add_argument("--net", action="append", default=[], metavar="KEY=VALUE",
+                   help="network setting, repeatable (e.g. features=32, depth=3, in_slices=5)")
+    t.add_argument("--sim", type=Path, action="append", default=[], metavar="DIR", help="a simulated case")
+    t.add_argument("--level", type=_levels, default=(0.1,), metavar="L1,L2,...",
+                   help="input count levels of the simulated cases (default 0.1)")
+    t.add_argument("--pair", type=Path, nargs=2, action="append", default=[], metavar=("LOW_DIR", "FULL_DIR"),
+                   help="a real paired reconstruction (two DICOM series folders), repeatable")
+    t.add_argument("--val", type=Path, action="append", default=[], metavar="DIR",
+                   help="a simulated case kept for validation (else the last realization of the last --sim)")
+    t.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder (checkpoint, weights, curve)")
+    t.add_argument("--loss", choices=["mse", "l1", "ssim", "ms-ssim", "lesion-mse", "perceptual"], default=None,
+                   help="default: the architecture's paper (gong: perceptual when --vgg is given else mse; xu: l1; "
+                        "fo: lesion-mse)")
+    t.add_argument("--epochs", type=_positive_int, default=10)
+    t.add_argument("--batch", type=_positive_int, default=16)
+    t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--patch", type=_positive_int, default=64, help="square training patch (pixels)")
+    t.add_argument("--normalise", choices=["mean", "suv", "none"], default="mean")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="stop (checkpointed) after this long; run again to continue")
+    t.add_argument("--vgg", type=Path, default=None, metavar="FILE", help="VGG19 weights for the perceptual loss")
+    t.add_argument("--vgg-sha256", default=None, help="their sha256 (checked)")
+    t.add_argument("--fine-tune", default=None, metavar="NAME[@VERSION]", help="start from a registered model")
+    t.add_argument("--last", type=_positive_int, default=1,
+                   help="with --fine-tune: layers (gong-resnet: residual blocks) trained, plus every batch norm")
+    t.add_argument("--register", default=None, metavar="NAME@VERSION", help="add the result to the registry")
+    t.add_argument("--activate", action="store_true", help="with --register: make it the active version")
+    t.add_argument("--tracer", action="append", default=[], help="tracer(s) the model is for (card), e.g. FDG")
+    t.add_argument("--data-dir", type=Path, default=None,
+                   help="node data directory whose model registry --fine-tune and --register use")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from denoisers.errors import DenoiserError
@@ -122,4 +168,105 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         saved = json.loads((out / "meta.json").read_text())
         series = saved.get("dicom", {}).get("series", {})
         print(f"DICOM: {len(series)} series in one study under {out / 'dicom'} ({', '.join(series)})")
+    return 0
+
+
+_PAPER_LOSS = {"gong-resnet": "mse", "xu-unet": "l1", "fo-dcnn": "lesion-mse"}
+
+
+def _net_settings(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--net {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            out[key.strip()] = float(value) if value.replace(".", "", 1).isdigit() else value
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from denoisers.errors import DenoiserError
+    from denoisers.models import load_weights, parse_ref
+    from dicom_node.cli.model_commands import open_store
+    from dicom_node.settings import load_settings
+    from training import TrainingError
+    from training.datasets import from_dicom_pair, from_simulation
+    from training.simulate import load_case
+    from training.train import TrainConfig, train
+
+    try:
+        store = None
+        if args.fine_tune or args.register:
+            store = open_store(load_settings(args.config, data_dir=args.data_dir), quiet=True)
+        init = None
+        net = _net_settings(args.net)
+        arch = args.arch
+        if args.fine_tune:
+            assert store is not None
+            base = store.resolve(args.fine_tune)
+            if arch and arch != base.card.architecture:
+                raise TrainingError(f"--arch {arch} differs from {base.ref}'s {base.card.architecture}")
+            arch, net = base.card.architecture, dict(base.card.extra.get("net") or {})
+            init = load_weights(base.weights_path, expected_sha256=base.card.sha256)
+        if not arch:
+            raise TrainingError("give --arch (gong-resnet, xu-unet or fo-dcnn) or --fine-tune NAME")
+        train_set, val_set = [], []
+        for directory in args.sim:
+            case = load_case(directory)
+            ks = list(range(case.realizations))
+            held = ks[-1:] if not args.val and directory == args.sim[-1] and len(ks) > 1 else []
+            for level in args.level:
+                train_set += from_simulation(directory, level, realizations=[k for k in ks if k not in held])
+                val_set += from_simulation(directory, level, realizations=held) if held else []
+        for directory in args.val:
+            for level in args.level:
+                val_set += from_simulation(directory, level)
+        for low, full in args.pair:
+            train_set.append(from_dicom_pair(low, full))
+        if not train_set:
+            raise TrainingError("no training data: give --sim DIR (petnode simulate ...) and/or --pair LOW FULL")
+        config = TrainConfig(
+            architecture=arch, net=net, loss=args.loss or ("perceptual" if arch == "gong-resnet" and args.vgg
+                                                           else _PAPER_LOSS[arch]),
+            epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr,
+            optimizer="rmsprop" if arch == "xu-unet" else "adam", patch=args.patch, normalise=args.normalise,
+            seed=args.seed, device=args.device, fine_tune_last=args.last if args.fine_tune else None,
+            vgg_weights=str(args.vgg) if args.vgg else None, vgg_sha256=args.vgg_sha256)
+        levels = ", ".join(f"{level:g}" for level in args.level)
+        described = (f"{len(train_set)} pair(s): simulated {', '.join(str(d) for d in args.sim) or '-'} at count "
+                     f"level(s) {levels}; real pairs {len(args.pair)}"
+                     + (f"; fine-tuned from {args.fine_tune}" if args.fine_tune else ""))
+        result = train(config, train_set, val_set, args.out, init_from=init, progress=not args.no_progress,
+                       max_seconds=args.max_minutes * 60 if args.max_minutes else None, description=described)
+    except (TrainingError, DenoiserError, OSError) as exc:
+        print(f"petnode train: {exc}", file=sys.stderr)
+        return 1
+    if not result.finished:
+        print(f"stopped after {args.max_minutes:g} min with a checkpoint in {args.out}; run the same command to "
+              "continue")
+        return 0
+    last = result.history[-1] if result.history else {}
+    print(f"trained {config.architecture} {config.net or ''} for {config.epochs} epoch(s), loss {config.loss}: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "epoch"))
+    print(f"weights {result.weights}; loss curve {args.out / 'loss.png'}")
+    if args.register:
+        name, version = parse_ref(args.register)
+        if version is None:
+            print("petnode train: --register needs NAME@VERSION", file=sys.stderr)
+            return 1
+        card = {k: v for k, v in result.card.items() if v is not None}
+        if args.tracer:
+            card["tracers"] = list(args.tracer)
+        card["count_level"] = levels
+        assert store is not None
+        try:
+            store.add(result.weights, card, name=name, version=version, activate=args.activate)
+        except DenoiserError as exc:
+            print(f"petnode train: cannot register {args.register}: {exc}", file=sys.stderr)
+            return 1
+        print(f"registered {name}@{version}" + (" (active)" if args.activate else
+                                                 f"; activate with `petnode models activate {name}@{version}`"))
     return 0

@@ -97,3 +97,32 @@ def test_a_trained_model_registers_and_runs_in_the_cnn_plugin(tmp_path: Path) ->
     out = registry.create("cnn", model=resolved).denoise(DenoiseInputs(pet=pet, spacing=SPACING)).denoised
     assert out.shape == pet.shape and float(out.min()) >= 0
     assert float(out.sum(dtype=np.float64)) == pytest.approx(float(pet.sum(dtype=np.float64)), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_simulate_train_register_and_denoise_from_the_command_line(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The physicist's path: simulate, train (stopped and continued), register, denoise a DICOM series with it."""
+    from pydicom import dcmread
+
+    from dicom_node.cli import main
+
+    sim, run, var = tmp_path / "sim", tmp_path / "run", tmp_path / "var"
+    assert main(["simulate", "brain", "--out", str(sim), "--count-levels", "1,0.1", "--realizations", "2",
+                 "--size", "ci", "--dicom", "--no-progress"]) == 0
+    train_args = ["train", "--arch", "fo-dcnn", "--net", "features=8", "--net", "layers=4", "--sim", str(sim),
+                  "--level", "0.1", "--out", str(run), "--epochs", "2", "--batch", "8", "--patch", "32",
+                  "--data-dir", str(var), "--register", "fo-ci@0.1.0", "--activate", "--tracer", "FDG",
+                  "--no-progress"]
+    assert main([*train_args, "--max-minutes", "0.0001"]) == 0  # a piece: stops checkpointed
+    assert "run the same command to continue" in capsys.readouterr().out
+    assert main(train_args) == 0
+    out = capsys.readouterr().out
+    assert "registered fo-ci@0.1.0 (active)" in out and (run / "loss.png").is_file()
+    assert main(["denoise", str(sim / "dicom" / "PET_L0.1_r1"), str(tmp_path / "out"), "--method", "cnn",
+                 "--model", "fo-ci", "--data-dir", str(var)]) == 0
+    derived = [dcmread(p) for p in sorted((tmp_path / "out").glob("*.dcm"))]
+    assert len(derived) == 24
+    assert "model fo-ci@0.1.0" in derived[0].ContributingEquipmentSequence[-1].SoftwareVersions
+    assert main(["denoise", str(sim / "dicom" / "PET_L0.1_r1"), str(tmp_path / "out2"), "--method", "cnn",
+                 "--model", "nothing-here", "--data-dir", str(var)]) != 0
