@@ -148,12 +148,18 @@ def score(images: Sequence[np.ndarray], truth: np.ndarray, rois: Rois, spacing: 
     return out
 
 
-def _denoise(method: str, params: dict[str, Any], volume: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+def _denoise(method: str, params: dict[str, Any], volume: np.ndarray, spacing: Sequence[float],
+             model: Any = None) -> np.ndarray:
     from denoisers import registry
     from denoisers.base import DenoiseInputs
 
-    denoiser = registry.create(method, params)
+    denoiser = registry.create(method, params, model=model)
     return denoiser.denoise(DenoiseInputs(pet=volume.astype(np.float32), spacing=tuple(spacing))).denoised
+
+
+def _model_method(method: str) -> str | None:
+    """The model ref of a ``cnn:NAME[@VERSION]`` method, None for the swept methods."""
+    return method.split(":", 1)[1] if method.startswith("cnn:") else None
 
 
 @dataclass
@@ -176,8 +182,13 @@ def run_quality_bench(
     seed: int = HELD_OUT_SEED,
     progress: bool = True,
     sweeps: dict[str, tuple[str, tuple[float, ...]]] | None = None,
+    models: Any = None,
 ) -> QualityReport:
-    """Simulate a held-out phantom, sweep every method, score, and write the report folder."""
+    """Simulate a held-out phantom, sweep every method, score, and write the report folder.
+
+    ``cnn:NAME[@VERSION]`` methods run a registered model from ``models`` (a ``ModelStore``): one point per
+    level (a trained network has no smoothing knob), scored like the others.
+    """
     from tqdm import tqdm
 
     from training.phantoms import brain_phantom, torso_phantom
@@ -185,6 +196,14 @@ def run_quality_bench(
 
     t0 = time.perf_counter()
     sweeps = {**SWEEPS, **(sweeps or {})}
+    resolved: dict[str, Any] = {}
+    for method in methods:
+        ref = _model_method(method)
+        if ref is not None:
+            if models is None:
+                raise TrainingError(f"{method}: no model registry given (petnode bench quality --data-dir DIR)")
+            resolved[method] = models.resolve(ref)
+            sweeps[method] = ("model", (0.0,))
     unknown = [m for m in methods if m not in sweeps]
     if unknown:
         raise TrainingError(f"no smoothing sweep defined for {unknown}: known {sorted(sweeps)}")
@@ -213,6 +232,8 @@ def run_quality_bench(
         if method == "mlem":
             its = int(value)
             images = case.recons[level] if its == int(sim["iterations"]) else case.iterates[level][its]
+        elif method in resolved:
+            images = [_denoise("cnn", {}, r, spacing, model=resolved[method]) for r in case.recons[level]]
         else:
             images = [_denoise(method, {knob: value}, r, spacing) for r in case.recons[level]]
         seconds = (time.perf_counter() - t) / max(1, len(images))

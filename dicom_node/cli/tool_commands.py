@@ -92,7 +92,9 @@ def add_subparsers(sub: Any) -> None:
                                         "smoothing sweeps, CRC/STD, PSNR/SSIM/NRMSE, SUV bias; markdown, CSV, PNG")
     q.add_argument("--phantom", choices=["brain", "torso"], default="brain")
     q.add_argument("--count-levels", default="0.5,0.1,0.02", help="fractions of full counts, e.g. 0.5,0.1,0.02")
-    q.add_argument("--methods", default="gaussian,nlm,mlem", help="comma-separated (mlem = ML-EM iterations)")
+    q.add_argument("--methods", default="gaussian,nlm,mlem",
+                   help="comma-separated (mlem = ML-EM iterations; cnn:NAME[@VERSION] = a registered model)")
+    q.add_argument("--data-dir", type=Path, default=None, help="node data directory whose models cnn:NAME uses")
     q.add_argument("--realizations", type=int, default=3)
     q.add_argument("--size", choices=["ci", "full"], default="ci")
     q.add_argument("--out", type=Path, default=Path("reports/quality"), help="report folder")
@@ -361,8 +363,14 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - SimulationError with the bad value
         raise ConfigError(f"--count-levels {args.count_levels!r}: {exc}") from None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    store = None
+    if any(m.startswith("cnn:") for m in methods):
+        from dicom_node.cli.model_commands import open_store
+        from dicom_node.settings import load_settings
+
+        store = open_store(load_settings(args.config, data_dir=args.data_dir), quiet=True)
     report = run_quality_bench(args.phantom, levels, methods, args.out, size=args.size,
-                               realizations=args.realizations)
+                               realizations=args.realizations, models=store)
     print(report.table_md.read_text())
     print(f"report in {args.out} ({report.seconds:.0f} s): " + ", ".join(f.name for f in report.files))
     return 0

@@ -51,3 +51,28 @@ def test_mlem_sweep_uses_iterates_of_one_reconstruction(tmp_path: Path):
     rows = {r["value"]: r for r in report.rows}
     # Early stopping smooths: 10 ML-EM iterations are less noisy than 100 on the same counts.
     assert rows[10.0]["uniform_std_pct"] < rows[100.0]["uniform_std_pct"]
+
+
+def test_a_registered_cnn_model_is_scored_beside_the_sweeps(tmp_path: Path) -> None:
+    import torch
+
+    from denoisers.models import ModelStore
+    from denoisers.nets import build
+    from training import TrainingError
+
+    torch.manual_seed(3)
+    net, _ = build("fo-dcnn", {"features": 4, "layers": 3})
+    weights = tmp_path / "fo.pt"
+    torch.save(net.state_dict(), weights)
+    store = ModelStore(tmp_path / "models")
+    store.add(weights, {"denoiser": "cnn", "architecture": "fo-dcnn", "normalisation": "mean",
+                        "extra": {"net": {"features": 4, "layers": 3}}}, name="fo-bench", version="1", activate=True)
+    report = run_quality_bench("brain", [0.1], ["gaussian", "cnn:fo-bench"], tmp_path / "q", size="ci",
+                               realizations=1, progress=False, models=store,
+                               sweeps={"gaussian": ("fwhm_mm", (4.0, 8.0))})
+    cnn_rows = [r for r in report.rows if r["method"] == "cnn:fo-bench"]
+    assert len(cnn_rows) == 1 and cnn_rows[0]["knob"] == "model"
+    assert np.isfinite(cnn_rows[0]["psnr_db"]) and "cnn:fo-bench" in report.table_md.read_text()
+    with pytest.raises(TrainingError, match="no model registry"):
+        run_quality_bench("brain", [0.1], ["cnn:fo-bench"], tmp_path / "r", size="ci", realizations=1,
+                          progress=False)
