@@ -10,6 +10,7 @@ locks). Exit codes: 0 ok, 1 refused or failed (the message says why and what to 
 from __future__ import annotations
 
 import argparse
+import json
 import functools
 import sys
 from collections.abc import Callable, Sequence
@@ -51,6 +52,8 @@ def add_subparsers(sub: Any) -> None:
     msub.required = True
 
     q = msub.add_parser("list", parents=[common], help="every model and version with its state")
+    q.add_argument("--json", action="store_true",
+                   help="a JSON array for scripts: name, version, state, denoiser, architecture, tracers, count level")
     q.set_defaults(func=cmd_list)
 
     q = msub.add_parser("show", parents=[common], help="the card of a version (NAME = the active version)")
@@ -275,8 +278,26 @@ def _has_active(store: ModelStore, name: str) -> bool:
 
 @_handles_model_errors
 def cmd_list(args: argparse.Namespace) -> int:
-    store = open_store(_settings(args))
+    store = open_store(_settings(args), quiet=bool(getattr(args, "json", False)))
     models = store.list()
+    if getattr(args, "json", False):
+        entries = []
+        for info in models:
+            for vs in info.versions:
+                card = vs.card
+                entries.append({
+                    "name": info.name, "version": vs.version, "state": vs.state,
+                    "denoiser": card.denoiser if card else None,
+                    "architecture": (card.architecture or None) if card else None,
+                    "tracers": list(card.tracers) if card else [],
+                    "count_level": card.count_level if card else None,
+                    "units": card.units if card else None,
+                    "expected_voxel_mm": list(card.expected_voxel_mm) if card and card.expected_voxel_mm else None,
+                    "sha256": card.sha256 if card else None,
+                    "problem": vs.problem,
+                })
+        print(json.dumps(entries, indent=2))
+        return EXIT_OK
     if not models:
         print(f"no models installed in {store.root} (add one: petnode models add WEIGHTS --name NAME "
               "--version VERSION --card card.yaml)")

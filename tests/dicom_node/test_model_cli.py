@@ -83,6 +83,13 @@ def test_a_physicists_session(run: Run, node: Path, tmp_path: Path, monkeypatch:
     assert lines[1].split()[:7] == ["unet-fdg", "1.0.0", "active", "ldpet", "SUV", "2x2x2", "FDG"]
     assert lines[2].split()[:3] == ["unet-fdg", "1.1.0", "available"] and "more data" in lines[2]
 
+    code, out, _ = run("list", "--json")
+    entries = json.loads(out)
+    assert code == 0 and [(e["name"], e["version"], e["state"], e["denoiser"]) for e in entries] == [
+        ("unet-fdg", "1.0.0", "active", "ldpet"), ("unet-fdg", "1.1.0", "available", "ldpet")]
+    assert entries[0]["tracers"] == ["FDG"] and entries[0]["architecture"] == "U-Net 2.5D"
+    assert entries[0]["sha256"] == hashlib.sha256(w1.read_bytes()).hexdigest()
+
     code, out, _ = run("show", "unet-fdg")
     assert code == 0 and out.startswith("unet-fdg@1.0.0  (active)")
     assert hashlib.sha256(w1.read_bytes()).hexdigest() in out
