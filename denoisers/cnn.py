@@ -13,6 +13,11 @@ The weights are loaded with ``torch.load(weights_only=True)`` from the bytes who
 network that must match them exactly (``strict``). Loaded networks are kept (a few per process, by weights hash and
 device) so a node does not rebuild them for every series.
 
+Count level. Each series' noise index (:func:`noise_index`: estimated noise over mean activity in the body, from
+the image alone) goes into ``info`` and so into the derived series' provenance; a card that records the range it
+was trained on (``extra["noise_index_range"]``, written by ``training.train``) gets a warning, in the log and in
+``info``, for a series well outside it.
+
 Quantitation. The network's output is clipped at zero and then scaled so that its total equals the input's: total
 activity is kept exactly (to float rounding) whatever the network does; regional SUVmean depends on the network and
 is what ``petnode bench quality`` reports. The scale applied is in ``info["activity_scale"]``.
@@ -55,6 +60,17 @@ logger = logging.getLogger(__name__)
 _CACHE_SIZE = 4
 _cache: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+def noise_index(pet: np.ndarray) -> float:
+    """The count level of a series read from the image itself: the estimated noise standard deviation (finest
+    wavelet band, inside the body) over the mean activity inside the body. Lower counts, higher index; it does
+    not trust a header (dose, duration) that reconstruction settings and patient size make meaningless."""
+    from denoisers.nlm import body_mask, estimate_noise_sigma
+
+    body = body_mask(pet)
+    mean = float(np.mean(pet[body], dtype=np.float64))
+    return estimate_noise_sigma(pet) / mean if mean > 0 else float("nan")
 
 
 class CNNParams(DenoiserParams):
@@ -150,6 +166,14 @@ class CNNDenoiser(Denoiser[CNNParams]):
                         half_precision=self.params.half_precision)
         out /= np.float32(scale)
         np.maximum(out, 0.0, out=out)
+        noise = noise_index(inputs.pet)
+        info_level: dict[str, Any] = {"noise_index": round(noise, 4)}
+        trained = card.extra.get("noise_index_range")
+        if trained and len(trained) == 2 and not (trained[0] / 1.5 <= noise <= trained[1] * 1.5):
+            info_level["noise_index_note"] = (f"outside the trained {trained[0]:.3g}-{trained[1]:.3g}: the model "
+                                              "may leave noise or smooth lesions")
+            logger.warning("model %s: series noise index %.3g is outside the range it was trained on (%.3g-%.3g)",
+                           card.ref, noise, trained[0], trained[1])
         total_in = float(np.sum(inputs.pet, dtype=np.float64))
         total_out = float(np.sum(out, dtype=np.float64))
         activity_scale = total_in / total_out if total_out > 0 and total_in > 0 else 1.0
@@ -157,7 +181,7 @@ class CNNDenoiser(Denoiser[CNNParams]):
             out *= np.float32(activity_scale)
         return DenoiseResult(denoised=out.astype(np.float32, copy=False), info={
             "model": card.ref, "architecture": card.architecture, "normalisation": card.normalisation,
-            "activity_scale": round(activity_scale, 6), "device": device,
+            "activity_scale": round(activity_scale, 6), "device": device, **info_level,
             "seconds": round(time.perf_counter() - t0, 3)})
 
     @classmethod

@@ -276,6 +276,10 @@ def train(config: TrainConfig, train_volumes: Sequence[PairedVolume], val_volume
     if complete:
         _plot(complete, out_dir / "loss.png")
     spacings = {tuple(round(s, 3) for s in v.spacing) for v in train_volumes if v.spacing is not None}
+    from denoisers.cnn import noise_index
+
+    levels = [noise_index(v.low) for v in train_volumes]
+    levels = [v for v in levels if math.isfinite(v)]
     last = complete[-1] if complete else {}
     card = {
         "denoiser": "cnn",
@@ -291,7 +295,8 @@ def train(config: TrainConfig, train_volumes: Sequence[PairedVolume], val_volume
                                if k.startswith("val_") and math.isfinite(v)},
         "extra": {"net": dict(config.net), "seed": config.seed, "optimizer": config.optimizer,
                   "learning_rate": config.learning_rate, "patch": config.patch,
-                  "fine_tune_last": config.fine_tune_last, "trained_parameters": sum(p.numel() for p in trained)},
+                  "fine_tune_last": config.fine_tune_last, "trained_parameters": sum(p.numel() for p in trained),
+                  "noise_index_range": [round(min(levels), 4), round(max(levels), 4)] if levels else None},
     }
     (out_dir / "card.json").write_text(json.dumps(card, indent=2))
     return TrainResult(weights, card, complete, True)

@@ -99,3 +99,18 @@ def test_loaded_networks_are_reused(tmp_path: Path) -> None:
     second = _run(model, _pet())
     assert next(iter(cnn._cache.values()))[0] is net and len(cnn._cache) == 1
     np.testing.assert_array_equal(first.denoised, second.denoised)  # deterministic
+
+
+def test_the_series_noise_index_is_recorded_and_checked_against_the_trained_range(tmp_path: Path) -> None:
+    from denoisers.cnn import noise_index
+
+    rng = np.random.default_rng(8)
+    mean = np.full((8, 24, 24), 1000.0)
+    high, low = (rng.poisson(mean / s) * s for s in (1.0, 25.0))  # 25 times fewer counts: 5 times the noise
+    assert noise_index(low.astype(np.float32)) == pytest.approx(5 * noise_index(high.astype(np.float32)), rel=0.2)
+    model = _model(tmp_path, "fo-dcnn", {"features": 4}, seed=10,
+                   extra={"net": {"features": 4}, "noise_index_range": [0.02, 0.05]})
+    info = _run(model, high.astype(np.float32)).info
+    assert info["noise_index"] == pytest.approx(0.0316, rel=0.2) and "noise_index_note" not in info
+    info = _run(model, low.astype(np.float32)).info
+    assert "outside the trained 0.02-0.05" in info["noise_index_note"]
