@@ -6,8 +6,9 @@ and upsampling between stages are done by 2x2 max pooling and bilinear interpola
 connection runs "from input to output directly": the network learns the difference between the standard-dose and
 the low-dose image, so the output is the input's centre slice plus what the network adds. Multi-slice input: the
 adjoining slices are input channels. Depth: ``depth`` poolings (np) and ``convs`` convolutions per stage (nc);
-the paper's grid search found np = 3, nc = 2 best. Input height and width must be multiples of ``2**depth``
-(inference pads to them).
+the paper's grid search found np = 3, nc = 2 best. Input slices: 1, 3, 5 or 7, three by default (the paper's
+Fig. 3: three slices remove the noise a single slice turns into structure). Input height and width must be
+multiples of ``2**depth`` (inference pads to them).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _stage(cin: int, cout: int, convs: int) -> nn.Sequential:
 class XuUNet(nn.Module):
     """Residual U-Net: (batch, in_slices, H, W) -> (batch, 1, H, W), H and W multiples of ``2**depth``."""
 
-    def __init__(self, in_slices: int = 5, depth: int = 3, convs: int = 2, features: int = 64) -> None:
+    def __init__(self, in_slices: int = 3, depth: int = 3, convs: int = 2, features: int = 64) -> None:
         super().__init__()
         if in_slices not in (1, 3, 5, 7):
             raise ValueError(f"in_slices must be 1, 3, 5 or 7 (the paper's multi-slice inputs), got {in_slices}")

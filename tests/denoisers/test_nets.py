@@ -33,7 +33,7 @@ def test_paper_defaults() -> None:
     gong, gspec = build("gong-resnet")
     assert (gspec.in_slices, gspec.out_slices, len(gong.blocks), gong.features) == (5, 1, 5, 64)
     unet, uspec = build("xu-unet")
-    assert (uspec.in_slices, unet.depth, uspec.multiple) == (5, 3, 8)
+    assert (uspec.in_slices, unet.depth, uspec.multiple) == (3, 3, 8)  # three slices: the paper's Fig. 3
     assert sum(isinstance(m, nn.Conv2d) for m in unet.down[0]) == 2  # nc = 2 convolutions per stage
     fo, fspec = build("fo-dcnn")
     assert (fspec.in_slices, fspec.out_slices) == (3, 3)
