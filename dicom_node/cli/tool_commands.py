@@ -48,6 +48,8 @@ def add_subparsers(sub: Any) -> None:
     q.add_argument("--rules", type=Path, default=None, help="rules YAML (default: the node's)")
     q.add_argument("--calling-ae", default=None, help="pretend the series came from this AE")
     q.add_argument("--called-ae", default=None, help="pretend it was sent to this AE (default: the node's)")
+    q.add_argument("--data-dir", type=Path, default=None,
+                   help="node data directory (its model registry, for rules that name a model)")
     q.set_defaults(func=cmd_rules_test)
 
     p = sub.add_parser("denoise", help="offline: denoise a PET series folder into a derived series folder")
@@ -176,7 +178,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     from dicom_node.pipeline import delivery_plan
     from dicom_node.rules import MatchContext, attribute_values, explain, is_own_output, select_rule
 
-    settings, ruleset = load_node_config(args)
+    settings, ruleset = load_node_config(args, **({"data_dir": args.data_dir} if args.data_dir else {}))
     ds, count = _first_dicom(args.path)
     ctx = MatchContext(ds, calling_ae=args.calling_ae, called_ae=args.called_ae or settings.ae_title)
     print(f"series {ds.get('SeriesInstanceUID', '?')} ({count} instance(s)); calling AE "
@@ -197,10 +199,40 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         print(f"\nresult: {why}")
         return 0
     print(f"\nresult: rule {rule.name!r} applies: {rule.action}")
+    if rule.denoiser is not None and rule.denoiser.model and args.path.is_dir():
+        _model_for_series(args.path, rule, settings)
     print("what would be sent, per destination:")
     for line in delivery_plan(rule, settings, ctx.calling_ae):
         print(f"  {line}")
     return 0
+
+
+def _model_for_series(folder: Path, rule: Any, settings: Any) -> None:
+    """For a rule that names a model: the model this series would get, whether its card fits, and the series'
+    count level estimated from its images (as the cnn plugin records it)."""
+    from dicom_node.cli.model_commands import open_store
+    from dicom_node.errors import DicomNodeError
+    from dicom_node.pipeline import Plan, resolve_model
+    from dicom_node.series import SeriesError, load_pet_series
+
+    try:
+        volume = load_pet_series(dicom_files([folder]))
+    except SeriesError as exc:
+        print(f"model: not checked, the folder is not one PET series ({exc})")
+        return
+    try:
+        resolved = resolve_model(volume, Plan.from_rule(rule), open_store(settings, quiet=True))
+    except (DicomNodeError, Exception) as exc:  # noqa: BLE001 - WeightsError and card problems: say why
+        print(f"model: {rule.denoiser.model} cannot process this series: {exc}")
+        return
+    line = f"model: {resolved.ref} ({resolved.card.architecture or resolved.card.denoiser}); its card fits"
+    if rule.denoiser.name == "cnn":
+        from denoisers.cnn import noise_index
+
+        trained = resolved.card.extra.get("noise_index_range")
+        line += (f"; series noise index {noise_index(volume.array):.3g}"
+                 + (f" (trained on {trained[0]:.3g}-{trained[1]:.3g})" if trained else ""))
+    print(line)
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:

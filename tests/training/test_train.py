@@ -126,3 +126,12 @@ def test_simulate_train_register_and_denoise_from_the_command_line(tmp_path: Pat
     assert "model fo-ci@0.1.0" in derived[0].ContributingEquipmentSequence[-1].SoftwareVersions
     assert main(["denoise", str(sim / "dicom" / "PET_L0.1_r1"), str(tmp_path / "out2"), "--method", "cnn",
                  "--model", "nothing-here", "--data-dir", str(var)]) != 0
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: fdg-brain\n    match: {modality: [PT]}\n"
+                     "    denoiser: {name: cnn, model: fo-ci}\n"
+                     "    destinations: [{ae_title: PACS, host: 127.0.0.1, port: 104}]\n")
+    capsys.readouterr()
+    assert main(["rules", "test", str(sim / "dicom" / "PET_L0.1_r1"), "--rules", str(rules), "--data-dir",
+                 str(var)]) == 0
+    shown = capsys.readouterr().out
+    assert "model: fo-ci@0.1.0 (fo-dcnn); its card fits; series noise index" in shown and "trained on" in shown
