@@ -102,6 +102,8 @@ def add_subparsers(sub: Any) -> None:
     t.add_argument("--epochs", type=_positive_int, default=10)
     t.add_argument("--batch", type=_positive_int, default=16)
     t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--lr-schedule", choices=["step", "constant"], default="step",
+                   help="step: the rate / 10 after 7/9 and after 8/9 of the epochs (default); constant")
     t.add_argument("--patch", type=_positive_int, default=64, help="square training patch (pixels)")
     t.add_argument("--normalise", choices=["mean", "suv", "none"], default="mean")
     t.add_argument("--seed", type=int, default=0)
@@ -234,6 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr,
             optimizer="rmsprop" if arch == "xu-unet" else "adam", patch=args.patch, normalise=args.normalise,
             seed=args.seed, device=args.device, fine_tune_last=args.last if args.fine_tune else None,
+            lr_schedule=args.lr_schedule,
             vgg_weights=str(args.vgg) if args.vgg else None, vgg_sha256=args.vgg_sha256)
         levels = ", ".join(f"{level:g}" for level in args.level)
         described = (f"{len(train_set)} pair(s): simulated {', '.join(str(d) for d in args.sim) or '-'} at count "

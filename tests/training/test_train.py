@@ -135,3 +135,9 @@ def test_simulate_train_register_and_denoise_from_the_command_line(tmp_path: Pat
                  str(var)]) == 0
     shown = capsys.readouterr().out
     assert "model: fo-ci@0.1.0 (fo-dcnn); its card fits; series noise index" in shown and "trained on" in shown
+
+
+def test_step_schedule_divides_the_rate_by_ten_twice() -> None:
+    config = replace(FO, epochs=9, learning_rate=0.01)
+    assert [config.learning_rate_at(e) for e in range(9)] == pytest.approx([0.01] * 7 + [0.001, 0.0001])
+    assert replace(config, lr_schedule="constant").learning_rate_at(8) == 0.01
