@@ -80,7 +80,7 @@ __all__ = [
 ]
 
 FORMAT = "petnode-simulation/1"
-PHANTOMS = ("brain", "torso")
+PHANTOMS = ("brain", "torso", "real")
 SIZES = ("ci", "full")
 
 # What the DICOM export states (and what the SUV scale in meta["activity"] assumes): a standard FDG study.
@@ -116,6 +116,17 @@ _PRESETS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
     },
     ("torso", "full"): {
         "phantom": {"shape": (150, 128, 128), "voxel_mm": (4.0, 4.0, 4.0), "lesions": 3},
+        "simulation": {"full_counts": 150 * 3.0e6, "iterations": 100, "psf_fwhm_mm": 6.0,
+                       "randoms_fraction": 0.5, "scatter_fraction": 1.0},
+    },
+    # A real PET series as the activity (training.real_phantom): the torso's physics and counts.
+    ("real", "ci"): {
+        "phantom": {"shape": (24, 64, 64), "voxel_mm": (6.0, 6.0, 6.0)},
+        "simulation": {"full_counts": 24 * 3e6, "iterations": 100, "psf_fwhm_mm": 6.0,
+                       "randoms_fraction": 0.5, "scatter_fraction": 1.0},
+    },
+    ("real", "full"): {
+        "phantom": {"shape": (150, 128, 128), "voxel_mm": (4.0, 4.0, 4.0)},
         "simulation": {"full_counts": 150 * 3.0e6, "iterations": 100, "psf_fwhm_mm": 6.0,
                        "randoms_fraction": 0.5, "scatter_fraction": 1.0},
     },

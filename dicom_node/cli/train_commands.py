@@ -52,7 +52,10 @@ def add_subparsers(sub: Any) -> None:
                     "scatter and randoms modelled. Writes truth/recon .npy files and meta.json (and DICOM series "
                     "with --dicom) to --out.",
     )
-    p.add_argument("phantom", choices=["brain", "torso"])
+    p.add_argument("phantom", choices=["brain", "torso", "real"],
+                   help="real: a real PET series (--series) as the activity, randomly transformed per seed")
+    p.add_argument("--series", type=Path, default=None, metavar="DIR",
+                   help="with real: the PET series folder (never the held-out ACRIN study)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--count-levels", type=_levels, default=(1.0, 0.1), metavar="L1,L2,...",
                    help="fractions of the full counts in (0, 1], e.g. 1,0.1,0.02 (default 1,0.1)")
@@ -140,8 +143,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         sim["psf_fwhm_mm"] = args.psf_fwhm_mm or None
     t0 = time.perf_counter()
     try:
-        make = brain_phantom if args.phantom == "brain" else torso_phantom
-        phantom = make(**params["phantom"], seed=args.seed)
+        if args.phantom == "real":
+            from training.real_phantom import real_pet_phantom
+
+            if args.series is None:
+                print("petnode simulate real: give --series DIR (a PET series used as the activity map)",
+                      file=sys.stderr)
+                return 1
+            phantom = real_pet_phantom(args.series, **params["phantom"], seed=args.seed)
+        else:
+            make = brain_phantom if args.phantom == "brain" else torso_phantom
+            phantom = make(**params["phantom"], seed=args.seed)
         t_phantom = time.perf_counter() - t0
         case = simulate_case(phantom, count_levels=args.count_levels, realizations=args.realizations,
                              seed=args.seed, subsets=args.subsets, post_filter_fwhm_mm=args.post_filter_fwhm_mm,
