@@ -103,6 +103,16 @@ def rois_for(truth: np.ndarray, labels: np.ndarray | None, legend: dict[str, Any
         valley = uniform
         if not hot:
             hot = [m for m in _split(peak)]
+    elif kind == "real":
+        # A real PET series as the activity has no organ labels: hot structures are what stands out (above 2.5x
+        # the body's median: lesions, heart, bladder...), the uniform region the soft tissue near the median.
+        level = float(np.median(truth[body]))
+        comps, n = ndimage.label(truth > 2.5 * level)
+        sizes = ndimage.sum(np.ones_like(truth), comps, range(1, n + 1)) if n else np.zeros(0)
+        hot = [comps == i + 1 for i in np.argsort(sizes)[::-1][:6] if sizes[i] >= 2]
+        lesion_mask = np.any(np.stack(hot), axis=0) if hot else np.zeros_like(body)
+        uniform = body & (truth > 0.7 * level) & (truth < 1.3 * level)
+        peak = valley = None
     else:
         uniform = _legend_mask(labels, legend, "liver")
         peak = valley = None
@@ -183,11 +193,13 @@ def run_quality_bench(
     progress: bool = True,
     sweeps: dict[str, tuple[str, tuple[float, ...]]] | None = None,
     models: Any = None,
+    series: Path | None = None,
 ) -> QualityReport:
     """Simulate a held-out phantom, sweep every method, score, and write the report folder.
 
     ``cnn:NAME[@VERSION]`` methods run a registered model from ``models`` (a ``ModelStore``): one point per
-    level (a trained network has no smoothing knob), scored like the others.
+    level (a trained network has no smoothing knob), scored like the others. ``phantom="real"`` uses the PET
+    ``series`` as the activity (``training.real_phantom``; the held-out ACRIN study is allowed here, for evaluation).
     """
     from tqdm import tqdm
 
@@ -208,7 +220,14 @@ def run_quality_bench(
     if unknown:
         raise TrainingError(f"no smoothing sweep defined for {unknown}: known {sorted(sweeps)}")
     params = preset(phantom, size)
-    ph = (brain_phantom if phantom == "brain" else torso_phantom)(**params["phantom"], seed=seed)
+    if phantom == "real":
+        from training.real_phantom import real_pet_phantom
+
+        if series is None:
+            raise TrainingError("phantom 'real' needs the PET series to use as the activity (--series DIR)")
+        ph = real_pet_phantom(series, **params["phantom"], seed=seed, allow_held_out=True)
+    else:
+        ph = (brain_phantom if phantom == "brain" else torso_phantom)(**params["phantom"], seed=seed)
     sim = dict(params["simulation"])
     # The ML-EM sweep reads the intermediate iterates of this one reconstruction (same counts, fewer iterations).
     keep = sorted({int(v) for v in sweeps["mlem"][1] if int(v) < int(sim["iterations"])}) if "mlem" in methods \
@@ -219,7 +238,7 @@ def run_quality_bench(
     case = simulate_case(ph, count_levels=tuple(count_levels), realizations=realizations, seed=seed,
                          progress=progress, keep_iterations=keep, **sim)
     truth = case.truth.astype(np.float64)
-    rois = rois_for(truth, case.labels, case.meta["phantom"].get("legend"), phantom)
+    rois = rois_for(truth, case.labels, case.meta["phantom"].get("legend") if phantom != "real" else None, phantom)
     spacing = case.spacing
     rows: list[dict[str, Any]] = []
     panels: dict[float, dict[str, tuple[float, np.ndarray]]] = {}

@@ -40,7 +40,7 @@ def _refuse_held_out(series_dir: Path, study_uid: str) -> None:
                            "learned methods report generalisation); use another series")
 
 
-def _load_suv(series_dir: Path) -> tuple[np.ndarray, tuple[float, float, float], str]:
+def _load_suv(series_dir: Path, allow_held_out: bool) -> tuple[np.ndarray, tuple[float, float, float], str]:
     from dicom_node.errors import DicomNodeError
     from dicom_node.series import load_pet_series
 
@@ -49,7 +49,8 @@ def _load_suv(series_dir: Path) -> tuple[np.ndarray, tuple[float, float, float],
         volume = load_pet_series(files)
     except DicomNodeError as exc:
         raise PhantomError(f"{series_dir}: not a PET series usable as an activity map: {exc}") from exc
-    _refuse_held_out(series_dir, volume.study_uid)
+    if not allow_held_out:
+        _refuse_held_out(series_dir, volume.study_uid)
     values = np.asarray(volume.array, dtype=np.float64)
     if volume.suv_factor is not None:
         return (values * volume.suv_factor).astype(np.float32), volume.spacing, "suv"
@@ -68,9 +69,13 @@ def _smooth_field(shape: Sequence[int], sigma_vox: float, amplitude: float, rng:
 
 def real_pet_phantom(series_dir: Path, *, shape: tuple[int, int, int], voxel_mm: tuple[float, float, float],
                      seed: int = 0, rotate_deg: float = 10.0, scale: float = 0.1, deform_mm: float = 8.0,
-                     smooth_fwhm_mm: float = 4.0) -> Phantom:
-    """A phantom whose activity is a randomly transformed window of a real PET series (module docstring)."""
-    suv, spacing, how = _load_suv(Path(series_dir))
+                     smooth_fwhm_mm: float = 4.0, allow_held_out: bool = False) -> Phantom:
+    """A phantom whose activity is a randomly transformed window of a real PET series (module docstring).
+
+    ``allow_held_out`` is for evaluation only (``petnode bench quality --phantom real``): the held-out study is
+    what learned methods are judged on, never what they learn from.
+    """
+    suv, spacing, how = _load_suv(Path(series_dir), allow_held_out)
     if smooth_fwhm_mm > 0:
         sigma = [smooth_fwhm_mm / 2.3548 / s for s in spacing]
         suv = ndimage.gaussian_filter(suv, sigma, mode="nearest").astype(np.float32)

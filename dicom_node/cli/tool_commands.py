@@ -92,7 +92,9 @@ def add_subparsers(sub: Any) -> None:
     q.set_defaults(func=cmd_bench_speed)
     q = bsub.add_parser("quality", help="the papers' image-quality evaluation on held-out simulated phantoms: "
                                         "smoothing sweeps, CRC/STD, PSNR/SSIM/NRMSE, SUV bias; markdown, CSV, PNG")
-    q.add_argument("--phantom", choices=["brain", "torso"], default="brain")
+    q.add_argument("--phantom", choices=["brain", "torso", "real"], default="brain",
+                   help="real: a PET series as the activity (--series), e.g. the held-out ACRIN study")
+    q.add_argument("--series", type=Path, default=None, metavar="DIR", help="with --phantom real: the PET series")
     q.add_argument("--count-levels", default="0.5,0.1,0.02", help="fractions of full counts, e.g. 0.5,0.1,0.02")
     q.add_argument("--methods", default="gaussian,nlm,mlem",
                    help="comma-separated (mlem = ML-EM iterations; cnn:NAME[@VERSION] = a registered model)")
@@ -402,7 +404,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
         store = open_store(load_settings(args.config, data_dir=args.data_dir), quiet=True)
     report = run_quality_bench(args.phantom, levels, methods, args.out, size=args.size,
-                               realizations=args.realizations, models=store)
+                               realizations=args.realizations, models=store, series=args.series)
     print(report.table_md.read_text())
     print(f"report in {args.out} ({report.seconds:.0f} s): " + ", ".join(f.name for f in report.files))
     return 0

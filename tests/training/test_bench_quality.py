@@ -76,3 +76,15 @@ def test_a_registered_cnn_model_is_scored_beside_the_sweeps(tmp_path: Path) -> N
     with pytest.raises(TrainingError, match="no model registry"):
         run_quality_bench("brain", [0.1], ["cnn:fo-bench"], tmp_path / "r", size="ci", realizations=1,
                           progress=False)
+
+
+def test_the_held_out_real_anatomy_is_scored(tmp_path: Path, realdata: Path) -> None:
+    """The ACRIN study, never trained on, is what learned methods are judged on: as a 'real' phantom."""
+    acrin = realdata / "ohif_acrin_nsclc_fdg_pet_042" / "PT_AC"
+    report = run_quality_bench("real", [0.1], ["gaussian"], tmp_path / "q", size="ci", realizations=1,
+                               progress=False, series=acrin, sweeps={"gaussian": ("fwhm_mm", (4.0, 12.0))})
+    rows = {r["value"]: r for r in report.rows}
+    assert set(rows) == {4.0, 12.0}
+    assert all(np.isfinite(r[k]) for r in rows.values() for k in ("psnr_db", "ssim", "crc", "uniform_std_pct"))
+    assert rows[12.0]["uniform_std_pct"] < rows[4.0]["uniform_std_pct"]  # more smoothing, less noise
+    assert rows[12.0]["crc"] < rows[4.0]["crc"]  # ... and less contrast in the hot structures
