@@ -852,3 +852,30 @@ def total_activity_ratio(
     _same_shape(x, y, "image", "reference")
     m = _mask(mask, y.shape, "mask")
     return _ratio(float(_values(x, m).sum()), float(_values(y, m).sum()), "total activity ratio (reference sums to 0)")
+
+
+def slice_flicker(image: npt.ArrayLike, truth: npt.ArrayLike, mask: npt.ArrayLike) -> float:
+    """Slice-to-slice flicker: how much the error's mean jumps from one slice to the next.
+
+    With ``e_z`` the mean of ``image - truth`` over the mask in slice ``z``, relative to the truth's mean over the
+    whole mask, the flicker is the median of ``|e_z - e_(z-1)|`` over adjacent slices that both hold mask voxels.
+    A 2.5D network that treats slices independently shows it as a banded coronal view; a 3-D filter has about
+    none beyond the noise. The truth's own slice-to-slice changes cancel, so anatomy is not counted.
+
+    Returns
+    -------
+    float
+        A fraction (0.01 = 1 % of the mean activity); NaN for fewer than two slices with mask voxels.
+    """
+    x, t, m = _image_truth_mask(image, truth, mask)
+    if x.ndim != 3:
+        raise InvalidInputError(f"slice flicker needs (z, y, x) volumes, got shape {x.shape}")
+    level = float(t[m].mean()) if m.any() else 0.0
+    if level == 0:
+        raise InvalidInputError("slice flicker needs a mask with non-zero truth")
+    counts = m.reshape(m.shape[0], -1).sum(axis=1)
+    errors = np.where(m, x - t, 0.0).reshape(m.shape[0], -1).sum(axis=1)
+    per_slice = np.where(counts > 0, errors / np.maximum(counts, 1), np.nan) / level
+    steps = np.abs(np.diff(per_slice))
+    steps = steps[np.isfinite(steps)]
+    return float(np.median(steps)) if steps.size else float("nan")

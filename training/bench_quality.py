@@ -151,6 +151,7 @@ def score(images: Sequence[np.ndarray], truth: np.ndarray, rois: Rois, spacing: 
         "suvmean_bias_pct": 100.0 * float(np.mean([metrics.suv_mean_bias(i, truth, hot_union) for i in stack])),
         "suvmax_bias_pct": 100.0 * float(np.mean([metrics.suv_max_bias(i, truth, hot_union) for i in stack])),
         "activity_ratio": float(np.mean([metrics.total_activity_ratio(i, truth) for i in stack])),
+        "flicker_pct": 100.0 * float(np.mean([metrics.slice_flicker(i, truth, rois.body) for i in stack])),
     }
     if rois.peak is not None and rois.valley is not None and rois.peak.any():
         out["peak_to_valley"] = float(np.mean([metrics.peak_to_valley_ratio(i, rois.peak, rois.valley)

@@ -406,3 +406,16 @@ def test_undefined_values_and_non_finite_inputs_are_refused() -> None:
         metrics.suv_peak(np.ones((2, 2, 2)), np.ones((2, 2, 2), bool), (1.0, 1.0))
     with pytest.raises(InvalidInputError, match="real numeric"):
         metrics.total_activity_ratio(np.array(["a"]), np.ones(1))
+
+
+def test_slice_flicker_counts_error_jumps_between_slices_not_anatomy() -> None:
+    from denoisers.metrics import slice_flicker
+
+    truth = np.ones((6, 8, 8)) * np.arange(1, 7)[:, None, None]  # anatomy that changes from slice to slice
+    mask = np.ones(truth.shape, bool)
+    assert slice_flicker(truth, truth, mask) == 0.0
+    banded = truth + 0.35 * (np.arange(6) % 2)[:, None, None]  # every other slice 0.35 too high
+    assert slice_flicker(banded, truth, mask) == pytest.approx(0.35 / truth.mean())
+    assert slice_flicker(truth * 1.1, truth, mask) == pytest.approx(0.1 / 3.5, rel=1e-6)  # a smooth trend, small
+    with pytest.raises(InvalidInputError, match="non-zero truth"):
+        slice_flicker(truth, np.zeros_like(truth), mask)
