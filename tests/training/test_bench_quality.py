@@ -34,6 +34,7 @@ def test_quality_bench_ci_brain(tmp_path: Path):
     assert float(gauss[(0.1, 2.0)]["uniform_std_pct"]) > float(gauss[(0.5, 2.0)]["uniform_std_pct"])
     table = (tmp_path / "table.md").read_text()
     assert "| 0.5 | gaussian |" in table and "| 0.1 | nlm |" in table and "At matched noise" in table
+    assert "flicker %" in table and all(np.isfinite(r["flicker_pct"]) for r in report.rows)
 
 
 def test_rois_and_matched_noise():
