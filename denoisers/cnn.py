@@ -9,6 +9,9 @@ in ``extra["net"]`` and the intensity ``normalisation`` it was trained with, und
 - ``suv``: multiplied by the series' SUVbw factor (refused when the series has none);
 - ``none``: as it is.
 
+A series at another voxel size than the card's is refused, unless the rule sets ``resample: true``: the series is
+then resampled (linearly) to the card's voxel size, denoised, and resampled back onto its own grid.
+
 The weights are loaded with ``torch.load(weights_only=True)`` from the bytes whose sha256 the card holds, into a
 network that must match them exactly (``strict``). Loaded networks are kept (a few per process, by weights hash and
 device) so a node does not rebuild them for every series.
@@ -62,6 +65,22 @@ _cache: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+def _resample(volume: np.ndarray, spacing: tuple[float, float, float], target: tuple[float, float, float]
+              ) -> np.ndarray:
+    """Linear resampling of a (z, y, x) volume from ``spacing`` to ``target`` mm (same extent)."""
+    shape = [max(1, round(n * s / t)) for n, s, t in zip(volume.shape, spacing, target)]
+    return _to_shape(volume, tuple(shape))
+
+
+def _to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Linear resampling onto ``shape`` voxels over the same extent (voxel centres mapped, edges held)."""
+    from scipy import ndimage
+
+    coords = np.meshgrid(*[(np.arange(m) + 0.5) * (n / m) - 0.5 for n, m in zip(volume.shape, shape)],
+                         indexing="ij", sparse=False)
+    return ndimage.map_coordinates(volume, coords, order=1, mode="nearest").astype(np.float32)
+
+
 def noise_index(pet: np.ndarray) -> float:
     """The count level of a series read from the image itself: the estimated noise standard deviation (finest
     wavelet band, inside the body) over the mean activity inside the body. Lower counts, higher index; it does
@@ -78,6 +97,9 @@ class CNNParams(DenoiserParams):
 
     batch: int = Field(8, ge=1, le=256, strict=True, description="slices per forward pass")
     half_precision: bool = Field(False, strict=True, description="float16 on CUDA (ignored on a CPU)")
+    resample: bool = Field(False, strict=True,
+                           description="resample a series at another voxel size to the card's and back, "
+                                       "instead of refusing it")
 
 
 def _load(card: Any, weights_path: Path, device: str) -> tuple[Any, Any]:
@@ -140,30 +162,39 @@ class CNNDenoiser(Denoiser[CNNParams]):
             return float(inputs.suv_factor)
         raise DenoiserError(f"model {card.ref}: unknown normalisation {card.normalisation!r} (mean, suv or none)")
 
-    def _check_voxels(self, card: Any, spacing: tuple[float, float, float]) -> None:
-        """A network sees voxels, not millimetres: a series at another voxel size than its training is refused."""
+    def _check_voxels(self, card: Any, spacing: tuple[float, float, float]) -> bool:
+        """A network sees voxels, not millimetres: a series at another voxel size than its training is refused,
+        or resampled when the rule allows it (True: resample)."""
         expected = card.expected_voxel_mm
         if expected is None:
-            return
+            return False
         off = [abs(s - e) / e for s, e in zip(spacing, expected)]
         if max(off) > card.voxel_tolerance:
+            if self.params.resample:
+                return True
             raise InvalidInputError(
                 f"model {card.ref} was trained on {expected[0]:g} x {expected[1]:g} x {expected[2]:g} mm voxels "
                 f"(dz, dy, dx; tolerance {100 * card.voxel_tolerance:g} %); this series has {spacing[0]:g} x "
-                f"{spacing[1]:g} x {spacing[2]:g} mm")
+                f"{spacing[1]:g} x {spacing[2]:g} mm (a rule may allow `resample: true`)")
+        return False
 
     def _run(self, inputs: DenoiseInputs) -> DenoiseResult:
         from denoisers.devices import resolve_device
         from denoisers.nets.infer import apply_25d
 
         card = self._card()
-        self._check_voxels(card, inputs.spacing)
+        resample = self._check_voxels(card, inputs.spacing)
         device = resolve_device(self.device, self.device_need)
         t0 = time.perf_counter()
         net, spec = _load(card, Path(self.model.weights_path), device)
         scale = self._scale(card, inputs)
-        out = apply_25d(net, spec, inputs.pet * np.float32(scale), batch=self.params.batch, device=device,
+        pet = inputs.pet * np.float32(scale)
+        if resample:
+            pet = _resample(pet, inputs.spacing, card.expected_voxel_mm)
+        out = apply_25d(net, spec, pet, batch=self.params.batch, device=device,
                         half_precision=self.params.half_precision)
+        if resample:
+            out = _to_shape(out, inputs.pet.shape)
         out /= np.float32(scale)
         np.maximum(out, 0.0, out=out)
         noise = noise_index(inputs.pet)
@@ -182,6 +213,7 @@ class CNNDenoiser(Denoiser[CNNParams]):
         return DenoiseResult(denoised=out.astype(np.float32, copy=False), info={
             "model": card.ref, "architecture": card.architecture, "normalisation": card.normalisation,
             "activity_scale": round(activity_scale, 6), "device": device, **info_level,
+            **({"resampled_to_mm": list(card.expected_voxel_mm)} if resample else {}),
             "seconds": round(time.perf_counter() - t0, 3)})
 
     @classmethod

@@ -407,6 +407,7 @@ def check_card(
     suv_available: bool = True,
     tracer: str | None = None,
     denoiser: str | None = None,
+    resample: bool = False,
 ) -> str | None:
     """Why a series cannot use this model, or None when it can.
 
@@ -427,6 +428,8 @@ def check_card(
         and this one is not among them. None: not checked.
     denoiser
         The plugin the rule runs; refused when the card is for another plugin. None: not checked.
+    resample
+        The rule lets the plugin resample the series to the card's voxel size: another voxel size is no reason.
     """
     ref = card.ref
     if denoiser is not None and denoiser != card.denoiser:
@@ -439,7 +442,7 @@ def check_card(
         return (f"model {ref} needs {needs}, which this series does not have: route the series to a model that "
                 "does not need it, or make the prior available in the same study")
     spacing = tuple(float(s) for s in spacing_mm)
-    if card.expected_voxel_mm is not None:
+    if card.expected_voxel_mm is not None and not resample:
         if len(spacing) != 3:
             return f"voxel size {spacing} is not (dz, dy, dx) in mm"
         off = [abs(s - e) / e for s, e in zip(spacing, card.expected_voxel_mm)]

@@ -201,7 +201,8 @@ def resolve_model(volume: PetVolume, plan: Plan, models: ModelStore | None,
     resolved = models.resolve(plan.model)  # WeightsError: missing, tampered, retired-and-pinned
     problem = check_card(resolved.card, spacing_mm=volume.spacing, units=volume.units,
                          provided_inputs=set(provided), suv_available=volume.suv_factor is not None,
-                         tracer=canonical_tracer(volume.headers[0]), denoiser=plan.denoiser)
+                         tracer=canonical_tracer(volume.headers[0]), denoiser=plan.denoiser,
+                         resample=bool(plan.params.get("resample")))
     if problem:
         raise DicomNodeError(f"model {resolved.ref} cannot process this series: {problem}")
     return resolved

@@ -114,3 +114,20 @@ def test_the_series_noise_index_is_recorded_and_checked_against_the_trained_rang
     assert info["noise_index"] == pytest.approx(0.0316, rel=0.2) and "noise_index_note" not in info
     info = _run(model, low.astype(np.float32)).info
     assert "outside the trained 0.02-0.05" in info["noise_index_note"]
+
+
+def test_a_rule_may_let_the_model_resample_the_series(tmp_path: Path) -> None:
+    from denoisers.models import check_card
+
+    model = _model(tmp_path, "xu-unet", {"features": 4, "depth": 2, "in_slices": 3}, identity=True, seed=11,
+                   expected_voxel_mm=(2.0, 2.0, 2.0))
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in (9, 24, 20)), indexing="ij")
+    pet = (1000.0 * np.exp(-(z**2 + y**2 + x**2) * 2.0)).astype(np.float32)  # smooth: survives resampling
+    with pytest.raises(InvalidInputError, match="resample: true"):
+        _run(model, pet)
+    result = registry.create("cnn", {"resample": True}, model=model).denoise(DenoiseInputs(pet=pet, spacing=SPACING))
+    assert result.denoised.shape == pet.shape and result.info["resampled_to_mm"] == [2.0, 2.0, 2.0]
+    assert float(result.denoised.sum(dtype=np.float64)) == pytest.approx(float(pet.sum(dtype=np.float64)), rel=1e-5)
+    np.testing.assert_allclose(result.denoised, pet, atol=0.05 * float(pet.max()))  # identity net: linear round trip
+    assert check_card(model.card, spacing_mm=SPACING, units="BQML", provided_inputs={"pet"}) is not None
+    assert check_card(model.card, spacing_mm=SPACING, units="BQML", provided_inputs={"pet"}, resample=True) is None
