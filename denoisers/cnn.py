@@ -31,6 +31,7 @@ Deterministic (inference only, no dropout).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import tempfile
@@ -219,21 +220,25 @@ class CNNDenoiser(Denoiser[CNNParams]):
     @classmethod
     def example(cls, *, seed: int | None = None) -> Self:
         """A tiny untrained feature-oriented DCNN with its own card and weights in a temporary folder."""
-        import torch
+        return cls(CNNParams(), seed=seed, model=_example_model(0 if seed is None else seed))
 
-        from denoisers.models import ModelCard, ResolvedModel, sha256_file
-        from denoisers.nets import build
 
-        torch.manual_seed(0 if seed is None else seed)
-        net_config = {"features": 4, "layers": 3}
-        net, _ = build("fo-dcnn", net_config)
-        folder = Path(tempfile.mkdtemp(prefix="petnode-cnn-example-"))
-        weights = folder / "weights.pt"
-        torch.save(net.state_dict(), weights)
-        card = ModelCard(name="example-fo-dcnn", version="0.0.1", denoiser="cnn", architecture="fo-dcnn",
-                         input_slices=3, normalisation="mean", expected_voxel_mm=(3.27, 4.0, 4.0),
-                         created="2026-12-04T00:00:00Z",
-                         petnode_version="example", weights_file=weights.name, sha256=sha256_file(weights),
-                         extra={"net": net_config})
-        model = ResolvedModel(name=card.name, version=card.version, card=card, weights_path=weights, pinned=True)
-        return cls(CNNParams(), seed=seed, model=model)
+@functools.cache
+def _example_model(seed: int) -> Any:
+    """The example's model, written once per process and seed (not a new temporary folder per call)."""
+    import torch
+
+    from denoisers.models import ModelCard, ResolvedModel, sha256_file
+    from denoisers.nets import build
+
+    torch.manual_seed(seed)
+    net_config = {"features": 4, "layers": 3}
+    net, _ = build("fo-dcnn", net_config)
+    folder = Path(tempfile.mkdtemp(prefix="petnode-cnn-example-"))
+    weights = folder / "weights.pt"
+    torch.save(net.state_dict(), weights)
+    card = ModelCard(name="example-fo-dcnn", version="0.0.1", denoiser="cnn", architecture="fo-dcnn",
+                     input_slices=3, normalisation="mean", expected_voxel_mm=(3.27, 4.0, 4.0),
+                     created="2026-12-04T00:00:00Z", petnode_version="example", weights_file=weights.name,
+                     sha256=sha256_file(weights), extra={"net": net_config})
+    return ResolvedModel(name=card.name, version=card.version, card=card, weights_path=weights, pinned=True)

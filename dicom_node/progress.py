@@ -51,12 +51,6 @@ class WriteProgress:
                 self._cond.wait(poll_s)
             return list(self._files)
 
-    def follower(self, stop: threading.Event | None = None) -> tuple[list[Path], "Follow"]:
-        """The files written so far, and a ``more()`` for :func:`dicom_node.scu.send_files` that blocks until the
-        writer adds files or ends."""
-        first = self.files()
-        return first, Follow(self, len(first), stop)
-
 
 class Follow:
     """``more()`` for a send that follows a writer: each call returns the full list once it has grown."""

@@ -21,7 +21,6 @@ All take (batch, channels, H, W) tensors and return a scalar to minimise (SSIM-t
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from denoisers.models import sha256_file
 
 __all__ = [
     "LossError",
@@ -166,14 +167,6 @@ def lesion_weight_map(target: torch.Tensor, *, lesion_weight: float = 10.0, bloc
     return weights
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class PerceptualLoss(nn.Module):
     """Squared distance of VGG19 features before the first pooling (Gong et al. 2018), from a local weights file.
 
@@ -191,7 +184,7 @@ class PerceptualLoss(nn.Module):
                 f"{', '.join(VGG_KEYS)} tensors), expected at {str(path) if path else '(not configured)'}"
                 + (f" with sha256 {expected_sha256}" if expected_sha256 else "")
                 + "; nothing can be downloaded here: copy the file there, or train with another loss")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if expected_sha256 is None or actual != expected_sha256.strip().lower():
             raise LossError(f"VGG19 weights {path}: sha256 {actual} does not match the configured "
                             f"{expected_sha256!r}")

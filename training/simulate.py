@@ -119,18 +119,15 @@ _PRESETS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
         "simulation": {"full_counts": 150 * 3.0e6, "iterations": 100, "psf_fwhm_mm": 6.0,
                        "randoms_fraction": 0.5, "scatter_fraction": 1.0},
     },
-    # A real PET series as the activity (training.real_phantom): the torso's physics and counts.
-    ("real", "ci"): {
-        "phantom": {"shape": (24, 64, 64), "voxel_mm": (6.0, 6.0, 6.0)},
-        "simulation": {"full_counts": 24 * 3e6, "iterations": 100, "psf_fwhm_mm": 6.0,
-                       "randoms_fraction": 0.5, "scatter_fraction": 1.0},
-    },
-    ("real", "full"): {
-        "phantom": {"shape": (150, 128, 128), "voxel_mm": (4.0, 4.0, 4.0)},
-        "simulation": {"full_counts": 150 * 3.0e6, "iterations": 100, "psf_fwhm_mm": 6.0,
-                       "randoms_fraction": 0.5, "scatter_fraction": 1.0},
-    },
 }
+
+
+# A real PET series as the activity (training.real_phantom): the torso's grids, physics and counts, no lesions.
+for _size in SIZES:
+    _PRESETS[("real", _size)] = {
+        "phantom": {k: v for k, v in _PRESETS[("torso", _size)]["phantom"].items() if k != "lesions"},
+        "simulation": dict(_PRESETS[("torso", _size)]["simulation"]),
+    }
 
 
 class SimulationError(TrainingError):

@@ -91,14 +91,18 @@ class TrainResult:
 
 
 def _device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device {requested!r} asked for, but CUDA is not available here")
-    return requested
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``, as the rest of petnode resolves devices."""
+    from denoisers.base import DeviceNeed
+    from denoisers.devices import resolve_device
+    from denoisers.errors import DenoiserError
+
+    try:
+        return resolve_device(requested, DeviceNeed.GPU_PREFERRED)
+    except (ValueError, DenoiserError) as exc:
+        raise TrainingError(str(exc)) from exc
 
 
-def trainable_parameters(net: nn.Module, architecture: str, last: int | None) -> list[nn.Parameter]:
+def trainable_parameters(net: nn.Module, last: int | None) -> list[nn.Parameter]:
     """All parameters, or for fine-tuning the last ``last`` layers (blocks for gong-resnet) plus every BN."""
     if last is None:
         return list(net.parameters())
@@ -205,7 +209,7 @@ def train(config: TrainConfig, train_volumes: Sequence[PairedVolume], val_volume
         except RuntimeError as exc:
             raise TrainingError(f"the starting weights do not fit {config.architecture} {config.net}: "
                                 f"{str(exc).splitlines()[0]}") from exc
-    trained = trainable_parameters(net, config.architecture, config.fine_tune_last)
+    trained = trainable_parameters(net, config.fine_tune_last)
     trained_ids = {id(p) for p in trained}
     for p in net.parameters():
         p.requires_grad_(id(p) in trained_ids)

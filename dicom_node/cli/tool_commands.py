@@ -224,7 +224,7 @@ def _model_for_series(folder: Path, rule: Any, settings: Any) -> None:
         return
     try:
         resolved = resolve_model(volume, Plan.from_rule(rule), open_store(settings, quiet=True))
-    except (DicomNodeError, Exception) as exc:  # noqa: BLE001 - WeightsError and card problems: say why
+    except Exception as exc:  # noqa: BLE001 - DicomNodeError, WeightsError, card problems: say why
         print(f"model: {rule.denoiser.model} cannot process this series: {exc}")
         return
     line = f"model: {resolved.ref} ({resolved.card.architecture or resolved.card.denoiser}); its card fits"
@@ -237,12 +237,13 @@ def _model_for_series(folder: Path, rule: Any, settings: Any) -> None:
     print(line)
 
 
-def _parse_params(items: list[str]) -> dict[str, Any]:
+def parse_key_values(items: list[str], option: str = "--param") -> dict[str, Any]:
+    """``KEY=VALUE`` options (repeatable) as a dict; VALUE is read as YAML (4.0, true, a word)."""
     params: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+            raise ConfigError(f"{option} {item!r}: expected KEY=VALUE")
         params[key.strip()] = yaml.safe_load(value)
     return params
 
@@ -252,7 +253,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     from denoisers.errors import DenoiserError
     from dicom_node.pipeline import Plan, process_series
 
-    params = _parse_params(args.param)
+    params = parse_key_values(args.param)
     if args.fwhm_mm is not None:
         params["fwhm_mm"] = args.fwhm_mm
     try:

@@ -188,23 +188,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 _PAPER_LOSS = {"gong-resnet": "mse", "xu-unet": "l1", "fo-dcnn": "lesion-mse"}
 
 
-def _net_settings(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"--net {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = int(value)
-        except ValueError:
-            out[key.strip()] = float(value) if value.replace(".", "", 1).isdigit() else value
-    return out
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from denoisers.errors import DenoiserError
     from denoisers.models import load_weights, parse_ref
     from dicom_node.cli.model_commands import open_store
+    from dicom_node.cli.tool_commands import parse_key_values
     from dicom_node.settings import load_settings
     from training import TrainingError
     from training.datasets import from_dicom_pair, from_simulation
@@ -216,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.fine_tune or args.register:
             store = open_store(load_settings(args.config, data_dir=args.data_dir), quiet=True)
         init = None
-        net = _net_settings(args.net)
+        net = parse_key_values(args.net, "--net")
         arch = args.arch
         if args.fine_tune:
             assert store is not None
