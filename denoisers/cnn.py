@@ -17,9 +17,11 @@ network that must match them exactly (``strict``). Loaded networks are kept (a f
 device) so a node does not rebuild them for every series.
 
 Count level. Each series' noise index (:func:`noise_index`: estimated noise over mean activity in the body, from
-the image alone) goes into ``info`` and so into the derived series' provenance; a card that records the range it
-was trained on (``extra["noise_index_range"]``, written by ``training.train``) gets a warning, in the log and in
-``info``, for a series well outside it.
+the image alone, never from a dose or duration header) goes into ``info`` and so into the derived series'
+provenance. A dose-aware network (``extra["net"]["level_input"]``) is given it as an input channel
+(:func:`denoisers.nets.level_feature`), so one model serves every count level it was trained on. A card that
+records the range it was trained on (``extra["noise_index_range"]``, written by ``training.train``) gets a warning,
+in the log and in ``info``, for a series well outside it.
 
 Quantitation. The network's output is clipped at zero and then scaled so that its total equals the input's: total
 activity is kept exactly (to float rounding) whatever the network does; regional SUVmean depends on the network and
@@ -34,6 +36,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -181,6 +184,7 @@ class CNNDenoiser(Denoiser[CNNParams]):
 
     def _run(self, inputs: DenoiseInputs) -> DenoiseResult:
         from denoisers.devices import resolve_device
+        from denoisers.nets import level_feature
         from denoisers.nets.infer import apply_25d
 
         card = self._card()
@@ -192,14 +196,19 @@ class CNNDenoiser(Denoiser[CNNParams]):
         pet = inputs.pet * np.float32(scale)
         if resample:
             pet = _resample(pet, inputs.spacing, card.expected_voxel_mm)
+        # The count level of what the network sees (after any resampling, which changes the noise per voxel).
+        noise = noise_index(pet)
+        if spec.level_input and not math.isfinite(noise):
+            raise InvalidInputError(f"model {card.ref} needs the series' count level, and it cannot be estimated "
+                                    "(no activity in the body?)")
         out = apply_25d(net, spec, pet, batch=self.params.batch, device=device,
-                        half_precision=self.params.half_precision)
+                        half_precision=self.params.half_precision,
+                        level=level_feature(noise) if spec.level_input else None)
         if resample:
             out = _to_shape(out, inputs.pet.shape)
         out /= np.float32(scale)
         np.maximum(out, 0.0, out=out)
-        noise = noise_index(inputs.pet)
-        info_level: dict[str, Any] = {"noise_index": round(noise, 4)}
+        info_level: dict[str, Any] = {"noise_index": round(noise, 4), "dose_aware": spec.level_input}
         trained = card.extra.get("noise_index_range")
         if trained and len(trained) == 2 and not (trained[0] / 1.5 <= noise <= trained[1] * 1.5):
             info_level["noise_index_note"] = (f"outside the trained {trained[0]:.3g}-{trained[1]:.3g}: the model "

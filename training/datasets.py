@@ -386,8 +386,11 @@ class SlabDataset(Dataset):
     target_slices : int
         1: the full-count centre slice; ``k``: the full-count slices of every input slice (the feature-oriented
         DCNN returns all three it reads).
+    level_input : bool
+        Add a constant channel with the volume's count level (:func:`denoisers.nets.level_feature` of
+        :func:`denoisers.cnn.noise_index` of the whole low-count volume), for dose-aware networks.
 
-    Items are ``(input, target)`` float32 tensors: ``[k (+k), h, w]`` and ``[target_slices, h, w]``.
+    Items are ``(input, target)`` float32 tensors: ``[k (+k) (+1), h, w]`` and ``[target_slices, h, w]``.
     """
 
     def __init__(
@@ -403,6 +406,7 @@ class SlabDataset(Dataset):
         use_prior: bool | None = None,
         samples_per_slice: int = 1,
         target_slices: int = 1,
+        level_input: bool = False,
     ) -> None:
         self.volumes = list(volumes)
         if not self.volumes:
@@ -439,13 +443,27 @@ class SlabDataset(Dataset):
             raise DatasetError(f"target_slices must be 1 (the centre) or k = {self.k} (all input slices, for "
                                f"networks that return every slice they read), got {target_slices!r}")
         self.target_slices = int(target_slices)
+        # Each volume's count level as the node will estimate it for a series (from the whole low-count volume).
+        self.level_input = bool(level_input)
+        self.noise_indices: list[float] | None = None
+        self.levels: list[float] | None = None
+        if self.level_input:
+            from denoisers.cnn import noise_index
+            from denoisers.nets import level_feature
+
+            self.noise_indices = [noise_index(v.low) for v in self.volumes]
+            bad = [v.source for v, n in zip(self.volumes, self.noise_indices) if not math.isfinite(n)]
+            if bad:
+                raise DatasetError(f"the count level of {len(bad)} volume(s) cannot be estimated (no activity?): "
+                                   f"{bad[:3]}")
+            self.levels = [level_feature(n) for n in self.noise_indices]
         self._index = [(i, z) for _ in range(int(samples_per_slice))
                        for i, v in enumerate(self.volumes) for z in range(v.shape[0])]
 
     @property
     def in_channels(self) -> int:
-        """Input channels: ``k``, or ``2 k`` with the prior."""
-        return self.k * (2 if self.use_prior else 1)
+        """Input channels: ``k``, or ``2 k`` with the prior, plus one with ``level_input``."""
+        return self.k * (2 if self.use_prior else 1) + self.level_input
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new patches and augmentations (call at the start of each epoch, in every worker's copy)."""
@@ -495,4 +513,7 @@ class SlabDataset(Dataset):
             stack = stack.transpose(0, 2, 1)
         stack = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))
         t = self.target_slices
-        return stack[:-t], stack[-t:]
+        x = stack[:-t]
+        if self.levels is not None:
+            x = torch.cat([x, torch.full((1, *x.shape[1:]), self.levels[vi])])
+        return x, stack[-t:]

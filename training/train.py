@@ -199,9 +199,11 @@ def train(config: TrainConfig, train_volumes: Sequence[PairedVolume], val_volume
     patch = (config.patch, config.patch) if config.patch else None
     dataset = SlabDataset(train_volumes, k=spec.in_slices, patch=patch, normalise=config.normalise,
                           seed=config.seed, samples_per_slice=config.samples_per_slice,
-                          target_slices=spec.out_slices, transposes=patch is not None, use_prior=False)
+                          target_slices=spec.out_slices, transposes=patch is not None, use_prior=False,
+                          level_input=spec.level_input)
     val = (SlabDataset(val_volumes, k=spec.in_slices, patch=None, normalise=config.normalise, flips=False,
-                       transposes=False, seed=config.seed + 1, target_slices=spec.out_slices, use_prior=False)
+                       transposes=False, seed=config.seed + 1, target_slices=spec.out_slices, use_prior=False,
+                       level_input=spec.level_input)
            if val_volumes else None)
     if init_from is not None:
         try:
@@ -294,7 +296,7 @@ def train(config: TrainConfig, train_volumes: Sequence[PairedVolume], val_volume
     spacings = {tuple(round(s, 3) for s in v.spacing) for v in train_volumes if v.spacing is not None}
     from denoisers.cnn import noise_index
 
-    levels = [noise_index(v.low) for v in train_volumes]
+    levels = dataset.noise_indices or [noise_index(v.low) for v in train_volumes]
     levels = [v for v in levels if math.isfinite(v)]
     last = complete[-1] if complete else {}
     card = {

@@ -12,19 +12,27 @@ input channels) to the denoised centre slice, or to as many slices as it reads (
   estimates the noise of 3 slices and returns 3 slices; overlapping outputs are averaged along z at inference
   (:mod:`denoisers.nets.fo_dcnn`).
 
+Dose awareness (``level_input: true`` in the config, any architecture): one more input channel, constant over the
+slice, carries the series' count level as :func:`level_feature` of its noise index (``denoisers.cnn.noise_index``:
+the noise over the mean activity, estimated from the image itself). One network then serves series from 10 M down
+to 0.05 M counts per slice: it is told how much noise to expect instead of guessing it from a 64-pixel patch, so
+it neither leaves noise at low counts nor smooths lesions at high counts (DDPET-3D's argument for dose-conditioned
+denoisers). The residual connections take the image channels only.
+
 ``build(architecture, config)`` makes the module; ``spec(architecture, config)`` says how many slices go in and
 come out, and the smallest in-plane size multiple the network needs (the U-Net pads to it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from denoisers.errors import DenoiserError
 
-__all__ = ["ARCHITECTURES", "NetSpec", "build", "spec"]
+__all__ = ["ARCHITECTURES", "NetSpec", "build", "level_feature", "spec"]
 
 
 @dataclass(frozen=True)
@@ -34,27 +42,35 @@ class NetSpec:
     in_slices: int
     out_slices: int
     multiple: int = 1
+    level_input: bool = False
+
+
+def level_feature(noise_index: float) -> float:
+    """The level channel's value for a series of ``noise_index``: its natural log relative to 0.1 (about a 0.3 M
+    counts per slice brain), so the values the networks see stay within a few units of zero; clamped at 1e-4 so a
+    noise-free image gives a finite value."""
+    return math.log(max(float(noise_index), 1e-4) / 0.1)
 
 
 def _gong(config: Mapping[str, Any]) -> tuple[Any, NetSpec]:
     from denoisers.nets.gong_resnet import GongResNet
 
     net = GongResNet(**config)
-    return net, NetSpec(net.in_slices, 1)
+    return net, NetSpec(net.in_slices, 1, 1, net.level_input)
 
 
 def _xu(config: Mapping[str, Any]) -> tuple[Any, NetSpec]:
     from denoisers.nets.xu_unet import XuUNet
 
     net = XuUNet(**config)
-    return net, NetSpec(net.in_slices, 1, 2 ** net.depth)
+    return net, NetSpec(net.in_slices, 1, 2 ** net.depth, net.level_input)
 
 
 def _fo(config: Mapping[str, Any]) -> tuple[Any, NetSpec]:
     from denoisers.nets.fo_dcnn import FoDCNN
 
     net = FoDCNN(**config)
-    return net, NetSpec(net.slices, net.slices)
+    return net, NetSpec(net.slices, net.slices, 1, net.level_input)
 
 
 ARCHITECTURES: dict[str, Callable[[Mapping[str, Any]], tuple[Any, NetSpec]]] = {

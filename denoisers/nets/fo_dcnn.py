@@ -18,14 +18,14 @@ from torch import nn
 class FoDCNN(nn.Module):
     """Noise-estimating DCNN: (batch, slices, H, W) -> denoised (batch, slices, H, W), any H and W."""
 
-    def __init__(self, slices: int = 3, layers: int = 8, features: int = 64) -> None:
+    def __init__(self, slices: int = 3, layers: int = 8, features: int = 64, level_input: bool = False) -> None:
         super().__init__()
         if slices < 1 or slices % 2 == 0:
             raise ValueError(f"slices must be odd and >= 1, got {slices}")
         if layers < 3 or features < 1:
             raise ValueError(f"layers >= 3 and features >= 1 are needed, got {layers} and {features}")
-        self.slices = slices
-        body: list[nn.Module] = [nn.Conv2d(slices, features, 3, padding=1), nn.ReLU(inplace=True)]
+        self.slices, self.level_input = slices, bool(level_input)
+        body: list[nn.Module] = [nn.Conv2d(slices + self.level_input, features, 3, padding=1), nn.ReLU(inplace=True)]
         for _ in range(layers - 2):
             body += [nn.Conv2d(features, features, 3, padding=1, bias=False), nn.BatchNorm2d(features),
                      nn.ReLU(inplace=True)]
@@ -33,4 +33,4 @@ class FoDCNN(nn.Module):
         self.noise = nn.Sequential(*body)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.noise(x)
+        return x[:, :self.slices] - self.noise(x)

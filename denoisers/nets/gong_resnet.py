@@ -36,14 +36,14 @@ class _Block(nn.Module):
 class GongResNet(nn.Module):
     """Residual CNN: (batch, in_slices, H, W) -> (batch, 1, H, W), any H and W."""
 
-    def __init__(self, in_slices: int = 5, features: int = 64, blocks: int = 5) -> None:
+    def __init__(self, in_slices: int = 5, features: int = 64, blocks: int = 5, level_input: bool = False) -> None:
         super().__init__()
         if in_slices < 1 or in_slices % 2 == 0:
             raise ValueError(f"in_slices must be odd and >= 1 (a centre slice and its neighbours), got {in_slices}")
         if features < 1 or blocks < 1:
             raise ValueError(f"features and blocks must be >= 1, got {features} and {blocks}")
-        self.in_slices, self.features = in_slices, features
-        self.first = nn.Sequential(nn.Conv2d(in_slices, features, 3, padding=1, bias=False),
+        self.in_slices, self.features, self.level_input = in_slices, features, bool(level_input)
+        self.first = nn.Sequential(nn.Conv2d(in_slices + self.level_input, features, 3, padding=1, bias=False),
                                    nn.BatchNorm2d(features), nn.ReLU(inplace=True))
         self.blocks = nn.ModuleList(_Block(features) for _ in range(blocks))
         self.last = nn.Conv2d(features, 1, 3, padding=1)

@@ -5,7 +5,8 @@ missing neighbours replicate the end slice (no slice of another patient region i
 is padded by edge replication to the network's size multiple (the U-Net's ``2**depth``) and cropped back. A
 network that returns as many slices as it reads (``fo-dcnn``) sees every slice in up to ``k`` windows; those
 predictions are averaged with weights that favour the window centred on the slice (``centre_weight``; the paper
-says "weight averaged" without giving the weights).
+says "weight averaged" without giving the weights). A dose-aware network (``spec.level_input``) gets its level
+channel, constant, after the slices.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ def stack_indices(depth: int, in_slices: int) -> npt.NDArray[np.int64]:
 
 @torch.no_grad()
 def apply_25d(net: nn.Module, spec: NetSpec, volume: npt.NDArray[np.float32], *, batch: int = 8,
-              device: str = "cpu", half_precision: bool = False, centre_weight: float = 2.0
-              ) -> npt.NDArray[np.float32]:
+              device: str = "cpu", half_precision: bool = False, centre_weight: float = 2.0,
+              level: float | None = None) -> npt.NDArray[np.float32]:
     """Run ``net`` over a (z, y, x) volume, slice stack by slice stack; returns a float32 volume of the same shape.
 
-    ``half_precision`` runs the network in float16 (CUDA only; ignored on a CPU).
+    ``half_precision`` runs the network in float16 (CUDA only; ignored on a CPU). ``level`` is the level channel's
+    value (:func:`denoisers.nets.level_feature`), required by and only given to dose-aware networks.
     """
     if volume.ndim != 3:
         raise ValueError(f"expected a (z, y, x) volume, got shape {volume.shape}")
+    if spec.level_input and level is None:
+        raise ValueError("this network is dose-aware: give the series' level (denoisers.nets.level_feature)")
     if spec.out_slices not in (1, spec.in_slices):
         raise ValueError(f"networks return 1 slice or as many as they read, not {spec.out_slices}")
     net = net.to(device).eval()
@@ -55,6 +59,8 @@ def apply_25d(net: nn.Module, spec: NetSpec, volume: npt.NDArray[np.float32], *,
     for start in range(0, depth, max(1, batch)):
         idx = windows[start:start + batch]
         x = source[torch.from_numpy(idx.reshape(-1))].reshape(len(idx), spec.in_slices, height, width)
+        if spec.level_input:
+            x = torch.cat([x, torch.full((len(idx), 1, height, width), float(level))], dim=1)  # type: ignore[arg-type]
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         y = net(x.to(device=device, dtype=dtype)).float().cpu()[..., :height, :width].numpy()

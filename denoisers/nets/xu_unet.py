@@ -29,16 +29,17 @@ def _stage(cin: int, cout: int, convs: int) -> nn.Sequential:
 class XuUNet(nn.Module):
     """Residual U-Net: (batch, in_slices, H, W) -> (batch, 1, H, W), H and W multiples of ``2**depth``."""
 
-    def __init__(self, in_slices: int = 3, depth: int = 3, convs: int = 2, features: int = 64) -> None:
+    def __init__(self, in_slices: int = 3, depth: int = 3, convs: int = 2, features: int = 64,
+                 level_input: bool = False) -> None:
         super().__init__()
         if in_slices not in (1, 3, 5, 7):
             raise ValueError(f"in_slices must be 1, 3, 5 or 7 (the paper's multi-slice inputs), got {in_slices}")
         if not 1 <= depth <= 6 or not 1 <= convs <= 4 or features < 1:
             raise ValueError(f"depth 1-6, convs 1-4 and features >= 1 are supported, got {depth}, {convs}, "
                              f"{features}")
-        self.in_slices, self.depth = in_slices, depth
+        self.in_slices, self.depth, self.level_input = in_slices, depth, bool(level_input)
         widths = [features * 2 ** i for i in range(depth + 1)]
-        self.down = nn.ModuleList(_stage(in_slices if i == 0 else widths[i - 1], widths[i], convs)
+        self.down = nn.ModuleList(_stage(in_slices + self.level_input if i == 0 else widths[i - 1], widths[i], convs)
                                   for i in range(depth))
         self.bottom = _stage(widths[depth - 1], widths[depth], convs)
         self.up = nn.ModuleList(_stage(widths[i + 1] + widths[i], widths[i], convs) for i in reversed(range(depth)))

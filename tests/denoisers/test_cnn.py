@@ -131,3 +131,32 @@ def test_a_rule_may_let_the_model_resample_the_series(tmp_path: Path) -> None:
     np.testing.assert_allclose(result.denoised, pet, atol=0.05 * float(pet.max()))  # identity net: linear round trip
     assert check_card(model.card, spacing_mm=SPACING, units="BQML", provided_inputs={"pet"}) is not None
     assert check_card(model.card, spacing_mm=SPACING, units="BQML", provided_inputs={"pet"}, resample=True) is None
+
+
+def test_a_dose_aware_model_is_given_the_series_count_level(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from denoisers.cnn import noise_index
+    from denoisers.nets import infer, level_feature
+
+    seen: list[float | None] = []
+    real = infer.apply_25d
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("level"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "apply_25d", spy)
+    model = _model(tmp_path, "fo-dcnn", {"features": 4, "layers": 3, "level_input": True}, seed=12)
+    rng = np.random.default_rng(3)
+    mean = np.full((6, 20, 20), 1000.0)
+    outputs = []
+    for s in (1.0, 16.0):  # 16 times fewer counts: 4 times the noise index
+        pet = (rng.poisson(mean / s) * s).astype(np.float32)
+        result = _run(model, pet)
+        assert result.info["dose_aware"] is True
+        assert result.info["noise_index"] == pytest.approx(noise_index(pet), abs=1e-4)
+        assert seen[-1] == pytest.approx(level_feature(noise_index(pet)), abs=1e-4)  # of the scaled volume
+        outputs.append(result)
+    assert seen[1] - seen[0] == pytest.approx(np.log(4.0), abs=0.3)
+    plain = _model(tmp_path, "fo-dcnn", {"features": 4, "layers": 3}, seed=13)
+    assert _run(plain, pet).info["dose_aware"] is False and seen[-1] is None

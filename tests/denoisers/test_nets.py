@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from denoisers.errors import DenoiserError
-from denoisers.nets import NetSpec, build
+from denoisers.nets import NetSpec, build, level_feature
 from denoisers.nets.infer import apply_25d, stack_indices
 
 SMALL = {"gong-resnet": {"features": 8, "blocks": 2}, "xu-unet": {"features": 4, "depth": 2},
@@ -121,3 +121,37 @@ def test_apply_25d_averages_overlapping_outputs_with_centre_weight() -> None:
     preds = [(vol[z] + vol[windows[c]].mean(axis=0), 2.0 if c == z else 1.0) for c in (1, 2, 3)]
     expected = sum(w * p for p, w in preds) / 4.0
     np.testing.assert_allclose(out[z], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(SMALL))
+def test_dose_aware_networks_read_a_level_channel_and_keep_their_residual_on_the_image(arch: str) -> None:
+    torch.manual_seed(0)
+    net, spec = build(arch, {**SMALL[arch], "level_input": True})
+    assert spec.level_input
+    x = torch.rand(2, spec.in_slices + 1, 16, 16)
+    y = net(x)
+    assert y.shape == (2, spec.out_slices, 16, 16)
+    y.square().mean().backward()
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == spec.in_slices + 1
+    assert float(first.weight.grad[:, -1].abs().sum()) > 0  # the level channel is learned from
+    # The level changes the output (it is an input, not decoration).
+    net.eval()
+    with torch.no_grad():
+        low, high = x.clone(), x.clone()
+        low[:, -1], high[:, -1] = -2.0, 2.0
+        assert float((net(low) - net(high)).abs().max()) > 1e-4
+
+
+def test_apply_25d_feeds_the_level_and_requires_it_for_dose_aware_networks() -> None:
+    torch.manual_seed(0)
+    net, spec = build("fo-dcnn", {"features": 4, "layers": 3, "level_input": True})
+    seen: list[torch.Tensor] = []
+    net.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    volume = np.random.default_rng(0).random((4, 8, 8)).astype(np.float32)
+    apply_25d(net, spec, volume, level=level_feature(0.2), batch=2)
+    assert all(t.shape[1] == spec.in_slices + 1 for t in seen)
+    assert all(torch.allclose(t[:, -1], torch.tensor(level_feature(0.2))) for t in seen)
+    assert level_feature(0.2) == pytest.approx(np.log(2.0))
+    with pytest.raises(ValueError, match="dose-aware"):
+        apply_25d(net, spec, volume)

@@ -295,3 +295,25 @@ def test_slab_dataset_refuses_bad_arguments() -> None:
     with pytest.raises(DatasetError, match="no prior"):
         SlabDataset([with_prior, pair], patch=(8, 8), use_prior=True)
     assert not SlabDataset([with_prior, pair], patch=(8, 8)).use_prior  # default: only when every volume has one
+
+
+def test_level_input_adds_each_volumes_count_level_as_a_constant_channel() -> None:
+    from denoisers.cnn import noise_index
+    from denoisers.nets import level_feature
+
+    rng = np.random.default_rng(5)
+    mean = np.full((4, 16, 16), 500.0, np.float32)
+    volumes = [PairedVolume((rng.poisson(mean / s) * s).astype(np.float32), mean, spacing=(2, 2, 2),
+                            source=f"x{s}") for s in (1.0, 9.0)]
+    data = SlabDataset(volumes, k=3, patch=(8, 8), level_input=True, seed=1)
+    assert data.in_channels == 4
+    assert data.noise_indices == [pytest.approx(noise_index(v.low)) for v in volumes]
+    assert data.noise_indices[1] == pytest.approx(3 * data.noise_indices[0], rel=0.25)
+    for index, vi in ((0, 0), (len(data) - 1, 1)):
+        x, t = data[index]
+        assert x.shape == (4, 8, 8) and t.shape == (1, 8, 8)
+        np.testing.assert_allclose(x[-1].numpy(), level_feature(data.noise_indices[vi]), rtol=1e-6)
+    assert SlabDataset(volumes, k=3, patch=(8, 8))[0][0].shape[0] == 3
+    with pytest.raises(DatasetError, match="count level"):
+        SlabDataset([PairedVolume(np.zeros((3, 8, 8)), np.zeros((3, 8, 8)), spacing=(2, 2, 2))], k=3,
+                    patch=None, level_input=True, normalise="none")

@@ -141,3 +141,14 @@ def test_step_schedule_divides_the_rate_by_ten_twice() -> None:
     config = replace(FO, epochs=9, learning_rate=0.01)
     assert [config.learning_rate_at(e) for e in range(9)] == pytest.approx([0.01] * 7 + [0.001, 0.0001])
     assert replace(config, lr_schedule="constant").learning_rate_at(8) == 0.01
+
+
+def test_a_dose_aware_network_trains_and_records_its_level_range(tmp_path: Path) -> None:
+    config = replace(FO, epochs=2, net={**FO.net, "level_input": True})
+    data = _pairs(2, 0)
+    result = train(config, data, _pairs(1, 9), tmp_path / "run", progress=False)
+    assert result.finished and result.card["extra"]["net"]["level_input"] is True
+    low, high = result.card["extra"]["noise_index_range"]
+    assert 0 < low <= high
+    first = torch.load(result.weights, weights_only=True)["noise.0.weight"]
+    assert first.shape[1] == 4  # three slices and the level
