@@ -21,6 +21,8 @@ from dicom_node.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 DEFAULT_RULES_FILE = Path("config/rules.yaml")
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+"""The trained models shipped with petnode (``models/`` at the repository root)."""
 _AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 
 
@@ -139,8 +141,10 @@ class NodeSettings(_Frozen):
     data_dir: Path = Path("var")
     rules_file: Path | None = None  # None: ./config/rules.yaml
     # Model versions shipped with petnode (models/<name>/<version>/card.yaml), registered into the model store
-    # (<data_dir>/models) on first use; None: register nothing.
-    shipped_models_dir: Path | None = Path("models")
+    # (<data_dir>/models) on first use; None: register nothing. The default is the models/ folder beside the
+    # package (the repository's, for `make serve` from any working directory), not one relative to where the
+    # node happens to be started.
+    shipped_models_dir: Path | None = SHIPPED_MODELS
     # Associations negotiated at once. Only real associations count: a TCP connection holds a slot from its
     # A-ASSOCIATE-RQ on, so idle sockets cannot lock scanners out.
     max_associations: int = Field(10, ge=1, le=1000)

@@ -48,6 +48,8 @@ class Rois:
     peak: np.ndarray | None = None  # hot structure for peak-to-valley (brain)
     valley: np.ndarray | None = None
     names: dict[str, str] = field(default_factory=dict)
+    # Regions whose SUVmean a denoiser must keep (grey and white matter, liver, lesions): compared with the input.
+    regions: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _legend_mask(labels: np.ndarray, legend: dict[str, Any] | None, *words: str) -> np.ndarray:
@@ -123,8 +125,16 @@ def rois_for(truth: np.ndarray, labels: np.ndarray | None, legend: dict[str, Any
         raise TrainingError(f"could not place ROIs: {len(hot)} hot, {len(background)} background")
     # Noise is measured away from tissue edges: partial volume at a 4:1 grey/white edge is structure, not noise.
     core = ndimage.binary_erosion(uniform & ~lesion_mask, iterations=1)
+    hot_union = np.any(np.stack(hot), axis=0)
+    if kind == "brain":
+        regions = {"grey matter": _legend_mask(labels, legend, "grey", "gray"), "white matter": uniform,
+                   "deep nuclei": _legend_mask(labels, legend, "caudate", "putamen", "thalam")}
+    elif kind == "real":
+        regions = {"soft tissue": uniform, "hot structures": hot_union}
+    else:
+        regions = {"liver": uniform, "lesions": hot_union}
     return Rois(body=body, hot=hot, background=background, uniform=core if core.sum() >= 20 else uniform,
-                peak=peak, valley=valley)
+                peak=peak, valley=valley, regions={k: v for k, v in regions.items() if v.any()})
 
 
 def _split(mask: np.ndarray) -> list[np.ndarray]:
@@ -132,8 +142,20 @@ def _split(mask: np.ndarray) -> list[np.ndarray]:
     return [comps == i for i in range(1, n + 1)]
 
 
-def score(images: Sequence[np.ndarray], truth: np.ndarray, rois: Rois, spacing: Sequence[float]) -> dict[str, float]:
-    """All metrics of one method setting over its realizations (each image in the truth's units)."""
+def regional_change(image: np.ndarray, source: np.ndarray, regions: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per region, the relative change of the mean from the denoiser's input to its output (what quantitation
+    asks of a denoiser: keep each organ's SUVmean; the reconstruction's own partial-volume bias is not its)."""
+    out = {}
+    for name, mask in regions.items():
+        before = float(np.mean(source[mask], dtype=np.float64))
+        out[name] = float(np.mean(image[mask], dtype=np.float64)) / before - 1.0 if before > 0 else float("nan")
+    return out
+
+
+def score(images: Sequence[np.ndarray], truth: np.ndarray, rois: Rois, spacing: Sequence[float],
+          inputs: Sequence[np.ndarray] | None = None) -> dict[str, float]:
+    """All metrics of one method setting over its realizations (each image in the truth's units); ``inputs``
+    (the images the method was given, same order) add the regional SUVmean change."""
     stack = np.stack([np.asarray(i, dtype=np.float64) for i in images])
     hot_union = np.any(np.stack(rois.hot), axis=0)
     out: dict[str, float] = {
@@ -153,6 +175,12 @@ def score(images: Sequence[np.ndarray], truth: np.ndarray, rois: Rois, spacing: 
         "activity_ratio": float(np.mean([metrics.total_activity_ratio(i, truth) for i in stack])),
         "flicker_pct": 100.0 * float(np.mean([metrics.slice_flicker(i, truth, rois.body) for i in stack])),
     }
+    if inputs is not None and rois.regions:
+        changes = [regional_change(i, np.asarray(src, dtype=np.float64), rois.regions)
+                   for i, src in zip(stack, inputs, strict=True)]
+        for name in rois.regions:
+            out[f"suvmean_change_pct:{name}"] = 100.0 * float(np.mean([c[name] for c in changes]))
+        out["suvmean_change_max_pct"] = max(abs(out[f"suvmean_change_pct:{n}"]) for n in rois.regions)
     if rois.peak is not None and rois.valley is not None and rois.peak.any():
         out["peak_to_valley"] = float(np.mean([metrics.peak_to_valley_ratio(i, rois.peak, rois.valley)
                                                for i in stack]))
@@ -257,8 +285,11 @@ def run_quality_bench(
         else:
             images = [_denoise(method, {knob: value}, r, spacing) for r in case.recons[level]]
         seconds = (time.perf_counter() - t) / max(1, len(images))
+        # ML-EM's iterates are reconstructions, not denoised inputs: no regional change to report for them.
+        given = None if method == "mlem" else case.recons[level]
         row = {"phantom": phantom, "size": size, "level": level, "method": method, "knob": knob, "value": value,
-               "realizations": realizations, **score(images, truth, rois, spacing), "seconds_per_volume": seconds}
+               "realizations": realizations, **score(images, truth, rois, spacing, given),
+               "seconds_per_volume": seconds}
         rows.append(row)
         panels.setdefault(level, {})[f"{method} {knob}={value:g}"] = (row["uniform_std_pct"], images[0])
 
@@ -301,10 +332,12 @@ def _markdown(rows: list[dict[str, Any]], phantom: str, size: str, realizations:
              f"{p.get('psf_fwhm_mm')} mm, randoms {p.get('randoms_fraction')}, scatter {p.get('scatter_fraction')}.",
              "", "Best PSNR setting of each method per count level (means over realizations; CRC and background "
              "STD as Gong 2018 eqs 6-7; PSNR/SSIM/NRMSE as Xu 2017, in the body; biases in the lesions; flicker: "
-             "median slice-to-slice jump of the error's mean, % of the mean activity):", "",
+             "median slice-to-slice jump of the error's mean, % of the mean activity; regional: the largest "
+             "change of a region's mean from the method's input, over "
+             f"{', '.join(_region_names(rows)) or '-'}, in %):", "",
              "| count level | method | setting | PSNR dB | SSIM | NRMSE | CRC | bkg STD % | WM/liver STD % | "
-             "PtV | SUVmean bias % | SUVmax bias % | activity | flicker % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "PtV | SUVmean bias % | SUVmax bias % | activity | flicker % | regional % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for level in levels:
         for method in methods:
             sub = [r for r in rows if r["level"] == level and r["method"] == method]
@@ -316,7 +349,7 @@ def _markdown(rows: list[dict[str, Any]], phantom: str, size: str, realizations:
                          f"{r['ssim']:.3f} | {r['nrmse']:.3f} | {r['crc']:.3f} | {r['background_std_pct']:.2f} | "
                          f"{r['uniform_std_pct']:.2f} | {ptv} | {r['suvmean_bias_pct']:+.1f} | "
                          f"{r['suvmax_bias_pct']:+.1f} | {r['activity_ratio']:.4f} | "
-                         f"{r.get('flicker_pct', np.nan):.2f} |")
+                         f"{r.get('flicker_pct', np.nan):.2f} | {r.get('suvmean_change_max_pct', np.nan):.2f} |")
     lines += ["", "At matched noise (the setting of each method whose WM/liver STD is closest to the median of the "
               "best-PSNR settings' noise):", "", "| count level | method | setting | WM/liver STD % | CRC | PSNR dB |",
               "|---|---|---|---|---|---|"]
@@ -329,6 +362,10 @@ def _markdown(rows: list[dict[str, Any]], phantom: str, size: str, realizations:
             lines.append(f"| {level:g} | {method} | {r['knob']}={r['value']:g} | {r['uniform_std_pct']:.2f} | "
                          f"{r['crc']:.3f} | {r['psnr_db']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _region_names(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(k.split(":", 1)[1] for r in rows for k in r if k.startswith("suvmean_change_pct:")))
 
 
 def _plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:

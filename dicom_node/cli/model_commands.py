@@ -291,6 +291,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "architecture": (card.architecture or None) if card else None,
                     "tracers": list(card.tracers) if card else [],
                     "count_level": card.count_level if card else None,
+                    "dose_aware": bool((card.extra.get("net") or {}).get("level_input")) if card else None,
+                    "noise_index_range": card.extra.get("noise_index_range") if card else None,
                     "units": card.units if card else None,
                     "expected_voxel_mm": list(card.expected_voxel_mm) if card and card.expected_voxel_mm else None,
                     "sha256": card.sha256 if card else None,

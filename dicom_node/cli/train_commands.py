@@ -121,6 +121,7 @@ def add_subparsers(sub: Any) -> None:
     t.add_argument("--register", default=None, metavar="NAME@VERSION", help="add the result to the registry")
     t.add_argument("--activate", action="store_true", help="with --register: make it the active version")
     t.add_argument("--tracer", action="append", default=[], help="tracer(s) the model is for (card), e.g. FDG")
+    t.add_argument("--description", default=None, help="what the model is for (card), e.g. 'FDG brain, 2 mm'")
     t.add_argument("--data-dir", type=Path, default=None,
                    help="node data directory whose model registry --fine-tune and --register use")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -263,7 +264,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         card = {k: v for k, v in result.card.items() if v is not None}
         if args.tracer:
             card["tracers"] = list(args.tracer)
-        card["count_level"] = levels
+        trained = (card.get("extra") or {}).get("noise_index_range")
+        card["count_level"] = (f"{'dose-aware; ' if (config.net or {}).get('level_input') else ''}"
+                               + (f"noise index {trained[0]:g}-{trained[1]:g}; " if trained else "")
+                               + f"trained at {levels} of the simulated full counts" if args.sim else levels)
+        if args.description:
+            card["description"] = args.description
         assert store is not None
         try:
             store.add(result.weights, card, name=name, version=version, activate=args.activate)

@@ -89,6 +89,7 @@ def test_a_physicists_session(run: Run, node: Path, tmp_path: Path, monkeypatch:
         ("unet-fdg", "1.0.0", "active", "ldpet"), ("unet-fdg", "1.1.0", "available", "ldpet")]
     assert entries[0]["tracers"] == ["FDG"] and entries[0]["architecture"] == "U-Net 2.5D"
     assert entries[0]["sha256"] == hashlib.sha256(w1.read_bytes()).hexdigest()
+    assert entries[0]["dose_aware"] is False and entries[0]["noise_index_range"] is None
 
     code, out, _ = run("show", "unet-fdg")
     assert code == 0 and out.startswith("unet-fdg@1.0.0  (active)")
@@ -222,7 +223,12 @@ def test_subprocess_smoke(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
-    assert "no models installed in" in proc.stdout and str(tmp_path / "v" / "models") in proc.stdout
+    # Started from another folder, the models shipped beside the package are registered into the new store.
+    shipped = sorted(p.parent.parent.name for p in (REPO / "models").glob("*/*/card.yaml"))
+    assert shipped and all(f"registered shipped model {name}@" in proc.stderr for name in shipped)
+    assert sorted(line.split()[0] for line in proc.stdout.splitlines()[1:] if line.split()[2:3] == ["active"]) \
+        == shipped
+    assert (tmp_path / "v" / "models" / shipped[0]).is_dir()
 
 
 def test_rules_accept_a_model_reference_and_check_its_syntax(tmp_path: Path) -> None:
@@ -241,7 +247,8 @@ def test_settings_shipped_models_dir(tmp_path: Path) -> None:
     from dicom_node.settings import load_settings
 
     defaults = load_settings()
-    assert defaults.shipped_models_dir == Path("models") and defaults.model_store_dir == Path("var") / "models"
+    repo_models = Path(__file__).resolve().parents[2] / "models"  # beside the package, whatever the cwd
+    assert defaults.shipped_models_dir == repo_models and defaults.model_store_dir == Path("var") / "models"
     config = tmp_path / "conf" / "node.yaml"
     config.parent.mkdir()
     config.write_text("data_dir: ../var\nshipped_models_dir: ../models\n")

@@ -103,12 +103,24 @@ def _load_error(tmp_path: Path, text: str, **kwargs: Any) -> str:
 # The shipped file
 
 
-def test_shipped_rules_load_and_route_pet_to_gaussian() -> None:
+def test_shipped_rules_route_fdg_to_the_shipped_networks_and_other_pet_to_gaussian() -> None:
     ruleset = load_rules(SHIPPED)
     enabled = [r for r in ruleset.rules if not r.disabled]
-    assert [r.name for r in enabled] == ["pet-gaussian"]
-    rule = select_rule(ruleset, _ctx())
-    assert rule is not None and rule.name == "pet-gaussian"
+    assert [r.name for r in enabled] == ["fdg-brain-cnn", "fdg-brain-cnn-body-part", "fdg-whole-body-cnn",
+                                         "pet-gaussian"]
+    wb = select_rule(ruleset, _ctx())  # FDG, "PET WB AC"
+    assert wb is not None and wb.name == "fdg-whole-body-cnn"
+    assert wb.denoiser.name == "cnn" and wb.denoiser.model == "fdg-wb-xu" and wb.denoiser.params["resample"]
+    assert wb.destinations == (ReturnToSender(),) and wb.non_quantitative == "process"
+    brain = select_rule(ruleset, _ctx(_header(SeriesDescription="Brain FDG 3D")))
+    assert brain is not None and brain.name == "fdg-brain-cnn" and brain.denoiser.model == "fdg-brain-xu"
+    by_part = select_rule(ruleset, _ctx(_header(SeriesDescription="PET AC", BodyPartExamined="HEAD")))
+    assert by_part is not None and by_part.name == "fdg-brain-cnn-body-part"
+    psma = _header()
+    psma.RadiopharmaceuticalInformationSequence[0].Radiopharmaceutical = "Ga-68 PSMA-11"
+    del psma.RadiopharmaceuticalInformationSequence[0].RadiopharmaceuticalCodeSequence
+    rule = select_rule(ruleset, _ctx(psma))
+    assert rule is not None and rule.name == "pet-gaussian"  # Gaussian stays for other tracers
     assert rule.denoiser.name == "gaussian"
     assert rule.denoiser.params["fwhm_mm"] == 4.0
     assert rule.destinations == (ReturnToSender(),)
@@ -123,7 +135,8 @@ def test_shipped_examples_are_valid_when_uncommented(tmp_path: Path) -> None:
     uncommented = re.sub(r"(?m)^  # ", "  ", marker + examples)
     ruleset = load_rules(_write(tmp_path, head + uncommented), peer_names={"pacs"})
     by_name = {r.name: r for r in ruleset.rules}
-    assert set(by_name) == {"pet-gaussian", "psma-sstr-ge", "research-fdg", "catch-all", "pet-to-pacs",
+    assert set(by_name) == {"fdg-brain-cnn", "fdg-brain-cnn-body-part", "fdg-whole-body-cnn", "pet-gaussian",
+                            "psma-sstr-ge", "research-fdg", "catch-all", "pet-to-pacs",
                             "drop-scouts", "forward-rest"}
     assert by_name["research-fdg"].disabled
     assert by_name["catch-all"].fallback
@@ -728,7 +741,7 @@ def test_factory_series_routes_with_shipped_rules() -> None:
     header = make_pet_series(shape=(2, 4, 4))[0]
     ruleset = load_rules(SHIPPED)
     rule = select_rule(ruleset, MatchContext(header, "STORESCU", "PETNODE"))
-    assert rule is not None and rule.name == "pet-gaussian"
+    assert rule is not None and rule.name == "fdg-whole-body-cnn"  # the factory's series are FDG
     values = attribute_values(MatchContext(header, None, None), _rules(_rule(match={"tracer": "FDG"})))
     assert values["(tracer)"].startswith("FDG")
 

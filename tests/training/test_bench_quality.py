@@ -35,12 +35,29 @@ def test_quality_bench_ci_brain(tmp_path: Path):
     table = (tmp_path / "table.md").read_text()
     assert "| 0.5 | gaussian |" in table and "| 0.1 | nlm |" in table and "At matched noise" in table
     assert "flicker %" in table and all(np.isfinite(r["flicker_pct"]) for r in report.rows)
+    # Quantitation: each region's mean against the method's own input. Heavier smoothing spills more of the
+    # grey matter out into the white matter.
+    assert "grey matter, white matter" in table and "regional %" in table
+    g = {(r["level"], r["value"]): r for r in report.rows if r["method"] == "gaussian"}
+    assert g[(0.5, 10.0)]["suvmean_change_pct:grey matter"] < g[(0.5, 2.0)]["suvmean_change_pct:grey matter"] < 0
+    assert g[(0.5, 10.0)]["suvmean_change_max_pct"] > g[(0.5, 2.0)]["suvmean_change_max_pct"] > 0
+
+
+def test_regional_change_is_the_relative_change_of_each_regions_mean() -> None:
+    from training.bench_quality import regional_change
+
+    source = np.array([[1.0, 3.0], [10.0, 10.0]])
+    image = np.array([[2.0, 2.0], [9.0, 10.0]])
+    masks = {"a": np.array([[True, True], [False, False]]), "b": np.array([[False, False], [True, True]])}
+    change = regional_change(image, source, masks)
+    assert change["a"] == pytest.approx(0.0) and change["b"] == pytest.approx(-0.05)
 
 
 def test_rois_and_matched_noise():
     ph = brain_phantom((16, 48, 48), (3.0, 3.0, 3.0), seed=4)
     rois = rois_for(ph.activity, ph.labels, ph.legend, "brain")
     assert len(rois.hot) >= 1 and len(rois.background) >= 4
+    assert set(rois.regions) == {"grey matter", "white matter", "deep nuclei"}
     assert not np.any(np.stack(rois.background).any(axis=0) & np.stack(rois.hot).any(axis=0))
     rows = [{"uniform_std_pct": s, "value": v} for s, v in ((30.0, 1), (12.0, 2), (5.0, 3))]
     assert matched_noise_row(rows, 10.0)["value"] == 2
