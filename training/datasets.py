@@ -280,6 +280,63 @@ def from_dicom_pair(low_dir: Path, full_dir: Path, prior_dir: Path | None = None
     )
 
 
+def read_pairs_csv(path: Path) -> list[tuple[Path, Path, str]]:
+    """Paired series folders from a CSV with a header: ``low,full`` and optionally ``split`` (``train`` or
+    ``val``; default ``train``). Relative folders are relative to the CSV's folder.
+
+    Raises
+    ------
+    DatasetError
+        Unreadable file, missing columns, an empty or unknown value (the message names the row).
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+            header = [c.strip().lower() for c in (rows[0].keys() if rows else [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{path}: cannot read the pairs CSV: {exc}") from exc
+    if not rows:
+        raise DatasetError(f"{path}: no pairs (expected a header line `low,full[,split]` and one row per pair)")
+    if not {"low", "full"} <= set(header):
+        raise DatasetError(f"{path}: columns {header}; expected low, full and optionally split")
+    pairs = []
+    for n, row in enumerate(rows, start=2):
+        values = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if not values.get("low") or not values.get("full"):
+            raise DatasetError(f"{path} line {n}: low and full must both name a series folder")
+        split = values.get("split") or "train"
+        if split not in ("train", "val"):
+            raise DatasetError(f"{path} line {n}: split must be train or val, got {split!r}")
+        low, full = (Path(values[k]) if Path(values[k]).is_absolute() else path.parent / values[k]
+                     for k in ("low", "full"))
+        pairs.append((low, full, split))
+    return pairs
+
+
+def split_slices(volume: PairedVolume, fraction: float) -> tuple[PairedVolume, PairedVolume]:
+    """The volume cut along z into a training part and a validation block of its last ``fraction`` of slices
+    (a contiguous block, so no validation slice is a training slice's neighbour within the 2.5D stack but at its
+    edge). Raises DatasetError when either part would have fewer than 2 slices."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"the validation fraction must be in (0, 1), got {fraction!r}")
+    nz = volume.shape[0]
+    n_val = max(1, round(nz * fraction))
+    if nz - n_val < 2 or n_val < 2:
+        raise DatasetError(f"{volume.source or 'a pair'} has {nz} slices: too few to hold out {fraction:g} of them "
+                           "for validation (give validation pairs instead)")
+    cut = nz - n_val
+
+    def part(zs: slice, what: str) -> PairedVolume:
+        return PairedVolume(volume.low[zs], volume.full[zs], None if volume.prior is None else volume.prior[zs],
+                            spacing=volume.spacing, source=f"{volume.source} [{what} slices]",
+                            prior_kind=volume.prior_kind, suv_factor=volume.suv_factor)
+
+    return part(slice(0, cut), f"0-{cut - 1}"), part(slice(cut, nz), f"{cut}-{nz - 1}")
+
+
 def _resample_prior(
     directory: Path,
     positions: Sequence[Sequence[float]],

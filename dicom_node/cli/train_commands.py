@@ -96,6 +96,14 @@ def add_subparsers(sub: Any) -> None:
                    help="input count levels of the simulated cases (default 0.1)")
     t.add_argument("--pair", type=Path, nargs=2, action="append", default=[], metavar=("LOW_DIR", "FULL_DIR"),
                    help="a real paired reconstruction (two DICOM series folders), repeatable")
+    t.add_argument("--pairs-csv", type=Path, action="append", default=[], metavar="FILE",
+                   help="real pairs listed in a CSV: columns low,full[,split] (series folders relative to the CSV; "
+                        "split train or val)")
+    t.add_argument("--val-pair", type=Path, nargs=2, action="append", default=[], metavar=("LOW_DIR", "FULL_DIR"),
+                   help="a real pair kept for validation, repeatable")
+    t.add_argument("--val-fraction", type=float, default=0.2,
+                   help="real pairs without --val-pair or a CSV split: the last fraction of each pair's slices is "
+                        "held out for validation (default 0.2; 0 for none)")
     t.add_argument("--val", type=Path, action="append", default=[], metavar="DIR",
                    help="a simulated case kept for validation (else the last realization of the last --sim)")
     t.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder (checkpoint, weights, curve)")
@@ -196,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dicom_node.cli.tool_commands import parse_key_values
     from dicom_node.settings import load_settings
     from training import TrainingError
-    from training.datasets import from_dicom_pair, from_simulation
+    from training.datasets import from_dicom_pair, from_simulation, read_pairs_csv, split_slices
     from training.simulate import load_case
     from training.train import TrainConfig, train
 
@@ -227,10 +235,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         for directory in args.val:
             for level in args.level:
                 val_set += from_simulation(directory, level)
-        for low, full in args.pair:
-            train_set.append(from_dicom_pair(low, full))
+        real = [(low, full, "train") for low, full in args.pair]
+        real += [(low, full, "val") for low, full in args.val_pair]
+        for csv_file in args.pairs_csv:
+            real += read_pairs_csv(csv_file)
+        real_train = [from_dicom_pair(low, full) for low, full, split in real if split == "train"]
+        real_val = [from_dicom_pair(low, full) for low, full, split in real if split == "val"]
+        if real_train and not real_val and args.val_fraction > 0:
+            for pair in real_train:  # a contiguous block of each pair's slices becomes the validation set
+                kept, held = split_slices(pair, args.val_fraction)
+                train_set.append(kept)
+                val_set.append(held)
+        else:
+            train_set += real_train
+            val_set += real_val
         if not train_set:
-            raise TrainingError("no training data: give --sim DIR (petnode simulate ...) and/or --pair LOW FULL")
+            raise TrainingError("no training data: give --sim DIR (petnode simulate ...) and/or --pair LOW FULL "
+                                "or --pairs-csv FILE")
         config = TrainConfig(
             architecture=arch, net=net, loss=args.loss or ("perceptual" if arch == "gong-resnet" and args.vgg
                                                            else _PAPER_LOSS[arch]),
@@ -241,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             vgg_weights=str(args.vgg) if args.vgg else None, vgg_sha256=args.vgg_sha256)
         levels = ", ".join(f"{level:g}" for level in args.level)
         described = (f"{len(train_set)} pair(s): simulated {', '.join(str(d) for d in args.sim) or '-'} at count "
-                     f"level(s) {levels}; real pairs {len(args.pair)}"
+                     f"level(s) {levels}; real pairs {len(real)}"
                      + (f"; fine-tuned from {args.fine_tune}" if args.fine_tune else ""))
         result = train(config, train_set, val_set, args.out, init_from=init, progress=not args.no_progress,
                        max_seconds=args.max_minutes * 60 if args.max_minutes else None, description=described)

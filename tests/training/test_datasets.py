@@ -317,3 +317,23 @@ def test_level_input_adds_each_volumes_count_level_as_a_constant_channel() -> No
     with pytest.raises(DatasetError, match="count level"):
         SlabDataset([PairedVolume(np.zeros((3, 8, 8)), np.zeros((3, 8, 8)), spacing=(2, 2, 2))], k=3,
                     patch=None, level_input=True, normalise="none")
+
+
+def test_pairs_csv_and_the_validation_block(tmp_path: Path) -> None:
+    from training.datasets import read_pairs_csv, split_slices
+
+    (tmp_path / "p.csv").write_text("low,full\na/low,a/full\n/abs/low,/abs/full\n")
+    assert read_pairs_csv(tmp_path / "p.csv") == [(tmp_path / "a/low", tmp_path / "a/full", "train"),
+                                                  (Path("/abs/low"), Path("/abs/full"), "train")]
+    (tmp_path / "q.csv").write_text("low,other\nx,y\n")
+    with pytest.raises(DatasetError, match="expected low, full"):
+        read_pairs_csv(tmp_path / "q.csv")
+    (tmp_path / "r.csv").write_text("low,full\nx,\n")
+    with pytest.raises(DatasetError, match="line 2"):
+        read_pairs_csv(tmp_path / "r.csv")
+    v = PairedVolume(ramp_volume((10, 4, 4)), ramp_volume((10, 4, 4)) + 1, spacing=(2, 2, 2), source="v")
+    train, val = split_slices(v, 0.2)
+    assert train.shape[0] == 8 and val.shape[0] == 2
+    np.testing.assert_array_equal(val.low, v.low[8:])
+    with pytest.raises(DatasetError, match="too few"):
+        split_slices(PairedVolume(np.ones((3, 4, 4)), np.ones((3, 4, 4)), spacing=(2, 2, 2)), 0.2)

@@ -152,3 +152,48 @@ def test_a_dose_aware_network_trains_and_records_its_level_range(tmp_path: Path)
     assert 0 < low <= high
     first = torch.load(result.weights, weights_only=True)["noise.0.weight"]
     assert first.shape[1] == 4  # three slices and the level
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_real_pairs_made_from_the_sarcoma_series(tmp_path: Path, realdata: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Gong 2018's fine-tuning on a site's own paired scans: pairs made from the real sarcoma PET series (its image
+    as the activity, run through the project's physics, written as DICOM), matched by slice position, given as two
+    folders or as a CSV; only the last layers and the batch norms change, and a validation split is scored."""
+    from dicom_node.cli import main
+
+    sim, var = tmp_path / "sim", tmp_path / "var"
+    assert main(["simulate", "real", "--series", str(realdata / "mirp_tcia_sts_001_fdg_pet" / "PT_AC"), "--out",
+                 str(sim), "--count-levels", "1,0.1", "--realizations", "2", "--size", "ci", "--seed", "5",
+                 "--iterations", "30", "--dicom", "--no-progress"]) == 0
+    base = ["train", "--arch", "fo-dcnn", "--net", "features=8", "--net", "layers=4", "--level", "0.1", "--epochs",
+            "1", "--batch", "8", "--patch", "32", "--data-dir", str(var), "--no-progress"]
+    assert main([*base, "--sim", str(sim), "--out", str(tmp_path / "pre"), "--register", "site@1.0.0",
+                 "--activate"]) == 0
+    low, full = sim / "dicom" / "PET_L0.1_r0", sim / "dicom" / "PET_L1_r0"
+    tune = ["train", "--fine-tune", "site", "--last", "1", "--epochs", "2", "--batch", "8", "--patch", "32",
+            "--data-dir", str(var), "--no-progress"]
+    assert main([*tune, "--pair", str(low), str(full), "--out", str(tmp_path / "ft"), "--register",
+                 "site@1.1.0"]) == 0
+    card = json.loads((tmp_path / "ft" / "card.json").read_text())
+    assert set(card["validation_metrics"]) == {"loss", "nrmse", "psnr"}  # the last 20 % of the slices
+    assert "fine-tuned from site" in card["training_data"] and card["extra"]["fine_tune_last"] == 1
+    before = _weights(next((var / "models" / "site" / "1.0.0").glob("*.pt")))
+    after = _weights(next((var / "models" / "site" / "1.1.0").glob("*.pt")))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    last_conv = max(k for k in before if k.endswith(".weight") and before[k].ndim == 4)
+    assert last_conv in changed and any(".running_mean" in k or "bn" in k or k.endswith(".bias") for k in changed)
+    frozen_convs = [k for k in before if before[k].ndim == 4 and k != last_conv]
+    assert frozen_convs and not changed & set(frozen_convs)
+
+    # The same pairs from a CSV (relative folders), the second realization as the validation pair.
+    (sim / "pairs.csv").write_text("low,full,split\ndicom/PET_L0.1_r0,dicom/PET_L1_r0,train\n"
+                                   "dicom/PET_L0.1_r1,dicom/PET_L1_r1,val\n")
+    assert main([*tune, "--pairs-csv", str(sim / "pairs.csv"), "--out", str(tmp_path / "ft2")]) == 0
+    card = json.loads((tmp_path / "ft2" / "card.json").read_text())
+    assert card["training_data"].startswith("1 pair(s)") and "real pairs 2" in card["training_data"]
+    assert card["validation_metrics"]
+    (sim / "bad.csv").write_text("low,full,split\ndicom/PET_L0.1_r0,dicom/PET_L1_r0,test\n")
+    capsys.readouterr()
+    assert main([*tune, "--pairs-csv", str(sim / "bad.csv"), "--out", str(tmp_path / "ft3")]) == 1
+    assert "split must be train or val" in capsys.readouterr().err
