@@ -322,8 +322,12 @@ def bench_methods(
     devices: list[str] | None = None,
     *,
     seed: int = 0,
+    models: Any = None,
 ) -> list[dict[str, Any]]:
     """Time each registered method with its default parameters, per volume and per slice, on each device.
+
+    ``cnn:NAME[@VERSION]`` runs a model from ``models`` (a ``ModelStore``) on a volume at its card's voxel size
+    (so the time is the network's, not a resampling's).
 
     Each row says how many CPU threads the method used (``threads``: 1 for the scipy-based CPU-only methods,
     torch's intra-op threads for the others). ``devices`` defaults to the CPU plus ``cuda:0`` when present
@@ -338,15 +342,25 @@ def bench_methods(
     devices = devices or (["cpu", "cuda:0"] if cuda_count() else ["cpu"])
     rows: list[dict[str, Any]] = []
     for method in methods:
-        cls = registry.get_class(method)
+        name, _, ref = method.partition(":")
+        model = None
+        method_inputs = inputs
+        if ref:
+            if models is None:
+                raise TrainingError(f"{method}: no model registry given")
+            model = models.resolve(ref)
+            voxel = model.card.expected_voxel_mm
+            method_inputs = DenoiseInputs(pet=volume, spacing=tuple(voxel) if voxel else spacing)
+        cls = registry.get_class(name)
         # CPU-only methods run scipy/numpy code on one thread; the others run torch on its intra-op threads.
         threads = 1 if cls.device_need is DeviceNeed.CPU else _torch_threads()
         for device in devices:
             if device != "cpu" and cls.device_need is DeviceNeed.CPU:
                 continue
-            denoiser = registry.create(method, {}, device=device)
-            denoiser.denoise(inputs)  # warm-up: imports, kernels, CUDA context
-            times, _ = _time(lambda d=denoiser: d.denoise(inputs).denoised, repeats, f"{method} on {device}")
+            denoiser = registry.create(name, {}, device=device, model=model)
+            denoiser.denoise(method_inputs)  # warm-up: imports, kernels, CUDA context
+            times, _ = _time(lambda d=denoiser, i=method_inputs: d.denoise(i).denoised, repeats,
+                             f"{method} on {device}")
             rows.append({"method": method, "device": device, "shape": "x".join(map(str, shape)),
                          "threads": threads, "best_s": min(times), "median_s": statistics.median(times),
                          "per_slice_ms": 1000.0 * min(times) / shape[0], "repeats": repeats})

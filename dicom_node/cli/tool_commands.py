@@ -84,7 +84,10 @@ def add_subparsers(sub: Any) -> None:
     q.set_defaults(func=cmd_bench_receive)
     q = bsub.add_parser("speed", help="time each method per volume and per slice (CPU, and CUDA when present); "
                                       "NLM against scikit-image in the same run")
-    q.add_argument("--methods", default="gaussian,nlm", help="comma-separated denoiser names")
+    q.add_argument("--methods", default="gaussian,nlm",
+                   help="comma-separated denoiser names; cnn:NAME[@VERSION] = a registered model (at its card's "
+                        "voxel size)")
+    q.add_argument("--data-dir", type=Path, default=None, help="node data directory whose models cnn:NAME uses")
     q.add_argument("--shape", default="200,192,192", help="volume size z,y,x")
     q.add_argument("--repeats", type=int, default=3)
     q.add_argument("--no-reference", action="store_true", help="skip the scikit-image NLM reference")
@@ -370,10 +373,24 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     except (ValueError, AssertionError):
         raise ConfigError(f"--shape {args.shape!r}: expected three positive integers z,y,x") from None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    rows = bench_methods(methods, shape, repeats=args.repeats)  # type: ignore[arg-type]
-    print(f"{'method':<12}{'device':<9}{'volume':>14}{'best s':>9}{'median s':>10}{'ms/slice':>10}")
+    store = None
+    if any(m.startswith("cnn:") for m in methods):
+        from dicom_node.cli.model_commands import open_store
+        from dicom_node.settings import load_settings
+
+        store = open_store(load_settings(args.config, data_dir=args.data_dir), quiet=True)
+    from denoisers.errors import DenoiserError
+    from training import TrainingError
+
+    try:
+        rows = bench_methods(methods, shape, repeats=args.repeats, models=store)  # type: ignore[arg-type]
+    except (DenoiserError, TrainingError) as exc:
+        print(f"petnode bench speed: {exc}", file=sys.stderr)
+        return 1
+    width = max(12, *(len(r["method"]) + 2 for r in rows))
+    print(f"{'method':<{width}}{'device':<9}{'volume':>14}{'best s':>9}{'median s':>10}{'ms/slice':>10}")
     for r in rows:
-        print(f"{r['method']:<12}{r['device']:<9}{r['shape']:>14}{r['best_s']:>9.3f}{r['median_s']:>10.3f}"
+        print(f"{r['method']:<{width}}{r['device']:<9}{r['shape']:>14}{r['best_s']:>9.3f}{r['median_s']:>10.3f}"
               f"{r['per_slice_ms']:>10.2f}")
     if "nlm" in methods and not args.no_reference:
         print()

@@ -212,6 +212,26 @@ def test_bench_speed_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["bench", "speed", "--shape", "8,24"]) == 2
 
 
+def test_bench_speed_times_a_registered_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    import torch
+
+    from denoisers.models import ModelStore
+    from denoisers.nets import build
+
+    net, _ = build("fo-dcnn", {"features": 4, "layers": 3})
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    ModelStore(tmp_path / "var" / "models").add(
+        tmp_path / "w.pt", {"denoiser": "cnn", "architecture": "fo-dcnn", "normalisation": "mean",
+                            "input_slices": 3, "expected_voxel_mm": [2.0, 2.0, 2.0],
+                            "extra": {"net": {"features": 4, "layers": 3}}}, name="tiny", version="1.0.0",
+        activate=True)
+    args = ["bench", "speed", "--shape", "4,16,16", "--repeats", "1", "--data-dir", str(tmp_path / "var")]
+    assert main([*args, "--methods", "cnn:tiny"]) == 0
+    assert "cnn:tiny" in capsys.readouterr().out
+    assert main([*args, "--methods", "cnn:other"]) == 1
+    assert "no model named 'other'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """`petnode demo`: simulated patient -> node -> sink, and a panel a person can look at."""
