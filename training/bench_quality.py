@@ -351,8 +351,9 @@ def _markdown(rows: list[dict[str, Any]], phantom: str, size: str, realizations:
                          f"{r['suvmax_bias_pct']:+.1f} | {r['activity_ratio']:.4f} | "
                          f"{r.get('flicker_pct', np.nan):.2f} | {r.get('suvmean_change_max_pct', np.nan):.2f} |")
     lines += ["", "At matched noise (the setting of each method whose WM/liver STD is closest to the median of the "
-              "best-PSNR settings' noise):", "", "| count level | method | setting | WM/liver STD % | CRC | PSNR dB |",
-              "|---|---|---|---|---|---|"]
+              "best-PSNR settings' noise; lesion SUVmax recovery = SUVmax / true SUVmax):", "",
+              "| count level | method | setting | WM/liver STD % | CRC | SUVmax recovery | PSNR dB |",
+              "|---|---|---|---|---|---|---|"]
     for level in levels:
         at_level = [r for r in rows if r["level"] == level]
         target = float(np.median([_best([r for r in at_level if r["method"] == m], "psnr_db")["uniform_std_pct"]
@@ -360,7 +361,7 @@ def _markdown(rows: list[dict[str, Any]], phantom: str, size: str, realizations:
         for method in methods:
             r = matched_noise_row([x for x in at_level if x["method"] == method], target)
             lines.append(f"| {level:g} | {method} | {r['knob']}={r['value']:g} | {r['uniform_std_pct']:.2f} | "
-                         f"{r['crc']:.3f} | {r['psnr_db']:.2f} |")
+                         f"{r['crc']:.3f} | {1 + r['suvmax_bias_pct'] / 100:.3f} | {r['psnr_db']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

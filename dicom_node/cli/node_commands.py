@@ -59,6 +59,7 @@ def add_subparsers(sub: Any) -> None:
     csub.required = True
     q = csub.add_parser("check", help="validate node settings and rules without starting anything")
     q.add_argument("--rules", type=Path, default=None)
+    q.add_argument("--data-dir", type=Path, default=None, help="data directory whose model registry rules use")
     q.set_defaults(func=cmd_config_check)
 
 
@@ -76,7 +77,7 @@ def load_node_config(args: argparse.Namespace, **overrides: Any) -> tuple[NodeSe
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    settings, ruleset = load_node_config(args)
+    settings, ruleset = load_node_config(args, data_dir=args.data_dir)
     print(f"settings ok: AE {settings.ae_title} port {settings.port} data {settings.data_dir} "
           f"peers {len(settings.peers)}")
     rules_path = args.rules or settings.resolved_rules_file()

@@ -27,8 +27,11 @@ def test_help_and_usage_errors(capsys: pytest.CaptureFixture[str]):
 
 
 def test_config_check_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    assert main(["config", "check", "--rules", str(REPO / "config" / "rules.yaml")]) == 0
-    assert "rules ok" in capsys.readouterr().out
+    # The shipped rules name the shipped models, registered into the (new) data directory's registry.
+    assert main(["config", "check", "--rules", str(REPO / "config" / "rules.yaml"), "--data-dir",
+                 str(tmp_path / "var")]) == 0
+    out = capsys.readouterr().out
+    assert "rules ok" in out and "model ok: rule 'fdg-whole-body-cnn' -> fdg-wb-xu@" in out
     config = write_config(tmp_path, [pet_rule(["return_to_sender"], denoiser={"name": "gausian"})])
     assert main(["-c", str(config), "config", "check"]) == 2
     err = capsys.readouterr().err
