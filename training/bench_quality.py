@@ -126,15 +126,18 @@ def rois_for(truth: np.ndarray, labels: np.ndarray | None, legend: dict[str, Any
     # Noise is measured away from tissue edges: partial volume at a 4:1 grey/white edge is structure, not noise.
     core = ndimage.binary_erosion(uniform & ~lesion_mask, iterations=1)
     hot_union = np.any(np.stack(hot), axis=0)
+    # White matter and liver as a reader's VOI would take them: one voxel in from their edges (a denoiser that
+    # blurs the 4:1 grey/white edge shows it in the grey matter, whose thin ribbon is taken whole).
+    inner = core if core.sum() >= 20 else uniform
     if kind == "brain":
-        regions = {"grey matter": _legend_mask(labels, legend, "grey", "gray"), "white matter": uniform,
+        regions = {"grey matter": _legend_mask(labels, legend, "grey", "gray"), "white matter": inner,
                    "deep nuclei": _legend_mask(labels, legend, "caudate", "putamen", "thalam")}
     elif kind == "real":
-        regions = {"soft tissue": uniform, "hot structures": hot_union}
+        regions = {"soft tissue": inner, "hot structures": hot_union}
     else:
-        regions = {"liver": uniform, "lesions": hot_union}
-    return Rois(body=body, hot=hot, background=background, uniform=core if core.sum() >= 20 else uniform,
-                peak=peak, valley=valley, regions={k: v for k, v in regions.items() if v.any()})
+        regions = {"liver": inner, "lesions": hot_union}
+    return Rois(body=body, hot=hot, background=background, uniform=inner, peak=peak, valley=valley,
+                regions={k: v for k, v in regions.items() if v.any()})
 
 
 def _split(mask: np.ndarray) -> list[np.ndarray]:

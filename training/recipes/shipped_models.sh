@@ -8,7 +8,9 @@
 # continue a stopped run) and a scratch registry (store/). MODELS_DIR (default: the repository's models/) gets
 # <name>/<version>/{card.yaml,weights.pt}, which the node registers on first start. Needs the real sarcoma series
 # (PETNODE_REALDATA, default ../shared/data). Device: DEVICE (default auto: CUDA when present). Epochs: the
-# *_EPOCHS variables (sized for the 2-core CPU of the development machine; a GPU affords more).
+# *_EPOCHS variables. Widths and epochs are sized for the 2-core CPU of the development machine (about 25 min of
+# simulation and 50 min of training there; the papers' 64 features and hundreds of epochs need a GPU) and for CPU
+# inference in the node (a whole-body series in seconds, not minutes).
 #
 # Never here: the held-out ACRIN study (the real anatomy every learned method reports on; real_phantom refuses
 # it), the bench seeds (90001 and up) and the brain MR series (prior pairing only).
@@ -18,7 +20,6 @@ HERE=$(cd "$(dirname "$0")/../.." && pwd)
 MODELS=${2:-$HERE/models}
 DATA=${PETNODE_REALDATA:-$HERE/../shared/data}
 SARCOMA=$DATA/mirp_tcia_sts_001_fdg_pet/PT_AC
-NEMA=$DATA/pynemaiqpet_nema_iq/pet_recon_1
 DEVICE=${DEVICE:-auto}
 VERSION=${VERSION:-1.0.0}
 LEVELS=1,0.3,0.1,0.03,0.01        # simulated: full counts and four lower levels (fractions of the full counts)
@@ -34,12 +35,12 @@ sim() {  # sim NAME PHANTOM SEED [--series DIR]
 for s in 1 2 3 4 5 6 7; do sim "brain-$s" brain "$s"; done                    # MNI152 brains, deformed per seed
 for s in 1 2 3 4 5 6 7; do sim "real-$s" real "$s" --series "$SARCOMA"; done  # a real patient, transformed per seed
 for s in 1 2 3 4; do sim "torso-$s" torso "$s"; done                          # parametric trunk with lesions
-for s in 1 2; do sim "nema-$s" real "$s" --series "$NEMA"; done                # spheres: small hot lesions
+# Not the NEMA IQ phantom: its 247 mm along z do not fill the whole-body grid's 600 mm (real_phantom refuses it).
 
 BRAIN=(--sim sim/brain-1 --sim sim/brain-2 --sim sim/brain-3 --sim sim/brain-4 --sim sim/brain-5 --sim sim/brain-6
        --val sim/brain-7)
 WB=(--sim sim/real-1 --sim sim/real-2 --sim sim/real-3 --sim sim/real-4 --sim sim/real-5 --sim sim/real-6
-    --sim sim/torso-1 --sim sim/torso-2 --sim sim/torso-3 --sim sim/nema-1 --sim sim/nema-2
+    --sim sim/torso-1 --sim sim/torso-2 --sim sim/torso-3
     --val sim/real-7 --val sim/torso-4)
 
 train() {  # train NAME ARCH EPOCHS DESCRIPTION DATA_AND_NET_OPTIONS...
@@ -55,10 +56,10 @@ train() {  # train NAME ARCH EPOCHS DESCRIPTION DATA_AND_NET_OPTIONS...
 }
 BT="FDG brain PET, 2 mm voxels, every count level"
 WT="FDG whole-body PET, 4 mm voxels (other grids resampled), every count level"
-train fdg-brain-xu   xu-unet     "${XU_BRAIN_EPOCHS:-3}"   "$BT" "${BRAIN[@]}" --net features=16
-train fdg-brain-fo   fo-dcnn     "${FO_BRAIN_EPOCHS:-5}"   "$BT" "${BRAIN[@]}" --net features=24
-train fdg-brain-gong gong-resnet "${GONG_BRAIN_EPOCHS:-5}" "$BT" "${BRAIN[@]}" --net features=24
-train fdg-wb-xu      xu-unet     "${XU_WB_EPOCHS:-2}"      "$WT" "${WB[@]}" --net features=16
-train fdg-wb-fo      fo-dcnn     "${FO_WB_EPOCHS:-3}"      "$WT" "${WB[@]}" --net features=24
-train fdg-wb-gong    gong-resnet "${GONG_WB_EPOCHS:-3}"    "$WT" "${WB[@]}" --net features=24
+train fdg-brain-xu   xu-unet     "${XU_BRAIN_EPOCHS:-8}"   "$BT" "${BRAIN[@]}" --net features=32
+train fdg-brain-fo   fo-dcnn     "${FO_BRAIN_EPOCHS:-6}"   "$BT" "${BRAIN[@]}" --net features=48
+train fdg-brain-gong gong-resnet "${GONG_BRAIN_EPOCHS:-6}" "$BT" "${BRAIN[@]}" --net features=32
+train fdg-wb-xu      xu-unet     "${XU_WB_EPOCHS:-4}"      "$WT" "${WB[@]}" --net features=32
+train fdg-wb-fo      fo-dcnn     "${FO_WB_EPOCHS:-3}"      "$WT" "${WB[@]}" --net features=48
+train fdg-wb-gong    gong-resnet "${GONG_WB_EPOCHS:-4}"    "$WT" "${WB[@]}" --net features=32
 du -sh "$MODELS"
