@@ -257,10 +257,12 @@ def run_quality_bench(
 
         if series is None:
             raise TrainingError("phantom 'real' needs the PET series to use as the activity (--series DIR)")
-        ph = real_pet_phantom(series, **params["phantom"], seed=seed, allow_held_out=True)
+        ph = real_pet_phantom(series, **params["phantom"], seed=seed, allow_held_out=True, fit_z=True)
     else:
         ph = (brain_phantom if phantom == "brain" else torso_phantom)(**params["phantom"], seed=seed)
     sim = dict(params["simulation"])
+    # A real series shorter than the preset's grid gives fewer slices: the same counts per slice.
+    sim["full_counts"] = float(sim["full_counts"]) * ph.activity.shape[0] / params["phantom"]["shape"][0]
     # The ML-EM sweep reads the intermediate iterates of this one reconstruction (same counts, fewer iterations).
     keep = sorted({int(v) for v in sweeps["mlem"][1] if int(v) < int(sim["iterations"])}) if "mlem" in methods \
         else []

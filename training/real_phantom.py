@@ -69,11 +69,12 @@ def _smooth_field(shape: Sequence[int], sigma_vox: float, amplitude: float, rng:
 
 def real_pet_phantom(series_dir: Path, *, shape: tuple[int, int, int], voxel_mm: tuple[float, float, float],
                      seed: int = 0, rotate_deg: float = 10.0, scale: float = 0.1, deform_mm: float = 8.0,
-                     smooth_fwhm_mm: float = 4.0, allow_held_out: bool = False) -> Phantom:
+                     smooth_fwhm_mm: float = 4.0, allow_held_out: bool = False, fit_z: bool = False) -> Phantom:
     """A phantom whose activity is a randomly transformed window of a real PET series (module docstring).
 
     ``allow_held_out`` is for evaluation only (``petnode bench quality --phantom real``): the held-out study is
-    what learned methods are judged on, never what they learn from.
+    what learned methods are judged on, never what they learn from. ``fit_z``: a series shorter than ``shape``
+    along z gives a phantom of as many slices as it covers (instead of an error).
     """
     suv, spacing, how = _load_suv(Path(series_dir), allow_held_out)
     if smooth_fwhm_mm > 0:
@@ -81,8 +82,11 @@ def real_pet_phantom(series_dir: Path, *, shape: tuple[int, int, int], voxel_mm:
         suv = ndimage.gaussian_filter(suv, sigma, mode="nearest").astype(np.float32)
     rng = np.random.default_rng([int(seed), 2026])
     nz, ny, nx = shape
-    extent_z = nz * voxel_mm[0]
     src_extent_z = suv.shape[0] * spacing[0]
+    if fit_z and nz * voxel_mm[0] > src_extent_z:
+        nz = max(1, int(src_extent_z // voxel_mm[0]))
+        shape = (nz, ny, nx)
+    extent_z = nz * voxel_mm[0]
     if extent_z > src_extent_z:
         raise PhantomError(f"{series_dir}: the series covers {src_extent_z:.0f} mm along z, the phantom needs "
                            f"{extent_z:.0f} mm ({nz} x {voxel_mm[0]:g} mm)")

@@ -60,3 +60,11 @@ def test_simulate_real_from_the_command_line(realdata: Path, tmp_path: Path) -> 
                  "1,0.1", "--size", "ci", "--iterations", "10", "--seed", "4", "--no-progress"]) == 0
     (pair,) = from_simulation(tmp_path / "sim", 0.1)
     assert pair.low.shape == (24, 64, 64) and pair.suv_factor is not None
+
+
+def test_a_short_series_fits_the_grid_when_asked(realdata: Path) -> None:
+    series = realdata / "mirp_tcia_sts_001_fdg_pet" / "PT_AC"  # 267 x 3.27 mm = 873 mm
+    with pytest.raises(PhantomError, match="covers"):
+        real_pet_phantom(series, shape=(100, 32, 32), voxel_mm=(10.0, 16.0, 16.0), seed=1)
+    fitted = real_pet_phantom(series, shape=(100, 32, 32), voxel_mm=(10.0, 16.0, 16.0), seed=1, fit_z=True)
+    assert fitted.activity.shape == (87, 32, 32) and fitted.mu_map.shape == (87, 32, 32)
