@@ -8,8 +8,8 @@
 # continue a stopped run) and a scratch registry (store/). MODELS_DIR (default: the repository's models/) gets
 # <name>/<version>/{card.yaml,weights.pt}, which the node registers on first start. Needs the real sarcoma series
 # (PETNODE_REALDATA, default ../shared/data). Device: DEVICE (default auto: CUDA when present). Epochs: the
-# *_EPOCHS variables. Widths and epochs are sized for the 2-core CPU of the development machine (about 25 min of
-# simulation and 50 min of training there; the papers' 64 features and hundreds of epochs need a GPU) and for CPU
+# *_EPOCHS variables. Widths and epochs are sized for the 2-core CPU of the development machine (about 35 min of
+# simulation and 75 min of training there; the papers' 64 features and hundreds of epochs need a GPU) and for CPU
 # inference in the node (a whole-body series in seconds, not minutes).
 #
 # Never here: the held-out ACRIN study (the real anatomy every learned method reports on; real_phantom refuses
