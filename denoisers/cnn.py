@@ -10,7 +10,7 @@ in ``extra["net"]`` and the intensity ``normalisation`` it was trained with, und
 - ``none``: as it is.
 
 A series at another voxel size than the card's is refused, unless the rule sets ``resample: true``: the series is
-then resampled (linearly) to the card's voxel size, denoised, and resampled back onto its own grid.
+then resampled (cubic spline) to the card's voxel size, denoised, and resampled back onto its own grid.
 
 The weights are loaded with ``torch.load(weights_only=True)`` from the bytes whose sha256 the card holds, into a
 network that must match them exactly (``strict``). Loaded networks are kept (a few per process, by weights hash and
@@ -71,18 +71,22 @@ _cache_lock = threading.Lock()
 
 def _resample(volume: np.ndarray, spacing: tuple[float, float, float], target: tuple[float, float, float]
               ) -> np.ndarray:
-    """Linear resampling of a (z, y, x) volume from ``spacing`` to ``target`` mm (same extent)."""
+    """Resampling of a (z, y, x) volume from ``spacing`` to ``target`` mm (same extent; cubic, see _to_shape)."""
     shape = [max(1, round(n * s / t)) for n, s, t in zip(volume.shape, spacing, target)]
     return _to_shape(volume, tuple(shape))
 
 
 def _to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Linear resampling onto ``shape`` voxels over the same extent (voxel centres mapped, edges held)."""
+    """Cubic-spline resampling onto ``shape`` voxels over the same extent (voxel centres mapped, edges held).
+
+    Cubic, not linear: a linear round trip from the ACRIN study's 4.7 mm grid to 4 mm and back lowers its SUVmax by
+    20 % on its own (a cubic one by 1 %), which would be charged to the network. Small undershoots next to hot
+    spots are clipped with the network's output."""
     from scipy import ndimage
 
     coords = np.meshgrid(*[(np.arange(m) + 0.5) * (n / m) - 0.5 for n, m in zip(volume.shape, shape)],
                          indexing="ij", sparse=False)
-    return ndimage.map_coordinates(volume, coords, order=1, mode="nearest").astype(np.float32)
+    return ndimage.map_coordinates(volume, coords, order=3, mode="nearest").astype(np.float32)
 
 
 def noise_index(pet: np.ndarray) -> float:

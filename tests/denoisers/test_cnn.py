@@ -128,7 +128,7 @@ def test_a_rule_may_let_the_model_resample_the_series(tmp_path: Path) -> None:
     result = registry.create("cnn", {"resample": True}, model=model).denoise(DenoiseInputs(pet=pet, spacing=SPACING))
     assert result.denoised.shape == pet.shape and result.info["resampled_to_mm"] == [2.0, 2.0, 2.0]
     assert float(result.denoised.sum(dtype=np.float64)) == pytest.approx(float(pet.sum(dtype=np.float64)), rel=1e-5)
-    np.testing.assert_allclose(result.denoised, pet, atol=0.05 * float(pet.max()))  # identity net: linear round trip
+    np.testing.assert_allclose(result.denoised, pet, atol=0.05 * float(pet.max()))  # identity net: a round trip
     assert check_card(model.card, spacing_mm=SPACING, units="BQML", provided_inputs={"pet"}) is not None
     assert check_card(model.card, spacing_mm=SPACING, units="BQML", provided_inputs={"pet"}, resample=True) is None
 
@@ -160,3 +160,19 @@ def test_a_dose_aware_model_is_given_the_series_count_level(tmp_path: Path,
     assert seen[1] - seen[0] == pytest.approx(np.log(4.0), abs=0.3)
     plain = _model(tmp_path, "fo-dcnn", {"features": 4, "layers": 3}, seed=13)
     assert _run(plain, pet).info["dose_aware"] is False and seen[-1] is None
+
+
+def test_resampling_keeps_a_small_hot_spots_maximum(tmp_path: Path) -> None:
+    """The round trip to the card's grid and back must not cost a lesion its SUVmax (cubic keeps 95 % here, a
+    linear one 76 %)."""
+    from scipy.ndimage import gaussian_filter
+
+    model = _model(tmp_path, "xu-unet", {"features": 4, "depth": 2, "in_slices": 3}, identity=True, seed=14,
+                   expected_voxel_mm=(4.0, 4.0, 4.0))
+    pet = np.full((16, 32, 32), 100.0, np.float32)
+    pet[8, 16, 16] = 5000.0
+    pet = gaussian_filter(pet, 1.0).astype(np.float32)  # FWHM 11 mm: a small lesion as reconstructed
+    spacing = (3.27, 4.6875, 4.6875)
+    out = registry.create("cnn", {"resample": True}, model=model).denoise(DenoiseInputs(pet=pet, spacing=spacing))
+    assert float(out.denoised.max()) > 0.9 * float(pet.max())
+    assert float(out.denoised.min()) >= 0.0
