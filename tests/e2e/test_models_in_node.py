@@ -50,6 +50,11 @@ def _add(store: ModelStore, tmp: Path, name: str, version: str, w: float, voxel:
                      "voxel_tolerance": 0.05, "units": "BQML"}, name=name, version=version, activate=activate)
 
 
+def _total(datasets: list) -> float:
+    """The series' total activity in its stored units (pixel values through the rescale slope)."""
+    return sum(float((d.pixel_array * float(d.RescaleSlope)).sum(dtype="float64")) for d in datasets)
+
+
 def _derived(sink: StoreSCP, node, uid: str) -> list:
     out_uid = node.db.series(uid)["output_series_uid"]
     return [d for d in (dcmread(f) for f in sink.files()) if d.SeriesInstanceUID == out_uid]
@@ -148,11 +153,7 @@ def test_a_registered_cnn_model_processes_a_series(start_node, storescp_sink: St
     assert len(derived) == 6
     assert "model fo-test@0.1.0" in derived[0].ContributingEquipmentSequence[-1].SoftwareVersions
     assert "architecture" in derived[0].DerivationDescription and "fo-dcnn" in derived[0].DerivationDescription
-
-    def total(datasets: list) -> float:
-        return sum(float((d.pixel_array * float(d.RescaleSlope)).sum()) for d in datasets)
-
-    assert total(derived) == pytest.approx(total(series), rel=1e-3)
+    assert _total(derived) == pytest.approx(_total(series), rel=1e-3)
 
 
 def _phantom(shape: tuple[int, int, int], seed: int) -> Any:
@@ -172,7 +173,6 @@ def test_shipped_rules_send_fdg_series_to_the_shipped_models(start_node, storesc
     """Out of the box: with config/rules.yaml and the models/ shipped in the repository (registered when the node
     starts), an FDG whole-body series and an FDG brain series go to the shipped networks; the derived series names
     the model, its version and the count level estimated from the image; the total activity is kept."""
-    import numpy as np
     import yaml
 
     from dicom_node.settings import SHIPPED_MODELS
@@ -200,8 +200,4 @@ def test_shipped_rules_send_fdg_series_to_the_shipped_models(start_node, storesc
         assert f"{model}@{version}" in description and "noise_index" in description and "dose_aware" in description
         assert f"model {model}@{version}" in derived[0].ContributingEquipmentSequence[-1].SoftwareVersions
         assert derived[0].SeriesDescription.endswith("[petnode cnn]")
-
-        def total(datasets: list) -> float:
-            return sum(float((d.pixel_array * float(d.RescaleSlope)).sum(dtype=np.float64)) for d in datasets)
-
-        assert total(derived) == pytest.approx(total(series), rel=0.01)
+        assert _total(derived) == pytest.approx(_total(series), rel=0.01)
