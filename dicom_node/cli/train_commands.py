@@ -286,9 +286,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.tracer:
             card["tracers"] = list(args.tracer)
         trained = (card.get("extra") or {}).get("noise_index_range")
-        card["count_level"] = (f"{'dose-aware; ' if (config.net or {}).get('level_input') else ''}"
-                               + (f"noise index {trained[0]:g}-{trained[1]:g}; " if trained else "")
-                               + f"trained at {levels} of the simulated full counts" if args.sim else levels)
+        level_parts = ["dose-aware"] if (config.net or {}).get("level_input") else []
+        if trained:
+            level_parts.append(f"noise index {trained[0]:g}-{trained[1]:g}")
+        if args.sim:
+            level_parts.append(f"trained at {levels} of the simulated full counts")
+        if real:
+            level_parts.append(f"{len(real)} real pair(s)")
+        card["count_level"] = "; ".join(level_parts)
         if args.description:
             card["description"] = args.description
         assert store is not None

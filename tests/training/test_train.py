@@ -178,6 +178,10 @@ def test_fine_tuning_on_real_pairs_made_from_the_sarcoma_series(tmp_path: Path, 
     card = json.loads((tmp_path / "ft" / "card.json").read_text())
     assert set(card["validation_metrics"]) == {"loss", "nrmse", "psnr"}  # the last 20 % of the slices
     assert "fine-tuned from site" in card["training_data"] and card["extra"]["fine_tune_last"] == 1
+    from denoisers.models import ModelStore
+
+    registered = ModelStore(var / "models").resolve("site@1.1.0").card.count_level or ""
+    assert registered.endswith("1 real pair(s)") and "simulated" not in registered  # not the unused --level
     before = _weights(next((var / "models" / "site" / "1.0.0").glob("*.pt")))
     after = _weights(next((var / "models" / "site" / "1.1.0").glob("*.pt")))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
