@@ -45,3 +45,8 @@ class OutputWriteError(DicomNodeError):
 
 class SendError(DicomNodeError):
     """A C-STORE to a destination failed (association refused, instance rejected, timeout)."""
+
+
+class PriorError(DicomNodeError):
+    """An MR or CT prior cannot be put on the PET grid (not a regular MR/CT volume, another Frame of Reference
+    where registration is not allowed, no overlap with the PET, or a registration that fails its quality gate)."""

@@ -344,9 +344,13 @@ def _resample_prior(
     spacing: tuple[float, float, float],
     rows_cols: tuple[int, int],
 ) -> tuple[np.ndarray, PriorKind]:
-    """Read an MR or CT series (SimpleITK / GDCM) and resample it linearly onto the PET slices."""
+    """Read an MR or CT series (:func:`dicom_node.priors.read_prior_series`: pydicom, sorted along the slice normal)
+    and resample it linearly onto the PET slices: same Frame of Reference, so by the DICOM geometry alone (no
+    registration). The folder may hold other files: the series is the first file's."""
     import pydicom
-    import SimpleITK as sitk
+
+    from dicom_node.errors import DicomNodeError
+    from dicom_node.priors import read_prior_series, reference_grid, resample_onto
 
     files = _series_files(directory)
     try:
@@ -356,27 +360,12 @@ def _resample_prior(
     modality = str(getattr(first, "Modality", ""))
     if modality not in ("MR", "CT"):
         raise DatasetError(f"prior series in {str(directory)!r} has modality {modality!r}, expected MR or CT")
-    kind: PriorKind = "mr" if modality == "MR" else "ct"
-    reader = sitk.ImageSeriesReader()
-    names = reader.GetGDCMSeriesFileNames(str(directory), str(first.SeriesInstanceUID))
-    if not names:
-        raise DatasetError(f"prior series in {str(directory)!r}: GDCM found no slices of {first.SeriesInstanceUID}")
-    reader.SetFileNames(names)
     try:
-        image = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
-    except RuntimeError as exc:
-        raise DatasetError(f"prior series in {str(directory)!r} cannot be read: {exc}") from exc
-    o = np.asarray(orientation, dtype=float)
-    row, col = o[:3], o[3:]
-    normal = np.cross(row, col)
-    reference = sitk.Image(int(rows_cols[1]), int(rows_cols[0]), len(positions), sitk.sitkFloat32)
-    reference.SetSpacing((float(spacing[2]), float(spacing[1]), float(spacing[0])))
-    reference.SetOrigin(tuple(float(v) for v in positions[0]))
-    # SimpleITK's direction matrix holds the axis directions as columns (row-major flattening)
-    reference.SetDirection(tuple(float(v) for v in np.column_stack([row, col, normal]).reshape(-1)))
-    outside = 0.0 if kind == "mr" else -1000.0
-    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, outside, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(resampled).astype(np.float32), kind
+        prior = read_prior_series(files, series_uid=str(first.get("SeriesInstanceUID", "")))
+    except DicomNodeError as exc:
+        raise DatasetError(f"prior series in {str(directory)!r}: {exc}") from exc
+    reference = reference_grid(positions[0], orientation, spacing, (len(positions), *rows_cols))
+    return resample_onto(prior, reference), prior.kind
 
 
 # ------------------------------------------------------------------------------------------------ slab data set
