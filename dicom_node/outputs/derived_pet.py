@@ -43,7 +43,7 @@ import io
 import json
 import logging
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +72,14 @@ __all__ = [
     "DERIVATION_CODES",
     "PETNODE_MANUFACTURER",
     "Provenance",
+    "clean_text",
+    "conform_to_iod",
+    "derived_instance_uids",
     "derived_series_uid",
     "is_petnode_output",
+    "petnode_contributing_equipment",
+    "series_description",
+    "series_number",
     "write_derived_pet",
 ]
 
@@ -202,6 +208,9 @@ class Provenance:
     seed: int | None = None
     stochastic: bool = False
     inputs: tuple[str, ...] = ("pet", "spacing")
+    # The MR or CT series the method was given as its prior (referenced by the derived series, part of its UIDs).
+    prior_series_uid: str | None = None
+    prior_study_uid: str | None = None
 
     def __post_init__(self) -> None:
         if not self.method:
@@ -240,6 +249,8 @@ def derived_series_uid(source_series_uid: str, provenance: Provenance) -> str:
         parts.append("inputs:" + "+".join(sorted(provenance.inputs)))
     if provenance.stochastic and provenance.seed is not None:  # other seed, other pixels, other UIDs
         parts.append(f"seed:{provenance.seed}")
+    if provenance.prior_series_uid:  # another prior series (a repeated MR), other pixels, other UIDs
+        parts.append(f"prior:{provenance.prior_series_uid}")
     return str(derive_uid("petnode/derived-pet/series/v1", *parts))
 
 
@@ -247,6 +258,51 @@ def _instance_uid(series_uid: str, source_sop_uid: str, frame: int | None = None
     if frame is None:  # classic source: the UIDs earlier versions of petnode derived
         return str(derive_uid("petnode/derived-pet/instance/v1", series_uid, source_sop_uid))
     return str(derive_uid("petnode/derived-pet/instance/v1", series_uid, source_sop_uid, f"frame:{frame}"))
+
+
+def derived_instance_uids(volume: PetVolume, output_series_uid: str) -> list[str]:
+    """The SOPInstanceUID :func:`write_derived_pet` gives each derived slice, in the volume's slice order.
+
+    Parameters
+    ----------
+    volume
+        The source series (classic or multi-frame: ``volume.frames`` names the source frame of each slice).
+    output_series_uid
+        The derived series' UID, :func:`derived_series_uid` of the source series and the provenance.
+
+    Returns
+    -------
+    list of str
+        One UID per slice of ``volume.array``, so other outputs (maps) can reference the derived slices.
+    """
+    frames = list(volume.frames or [])
+    return [_instance_uid(output_series_uid, str(header.SOPInstanceUID), frames[k] if frames else None)
+            for k, header in enumerate(volume.headers)]
+
+
+def petnode_contributing_equipment(provenance: Provenance, created: dt.datetime) -> Dataset:
+    """The ContributingEquipmentSequence item that names petnode (the loop guard, :func:`is_petnode_output`).
+
+    IHE AI Results style: Manufacturer "petnode", ManufacturerModelName the method, SoftwareVersions the software
+    and model versions, ContributionDescription the parameters and run details, Purpose of Reference
+    (109102, DCM, "Processing Equipment"). Every object petnode writes carries this same item.
+    """
+    params = provenance.canonical_params()
+    model = f", model {provenance.model_version}" if provenance.model_version else ""
+    contributing = Dataset()
+    contributing.Manufacturer = PETNODE_MANUFACTURER
+    contributing.ManufacturerModelName = _clean_text(provenance.method, _LO_MAX)
+    contributing.SoftwareVersions = [
+        _clean_text(provenance.software_version, _LO_MAX),
+        *([_clean_text(f"model {provenance.model_version}", _LO_MAX)] if provenance.model_version else []),
+    ]
+    contributing.ContributionDateTime = created.strftime("%Y%m%d%H%M%S.%f%z")
+    contributing.ContributionDescription = _clean_text(
+        f"{provenance.method} denoising{model}, route {provenance.route}, parameters {params}; "
+        f"{provenance.run_details()}", _ST_MAX
+    )
+    contributing.PurposeOfReferenceCodeSequence = DicomSequence([_code(CONTRIBUTING_EQUIPMENT_PURPOSE)])
+    return contributing
 
 
 def is_petnode_output(ds: Dataset) -> bool:
@@ -280,6 +336,31 @@ def _series_number(source: object, offset: int) -> int:
     except ValueError:
         number = 0
     return number + int(offset)
+
+
+def clean_text(text: str, limit: int) -> str:
+    """``text`` made valid for an LO/ST value (no backslash or control characters) and cut to ``limit`` characters."""
+    return _clean_text(text, limit)
+
+
+def series_description(source: str, suffix: str) -> str:
+    """A derived SeriesDescription: ``source`` cut so that ``source + suffix`` fits in 64 characters (LO)."""
+    return _series_description(source, suffix)
+
+
+def series_number(source: object, offset: int) -> int:
+    """A derived SeriesNumber: the source's (0 when absent or not a number) plus ``offset``."""
+    return _series_number(source, offset)
+
+
+def conform_to_iod(ds: Dataset) -> list[str]:
+    """Correct attributes copied from a source that would make a petnode instance fail its IOD; return what changed.
+
+    The corrections of the derived PET (:func:`_conform_to_pet_iod`) for the other writers: General Series
+    Laterality and the Clinical Trial Subject module are corrected the same way in every IOD, and the PET-only
+    corrections find nothing to do in an instance without those attributes.
+    """
+    return _conform_to_pet_iod(ds)
 
 
 def quantise_slice(values: np.ndarray) -> tuple[np.ndarray, str]:
@@ -588,7 +669,7 @@ def _derive_header(
     derivation_text: str,
     derivation_code: Code,
     contributing: Dataset,
-    related: Dataset,
+    related: Sequence[Dataset],
     created_date: str,
     created_time: str,
 ) -> Dataset:
@@ -606,7 +687,8 @@ def _derive_header(
     ds.DerivationDescription = derivation_text
     ds.DerivationCodeSequence = DicomSequence([_code(derivation_code)])
     ds.SourceImageSequence = _source_image_sequence(header, frame)
-    ds.RelatedSeriesSequence = DicomSequence([*(ds.get("RelatedSeriesSequence") or []), copy.deepcopy(related)])
+    ds.RelatedSeriesSequence = DicomSequence([*(ds.get("RelatedSeriesSequence") or []),
+                                              *(copy.deepcopy(item) for item in related)])
     ds.ContributingEquipmentSequence = DicomSequence(
         [*(ds.get("ContributingEquipmentSequence") or []), copy.deepcopy(contributing)]
     )
@@ -712,28 +794,23 @@ def write_derived_pet(
     now = created or dt.datetime.now().astimezone()
     created_date, created_time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
 
-    contributing = Dataset()
-    contributing.Manufacturer = PETNODE_MANUFACTURER
-    contributing.ManufacturerModelName = _clean_text(provenance.method, _LO_MAX)
-    contributing.SoftwareVersions = [
-        _clean_text(provenance.software_version, _LO_MAX),
-        *([_clean_text(f"model {provenance.model_version}", _LO_MAX)] if provenance.model_version else []),
-    ]
-    contributing.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f%z")
-    contributing.ContributionDescription = _clean_text(
-        f"{provenance.method} denoising{model}, route {provenance.route}, parameters {params}; "
-        f"{provenance.run_details()}", _ST_MAX
-    )
-    contributing.PurposeOfReferenceCodeSequence = DicomSequence([_code(CONTRIBUTING_EQUIPMENT_PURPOSE)])
+    contributing = petnode_contributing_equipment(provenance, now)
     related = Dataset()
     related.StudyInstanceUID = volume.study_uid
     related.SeriesInstanceUID = volume.series_uid
     related.PurposeOfReferenceCodeSequence = DicomSequence([_code(SOURCE_SERIES_PURPOSE)])
+    related_items = [related]
+    if provenance.prior_series_uid:  # the MR/CT prior is a source series of the processing too
+        prior = Dataset()
+        prior.StudyInstanceUID = provenance.prior_study_uid or volume.study_uid
+        prior.SeriesInstanceUID = provenance.prior_series_uid
+        prior.PurposeOfReferenceCodeSequence = DicomSequence([_code(SOURCE_SERIES_PURPOSE)])
+        related_items.append(prior)
 
     derive = functools.partial(
         _derive_header, series_uid=series_uid, series_number=series_number, description=description,
         derivation_text=derivation_text, derivation_code=derivation_code, contributing=contributing,
-        related=related, created_date=created_date, created_time=created_time,
+        related=related_items, created_date=created_date, created_time=created_time,
     )
     headers, frames = list(volume.headers), list(volume.frames or [])
     template = _SeriesTemplate.build(headers, derive, frames[0] if frames else None) if fast else None
