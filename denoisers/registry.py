@@ -25,8 +25,8 @@ _BUILTIN: dict[str, str] = {
     "gaussian": "denoisers.gaussian:GaussianDenoiser",
     "nlm": "denoisers.nlm:NLMDenoiser",
     "cnn": "denoisers.cnn:CNNDenoiser",
+    "cdip": "denoisers.dip:ConditionalDIPDenoiser",
     # Later plugins plug in here by one entry each (and the contract test picks them up), e.g.
-    # "cdip": "denoisers.cdip:ConditionalDIPDenoiser",
     # "bcdpm": "denoisers.bcdpm:BCDPMDenoiser",
 }
 
