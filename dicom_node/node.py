@@ -25,12 +25,13 @@ from pydicom.dataset import Dataset
 from dicom_node import scu
 from dicom_node.completion import Verdict, decide
 from dicom_node.decoded import DecodedCache
-from dicom_node.errors import DicomNodeError, RoutingError
+from dicom_node.errors import DicomNodeError, PriorError, RoutingError
 from dicom_node.handlers import ReceiveContext
 from dicom_node.outputs.derived_pet import is_petnode_output
 from dicom_node.progress import Follow, WriteProgress
-from dicom_node.pipeline import Destination, Plan, process_series, resolve_destinations
-from dicom_node.rules import MatchContext, Rule, RuleSet, select_rule
+from dicom_node.pipeline import Destination, Plan, PriorRequest, ProcessResult, process_series, resolve_destination
+from dicom_node.pipeline import resolve_destinations
+from dicom_node.rules import MatchContext, PriorSpec, Rule, RuleSet, evaluate_match, map_formats, select_rule
 from dicom_node.scp import start_scp
 from dicom_node.series import MULTIFRAME_PET_STORAGE
 from dicom_node.settings import NodeSettings
@@ -91,6 +92,7 @@ class Node:
         self._lock = threading.Lock()
         self._headers: dict[str, Dataset] = {}
         self._stopped = threading.Event()
+        self._wake_after_check = False  # a possible MR/CT prior completed during a completion check
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     @property
@@ -182,17 +184,25 @@ class Node:
     def check_completion(self) -> None:
         """Scheduler job: decide completion of receiving series; queue complete ones for processing."""
         now = time.time()
-        rows = self.db.list_series([SeriesState.RECEIVING, SeriesState.INCOMPLETE, SeriesState.COMPLETE],
-                                   limit=10_000)
+        rows = self.db.list_series([SeriesState.RECEIVING, SeriesState.INCOMPLETE, SeriesState.COMPLETE,
+                                    SeriesState.WAITING_PRIOR], limit=10_000)
         for row in rows:
             uid = row["series_uid"]
+            self._wake_after_check = False
             try:
-                if row["state"] == SeriesState.COMPLETE:
+                if row["state"] == SeriesState.WAITING_PRIOR:
+                    rule = self.rule_by_name(row.get("rule"))
+                    wait_s = rule.prior.wait_s if rule is not None and rule.prior is not None else 0.0
+                    if now - float(row.get("waiting_since") or now) >= wait_s:
+                        self._wake_waiting([uid])  # its time is up: processing applies the fallback
+                elif row["state"] == SeriesState.COMPLETE:
                     self._submit(uid)  # queued before a restart, or a worker was busy
                 elif row["state"] == SeriesState.RECEIVING or row["force_complete"]:
                     self._check_one(row, now)
             except Exception:  # noqa: BLE001 - one bad series must not stop the others
                 logger.exception("series=%s: completion check failed", uid)
+            if self._wake_after_check:
+                self._wake_waiting()
 
     def _check_one(self, row: dict[str, Any], now: float) -> None:
         uid = row["series_uid"]
@@ -227,6 +237,9 @@ class Node:
         self._headers.pop(uid, None)
         with self._lock:
             self._receipt.pop(uid, None)
+        if (row["modality"] or "") in ("MR", "CT"):
+            # A possible prior is here: PET series waiting for one look again (after this series' state is set).
+            self._wake_after_check = True
         if decision.verdict is Verdict.INCOMPLETE:
             if row["state"] != SeriesState.INCOMPLETE:
                 self.db.set_state(uid, SeriesState.INCOMPLETE, error=decision.reason,
@@ -266,6 +279,78 @@ class Node:
                              expect=[SeriesState.RECEIVING, SeriesState.INCOMPLETE]):
             logger.info("series=%s route=%s: complete (%s)", uid, rule.name, decision.reason)
             self._submit(uid)
+
+    # --- priors ----------------------------------------------------------------------------------------------
+    def _wake_waiting(self, uids: Sequence[str] | None = None) -> None:
+        """PET series waiting for a prior (all, or ``uids``) are looked at again by a worker."""
+        for uid in self.db.wake_waiting(uids):
+            logger.info("series=%s: looking for its prior again", uid)
+            self._submit(uid)
+
+    def _find_prior(self, uid: str, row: dict[str, Any], spec: PriorSpec) -> str | None:
+        """The series UID of the newest complete series that is ``spec``'s prior for PET series ``uid``, or None.
+
+        Scope ``study``: the PET's study; ``patient``: the same patient (Patient ID and its issuer, both present and
+        equal) received within ``window_h`` hours of the PET, this study's series first.
+        """
+        pet_paths = self.db.instance_paths(uid)
+        pet_header = dcmread(pet_paths[0], stop_before_pixels=True) if pet_paths else Dataset()
+        since = None
+        if spec.scope == "patient":
+            since = float(row.get("first_received") or time.time()) - spec.window_h * 3600.0
+        study = row.get("study_uid")
+        candidates = self.db.prior_candidates(spec.modality, study_uid=study if spec.scope == "study" else None,
+                                              since=since)
+        candidates.sort(key=lambda r: (r["study_uid"] != study, -(r["last_received"] or 0.0)))
+        for cand in candidates:
+            cand_uid = cand["series_uid"]
+            paths = self.db.instance_paths(cand_uid)
+            if cand_uid == uid or not paths:
+                continue
+            try:
+                header = dcmread(paths[0], stop_before_pixels=True)
+            except Exception as exc:  # noqa: BLE001 - an unreadable candidate is not a prior
+                logger.warning("series=%s: candidate prior %s unreadable: %s", uid, cand_uid, exc)
+                continue
+            if is_petnode_output(header):
+                continue
+            if spec.scope == "patient" and not _same_patient(pet_header, header):
+                continue
+            ok, reasons = evaluate_match(spec.match, MatchContext(header, cand["calling_ae"], cand["called_ae"]))
+            if ok:
+                return cand_uid
+            logger.debug("series=%s: %s %s is not the prior: %s", uid, spec.modality, cand_uid, "; ".join(reasons))
+        return None
+
+    def _fallback_plan(self, rule: Rule, plan: Plan, why: str, log_id: str) -> Plan | None:
+        """The plan the rule's prior fallback makes (None: no output), logged with the reason."""
+        assert rule.prior is not None
+        fallback = rule.prior.fallback
+        if fallback is None:
+            logger.warning("%s: %s; the rule's fallback is no output", log_id, why)
+            return None
+        logger.warning("%s: %s; falling back to %s", log_id, why, fallback.describe())
+        return dataclasses.replace(plan, denoiser=fallback.name, params=dict(fallback.params), model=fallback.model)
+
+    def _queue_map_sends(self, uid: str, rule: Rule, row: dict[str, Any], map_series: Sequence[Any]) -> int:
+        """Queue each map series for the destinations that asked for its form; the number of sends queued."""
+        queued = 0
+        for dest in rule.destinations:
+            formats = map_formats(dest.payloads(True))
+            wanted = [m for m in map_series if m.format in formats]
+            if not wanted:
+                continue
+            resolved = resolve_destination(dest, self.settings, row.get("calling_ae"))
+            for m in wanted:
+                common = {"output_series_uid": m.series_uid, "kind": Payload.MAPS, "study_uid": row.get("study_uid"),
+                          "hold_quiet_s": self._hold_s(rule)}
+                if isinstance(resolved, Destination):
+                    self.db.add_send(uid, resolved.ae_title, resolved.host, resolved.port, len(m.files), **common)
+                else:
+                    self.db.add_send(uid, resolved.label, "-", 0, len(m.files), failed_reason=resolved.reason,
+                                     **common)
+                queued += 1
+        return queued
 
     def _hold_s(self, rule: Rule) -> float | None:
         """The study quiet period this rule's sends are held for (None: not held)."""
@@ -428,8 +513,48 @@ class Node:
                 self.dispatch_sends()
                 return progress.add
 
-            result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id, models=self.models,
-                                    reader=self.decoded.reader(dcmread), on_write=start_sends)
+            prior: PriorRequest | None = None
+            if rule.prior is not None:
+                prior_uid = self._find_prior(uid, row, rule.prior)
+                if prior_uid is not None:
+                    self.db.set_prior(uid, prior_uid)
+                    prior = PriorRequest(self.db.instance_paths(prior_uid), rule.prior.registration)
+                    logger.info("%s: %s prior %s found", log_id, rule.prior.modality, prior_uid)
+                else:
+                    waited = time.time() - float(row.get("waiting_since") or time.time())
+                    if waited < rule.prior.wait_s:
+                        why = (f"waiting for its {rule.prior.modality} prior ({rule.prior.describe()}); "
+                               f"{rule.prior.wait_s - waited:.0f} s left")
+                        if self.db.wait_for_prior(uid, why) is not None:
+                            logger.info("%s: %s", log_id, why)
+                        return
+                    fallback = self._fallback_plan(rule, plan, f"no {rule.prior.modality} prior arrived within "
+                                                   f"{rule.prior.wait_s:g} s", log_id)
+                    if fallback is None:
+                        self.db.set_prior(uid, None)
+                        self.db.set_state(uid, SeriesState.REFUSED, expect=[SeriesState.PROCESSING],
+                                          error=f"no {rule.prior.modality} prior arrived within "
+                                                f"{rule.prior.wait_s:g} s; the rule's fallback is no output")
+                        self.db.settle_series(uid)
+                        return
+                    plan = fallback
+            wanted_maps = sorted({f for d in rule.destinations for f in map_formats(d.payloads(True))})
+            reader = self.decoded.reader(dcmread)
+            try:
+                result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id,
+                                        models=self.models, reader=reader, on_write=start_sends, prior=prior,
+                                        map_formats=wanted_maps)
+            except PriorError as exc:
+                fallback = self._fallback_plan(rule, plan, f"its prior cannot be used: {exc}", log_id)
+                self.db.set_prior(uid, None)
+                if fallback is None:
+                    self.db.set_state(uid, SeriesState.REFUSED, expect=[SeriesState.PROCESSING],
+                                      error=f"prior not usable ({exc}); the rule's fallback is no output")
+                    self.db.settle_series(uid)
+                    return
+                result = process_series(self.db.instance_paths(uid), fallback, out_dir, log_id=log_id,
+                                        models=self.models, reader=reader, on_write=start_sends,
+                                        map_formats=wanted_maps)
             if progress is not None:
                 progress.finish()
             now_revision = int((self.db.series(uid) or {}).get("revision") or 0)
@@ -450,13 +575,12 @@ class Node:
                         result.timings["denoise"], result.timings["write"],
                         f"; run {result.info}" if result.info else "",
                         f"; maps {', '.join(result.maps)}" if result.maps else "")
+            self._record_outputs(uid, result, out_dir)
             self._queue_sends(uid, rule, row, Payload.DERIVED, result.output_series_uid, len(result.files))
-            wants_maps = any("maps" in d.payloads(True) for d in rule.destinations)
-            if result.maps and wants_maps:
-                # Map series (Secondary Capture / Parametric Map) are written by the map writers; until a method
-                # has one, its maps stay beside the derived series and the `maps` destinations get nothing.
-                logger.warning("%s: maps %s kept in %s; no DICOM map series is written for them yet, so nothing "
-                               "is sent as maps", log_id, ", ".join(result.maps), out_dir / "maps")
+            if result.map_series:
+                self._queue_map_sends(uid, rule, row, result.map_series)
+                logger.info("%s: map series %s", log_id, ", ".join(
+                    f"{m.kind} {m.format} ({len(m.files)} files)" for m in result.map_series))
             self.db.set_state(uid, SeriesState.SENDING, expect=[SeriesState.PROCESSING])
             self.db.settle_series(uid)
         except RoutingError as exc:
@@ -478,6 +602,18 @@ class Node:
                 self._processing.discard(uid)
                 self._writing.pop(uid, None)
         self.dispatch_sends()
+
+    def _record_outputs(self, uid: str, result: ProcessResult, out_dir: Path) -> None:
+        """Every series this run wrote, in the outputs table (sends read their files from there; the loop guard
+        knows them); outputs of earlier runs are forgotten."""
+        keep = [result.output_series_uid, *(m.series_uid for m in result.map_series)]
+        self.db.forget_outputs(uid, keep=keep)
+        self.db.record_output(uid, result.output_series_uid, payload="derived", kind="pet", fmt="pet",
+                              directory=out_dir, count=len(result.files))
+        for m in result.map_series:
+            self.db.record_output(uid, m.series_uid, payload="maps", kind=m.kind, fmt=m.format,
+                                  directory=m.files[0].parent if m.files else out_dir, count=len(m.files),
+                                  description=m.description)
 
     # --- sending ---------------------------------------------------------------------------------------------
     def dispatch_sends(self) -> None:
@@ -545,6 +681,9 @@ class Node:
                     # be partial. Back to pending without an attempt; the new run writes it and sends.
                     self.db.requeue_send(row["id"], delay_s=self.settings.send.poll_interval_s)
                     return
+                elif kind is Payload.MAPS:
+                    output = self.db.output(row["output_series_uid"])
+                    files = sorted(Path(output["dir"]).glob("*.dcm")) if output else []
                 else:
                     files = sorted(Path(series["output_dir"]).glob("*.dcm")) if series.get("output_dir") else []
             if not files:
@@ -661,3 +800,15 @@ class Node:
                     logger.warning("series=%s dest=%s: send left in sending by a sender that is gone; queued "
                                    "again", send["series_uid"], send["destination"])
         return reset
+
+
+def _same_patient(a: Dataset, b: Dataset) -> bool:
+    """Whether two headers are of the same patient: Patient ID present and equal, and the issuer (when either
+    has one) equal; a birth date that both carry must agree too. Never logged (patient identifiers)."""
+    pid_a, pid_b = str(a.get("PatientID", "") or "").strip(), str(b.get("PatientID", "") or "").strip()
+    if not pid_a or pid_a != pid_b:
+        return False
+    if str(a.get("IssuerOfPatientID", "") or "").strip() != str(b.get("IssuerOfPatientID", "") or "").strip():
+        return False
+    birth_a, birth_b = str(a.get("PatientBirthDate", "") or ""), str(b.get("PatientBirthDate", "") or "")
+    return not (birth_a and birth_b and birth_a != birth_b)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +72,14 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class PriorRequest:
+    """The MR or CT series a plan's method is given as its anatomical prior (found by the node or named offline)."""
+
+    paths: Sequence[Path]
+    registration: str = "auto"  # auto | always | never (see dicom_node.priors.prepare_prior)
+
+
+@dataclass(frozen=True)
 class ProcessResult:
     output_series_uid: str
     files: list[Path]
@@ -81,6 +89,8 @@ class ProcessResult:
     info: dict[str, Any] = field(default_factory=dict)  # the denoiser's info, as written to the provenance
     seed: int | None = None
     maps: dict[str, Path] = field(default_factory=dict)  # map kind -> .npy beside the derived series
+    map_series: list[Any] = field(default_factory=list)  # dicom_node.outputs.maps.MapSeries written
+    prior_series_uid: str | None = None
 
 
 def series_seed(series_uid: str, route: str, revision: int = 0) -> int:
@@ -168,7 +178,10 @@ def delivery_plan(rule: Rule, settings: NodeSettings, calling_ae: str | None) ->
                 parts.append(f"derived series ({rule.denoiser.describe() if rule.denoiser else '?'}) after "
                              "processing")
             else:
-                parts.append(_maps_of(rule))
+                form = {"maps": "Secondary Capture and Parametric Map", "secondary_capture": "Secondary Capture",
+                        "parametric_map": "Parametric Map"}.get(payload, payload)
+                text = _maps_of(rule)
+                parts.append(text if text.startswith("maps: none") else f"{text} as {form}")
         lines.append(f"{where}: {'; '.join(parts)}")
     if rule.hold_study:
         quiet = (rule.study_quiet_period_s if rule.study_quiet_period_s is not None
@@ -208,11 +221,14 @@ def resolve_model(volume: PetVolume, plan: Plan, models: ModelStore | None,
     return resolved
 
 
-def build_inputs(volume: PetVolume) -> DenoiseInputs:
-    """The denoiser's inputs for a series (priors join here when the pipeline finds them)."""
+def build_inputs(volume: PetVolume, prior: Any = None) -> DenoiseInputs:
+    """The denoiser's inputs for a series, with its prior (``dicom_node.priors.PreparedPrior``) when it has one."""
     from denoisers.base import DenoiseInputs
 
-    return DenoiseInputs(pet=volume.array, spacing=volume.spacing, suv_factor=volume.suv_factor)
+    mr = prior.array if prior is not None and prior.kind == "mr" else None
+    ct = prior.array if prior is not None and prior.kind == "ct" else None
+    return DenoiseInputs(pet=volume.array, spacing=volume.spacing, suv_factor=volume.suv_factor, mr_prior=mr,
+                         ct_prior=ct)
 
 
 def denoise_volume(volume: PetVolume, plan: Plan, weights: Path | None = None, *, seed: int | None = None,
@@ -235,12 +251,19 @@ def denoise_volume(volume: PetVolume, plan: Plan, weights: Path | None = None, *
 
 def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: str = "",
                    models: ModelStore | None = None, reader: Callable[[Path], Any] | None = None,
-                   on_write: Callable[[str, int], Callable[[Path], None] | None] | None = None) -> ProcessResult:
+                   on_write: Callable[[str, int], Callable[[Path], None] | None] | None = None,
+                   prior: PriorRequest | None = None, map_formats: Sequence[str] = ("sc", "pm"),
+                   maps_dir: Path | None = None) -> ProcessResult:
     """Load, denoise, check and write; raises :class:`DicomNodeError` (or a denoiser error) on failure.
 
     ``reader`` reads one instance (default: from disk); the node's takes what the C-STORE handler decoded.
     ``on_write(output_series_uid, count)`` is called once the output is checked, just before its files are
     written; what it returns is called with each file as it is written (the node starts its sends there).
+    ``prior``: the MR/CT series to read, put on the PET grid (:mod:`dicom_node.priors`; a prior that cannot be
+    used raises :class:`dicom_node.errors.PriorError`, on which the node applies the rule's fallback) and give
+    the method. ``map_formats``: the DICOM forms ("sc" Secondary Capture, "pm" Parametric Map) the method's maps
+    are written in (none: only the .npy beside the derived series), each series in its own folder under
+    ``maps_dir`` (default ``out_dir / "maps"``): ``<kind>/<format>/``.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -254,7 +277,19 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         logger.warning("%s: series is not quantitative (%s); processing in its own units %r as the rule "
                        "allows", log_id, why, volume.units)
 
-    inputs = build_inputs(volume)
+    prepared = None
+    prior_study_uid: str | None = None
+    if prior is not None:
+        from dicom_node import priors
+
+        t0 = time.perf_counter()
+        prior_image = priors.read_prior_series(prior.paths)
+        prepared = priors.prepare_prior(volume, prior_image, registration=prior.registration)  # type: ignore[arg-type]
+        prior_study_uid = prior_image.study_uid or None
+        timings["prior"] = time.perf_counter() - t0
+        logger.info("%s: %s prior %s put on the PET grid by %s in %.2f s", log_id, prepared.kind.upper(),
+                    prepared.series_uid, prepared.method, timings["prior"])
+    inputs = build_inputs(volume, prepared)
     provided = offered_inputs(inputs)
     resolved = resolve_model(volume, plan, models, provided)
     seed = series_seed(volume.series_uid, plan.route, plan.source_revision)
@@ -283,16 +318,20 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         series_description_suffix=plan.series_description_suffix,
         series_number_offset=plan.series_number_offset,
         source_revision=plan.source_revision,
-        info=_json_safe(result.info),
+        info=_json_safe({**dict(result.info or {}), **_prior_info(prepared)}),
         seed=seed,
         stochastic=stochastic,
         inputs=tuple(sorted(provided)),
+        prior_series_uid=prepared.series_uid if prepared is not None else None,
+        prior_study_uid=prior_study_uid,
     )
     output_uid = derived_series_uid(volume.series_uid, provenance)
     on_written = on_write(output_uid, len(volume.headers)) if on_write is not None else None
     t0 = time.perf_counter()
     files = write_derived_pet(volume, denoised, out_dir, provenance, on_written=on_written)
     maps = _save_maps(result, out_dir)
+    map_series = (write_maps(volume, result, output_uid, provenance, maps_dir or out_dir / "maps", map_formats)
+                  if map_formats else [])
     timings["write"] = time.perf_counter() - t0
 
     return ProcessResult(
@@ -304,7 +343,68 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         info=dict(provenance.info),
         seed=seed,
         maps=maps,
+        map_series=map_series,
+        prior_series_uid=provenance.prior_series_uid,
     )
+
+
+# How each kind of map is shown in its Secondary Capture (a fixed window, the same for every patient): the
+# stability map as the paper's normalised stability S_norm = min(alpha * S / mean S, 1) on 0..1; an uncertainty
+# map as it is, from 0 to its 99th percentile.
+def map_display(kind: str, values: np.ndarray, info: Mapping[str, Any]) -> tuple[np.ndarray, tuple[float, float], str]:
+    """What the Secondary Capture of a map shows: the values, the fixed window and a label."""
+    if kind == "stability":
+        mean = float(info.get("stability_mean") or 0.0)
+        alpha = float(info.get("alpha", 0.6))
+        if mean > 0:
+            shown = np.minimum(alpha * values / np.float32(mean), 1.0).astype(np.float32)
+            return shown, (0.0, 1.0), f"normalised stability (alpha {alpha:g})"
+    top = float(np.percentile(values, 99)) if values.size else 1.0
+    return values, (0.0, top if top > 0 else 1.0), kind
+
+
+def write_maps(volume: PetVolume, result: DenoiseResult, output_uid: str, provenance: Provenance, out_dir: Path,
+               formats: Sequence[str], on_written: Callable[[Path], None] | None = None) -> list[Any]:
+    """Write every map of ``result`` as DICOM series (Secondary Capture and/or Parametric Map) under ``out_dir``."""
+    if result.stability is None and result.uncertainty is None:
+        return []
+    from dicom_node.outputs.derived_pet import derived_instance_uids
+    from dicom_node.outputs.maps import write_map_series
+
+    if not volume.units and "pm" in formats:
+        # A Parametric Map states its units; a series without Units gets the Secondary Capture only.
+        logger.warning("series=%s has no Units: its maps are written as Secondary Capture only, without the "
+                       "Parametric Map", volume.series_uid)
+        formats = [f for f in formats if f != "pm"]
+        if not formats:
+            return []
+    written: list[Any] = []
+    instance_uids: list[str] | None = None
+    for kind in ("stability", "uncertainty"):
+        values = getattr(result, kind, None)
+        if values is None:
+            continue
+        if instance_uids is None:
+            instance_uids = list(derived_instance_uids(volume, output_uid))
+        shown, window, label = map_display(kind, np.asarray(values, dtype=np.float32), result.info or {})
+        written += write_map_series(volume, np.asarray(values, dtype=np.float32), kind=kind,
+                                    derived_series_uid=output_uid, derived_instance_uids=instance_uids,
+                                    provenance=provenance, out_dir=out_dir, units=volume.units,
+                                    display=shown, window=window, display_label=label, formats=tuple(formats),
+                                    on_written=on_written)
+    return written
+
+
+def _prior_info(prepared: Any) -> dict[str, Any]:
+    """What the provenance says about the prior: how it was put on the PET grid, and the registration's measures."""
+    if prepared is None:
+        return {}
+    out: dict[str, Any] = {"prior": prepared.method}
+    for key in ("mi_ratio", "rotation_deg", "shift_mm"):
+        value = (prepared.registration or {}).get(key)
+        if value is not None:
+            out[f"registration_{key}"] = value
+    return out
 
 
 def _json_safe(info: Any) -> dict[str, Any]:

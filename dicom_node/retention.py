@@ -68,9 +68,10 @@ def finished_series(db: StateDB) -> list[dict[str, Any]]:
     """Finished series that still have files, in eviction order (state rank, then oldest first).
 
     A series something is still being sent for is not finished, whatever its state (a series whose processing
-    failed while its original is still being forwarded, an incomplete one forwarded as it is).
+    failed while its original is still being forwarded, an incomplete one forwarded as it is); nor is the MR or
+    CT prior of a PET series still waiting, queued, processing or sending.
     """
-    active = db.series_with_active_sends()
+    active = db.series_with_active_sends() | db.priors_in_use()
     rows = [r for r in db.list_series(list(EVICTION_ORDER), limit=1_000_000)
             if r["purged_at"] is None and r["series_uid"] not in active]
     rank = {s.value: i for i, s in enumerate(EVICTION_ORDER)}

@@ -661,9 +661,65 @@ class OutputOptions(_Strict):
         return value
 
 
-# What a destination can get from a rule: the received series as it is, the derived (denoised) series, the maps.
-Payload = Literal["original", "derived", "maps"]
+class PriorSpec(_Strict):
+    """The anatomical prior a rule's method needs (an MR or CT series of the same patient) and what to do without.
+
+    The node looks for a complete series of ``modality`` that meets ``match`` (its series description, conditions
+    ...; the PET's modality and tracer criteria do not apply) in the PET's study (``scope: study``) or among the
+    patient's series received within ``window_h`` hours (``scope: patient``). A PET series whose prior is not there
+    waits (state ``waiting_prior``) up to ``wait_s`` seconds and is looked at again whenever a series completes;
+    then ``fallback`` applies: another denoiser, or ``none`` (no derived series; originals are still forwarded).
+    ``registration``: ``auto`` resamples by the DICOM geometry when the prior shares the PET's Frame of Reference and
+    registers rigidly otherwise; ``never`` refuses a prior in another Frame of Reference; ``always`` registers.
+    """
+
+    modality: Literal["MR", "CT"]
+    match: Match = Field(default_factory=Match)
+    scope: Literal["study", "patient"] = "study"
+    window_h: float = Field(24.0, gt=0, le=24 * 366)
+    wait_s: float = Field(600.0, ge=0, le=7 * 86400)
+    registration: Literal["auto", "always", "never"] = "auto"
+    fallback: DenoiserRef | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fallback_none(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("fallback"), str) and data["fallback"].lower() == "none":
+            return {**data, "fallback": None}
+        return data
+
+    @field_validator("match")
+    @classmethod
+    def _no_pet_criteria(cls, value: Match) -> Match:
+        if value.modality is not None or value.tracer is not None:
+            raise _error("prior", "a prior's match takes no modality or tracer (the prior's modality is "
+                         "prior.modality; it has no tracer)")
+        return value
+
+    def describe(self) -> str:
+        where = "the same study" if self.scope == "study" else f"the patient's series of the last {self.window_h:g} h"
+        crit = []
+        if self.match.series_description is not None:
+            crit.append(f"SeriesDescription /{self.match.series_description.pattern}/")
+        crit += [f"{c.attribute} {c.describe_wanted()}" for c in self.match.conditions]
+        fallback = self.fallback.describe() if self.fallback is not None else "no output"
+        return (f"{self.modality} prior{' with ' + ', '.join(crit) if crit else ''} from {where}; waits "
+                f"{self.wait_s:g} s, then {fallback}; registration {self.registration}")
+
+
+# What a destination can get from a rule: the received series as it is, the derived (denoised) series, the maps
+# (a method's stability or uncertainty maps: ``maps`` is both DICOM forms, ``secondary_capture`` the images any
+# viewer shows, ``parametric_map`` the raw values with units for quantitative tools).
+Payload = Literal["original", "derived", "maps", "secondary_capture", "parametric_map"]
 PAYLOADS: tuple[str, ...] = get_args(Payload)
+MAP_PAYLOADS: dict[str, tuple[str, ...]] = {"maps": ("sc", "pm"), "secondary_capture": ("sc",),
+                                             "parametric_map": ("pm",)}
+
+
+def map_formats(payloads: Sequence[str]) -> tuple[str, ...]:
+    """The map formats ("sc", "pm") a destination's payloads ask for."""
+    wanted = {fmt for p in payloads for fmt in MAP_PAYLOADS.get(p, ())}
+    return tuple(f for f in ("sc", "pm") if f in wanted)
 
 
 def _check_send(value: Any) -> Any:
@@ -697,6 +753,10 @@ class _DestinationBase(_Strict):
     def payloads(self, processes: bool) -> tuple[str, ...]:
         """What this destination gets, in the order it is sent."""
         if self.send is not None:
+            if "maps" in self.send and any(p in self.send for p in ("secondary_capture", "parametric_map")):
+                # maps already means both forms; listing one again is harmless, sent once
+                return tuple(p for p in PAYLOADS if p in self.send and p not in ("secondary_capture",
+                                                                                   "parametric_map"))
             return tuple(p for p in PAYLOADS if p in self.send)
         return ("derived", "maps") if processes else ("original",)
 
@@ -796,6 +856,23 @@ Destination = Annotated[
 _TAGS: dict[str, type[_Strict]] = {"<return_to_sender>": ReturnToSender, "<peer>": PeerRef, "<address>": Address}
 
 
+def prior_kinds(ref: DenoiserRef | None) -> set[str]:
+    """The priors ("mr", "ct") a configured denoiser requires (asks the plugin: it may depend on params)."""
+    if ref is None:
+        return set()
+    try:
+        from denoisers import registry
+
+        denoiser = registry.create(ref.name, ref.params, device="cpu")
+        try:
+            requires = {str(k) for k in denoiser.spec.requires}
+        finally:
+            denoiser.close()
+    except Exception:  # noqa: BLE001 - e.g. a learned method without its model here: it needs no prior we know of
+        return set()
+    return {kind.removesuffix("_prior") for kind in requires if kind.endswith("_prior")}
+
+
 class Rule(_Strict):
     """One routing rule: what to match, which denoiser, how to label the output, where to send it."""
 
@@ -818,6 +895,7 @@ class Rule(_Strict):
     quiet_period_s: float | None = Field(None, gt=0, le=86400, strict=True)
     device: str | None = None  # auto | cpu | cuda | cuda:N; None: the node's `device` setting
     output: OutputOptions = Field(default_factory=OutputOptions)
+    prior: PriorSpec | None = None
     destinations: tuple[Destination, ...] = ()
 
     @field_validator("device")
@@ -878,10 +956,31 @@ class Rule(_Strict):
             if self.hold_study:
                 raise _error("hold_study", "hold_study keeps the study back until it is complete; it cannot be "
                              "combined with forward: on_receipt (instance by instance)", subpath=("hold_study",))
+        self._check_prior()
         if self.study_quiet_period_s is not None and not self.hold_study:
             raise _error("hold_study", "study_quiet_period_s applies only with hold_study: true",
                          subpath=("study_quiet_period_s",))
         return self
+
+    def _check_prior(self) -> None:
+        """A method that needs an MR or CT prior gets a ``prior`` section of that modality, and only such a one."""
+        needed = prior_kinds(self.denoiser) if self.processes else set()
+        if self.prior is not None and not self.processes:
+            raise _error("prior", "prior applies only to a rule with a denoiser", subpath=("prior",))
+        if self.prior is None:
+            if needed:
+                kind = sorted(needed)[0].upper()
+                assert self.denoiser is not None
+                raise _error("prior", f"{self.denoiser.name} needs an {kind} prior: add prior: {{modality: {kind}}} "
+                             "(with match: and fallback: as needed)", subpath=("prior",))
+            return
+        if needed and self.prior.modality.lower() not in needed:
+            assert self.denoiser is not None
+            raise _error("prior", f"{self.denoiser.name} is configured for a {'/'.join(sorted(needed)).upper()} "
+                         f"prior, but prior.modality is {self.prior.modality}", subpath=("prior", "modality"))
+        if self.prior.fallback is not None and prior_kinds(self.prior.fallback):
+            raise _error("prior", f"the fallback {self.prior.fallback.name} needs a prior itself; a fallback "
+                         "runs when the prior is missing", subpath=("prior", "fallback"))
 
     @property
     def processes(self) -> bool:
@@ -918,8 +1017,9 @@ class Rule(_Strict):
         if not self.processes:
             return f"forward -> {dests}{when}{hold}{quiet}"
         assert self.denoiser is not None
+        prior = f"; {self.prior.describe()}" if self.prior is not None else ""
         return (f"{self.denoiser.describe()} -> {dests}; non-quantitative series: {self.non_quantitative}"
-                f"{when}{hold}{quiet}")
+                f"{prior}{when}{hold}{quiet}")
 
 
 class RuleSet(_Strict):
@@ -1189,8 +1289,12 @@ def _in_list(found: str | None, wanted: Sequence[str]) -> bool:
 
 def _evaluate(rule: Rule, ctx: MatchContext, *, stop_early: bool) -> tuple[bool, list[str]]:
     """Test every criterion of ``rule`` on ``ctx``; the reasons say what was found and what was wanted."""
+    return evaluate_match(rule.match, ctx, stop_early=stop_early)
+
+
+def evaluate_match(m: Match, ctx: MatchContext, *, stop_early: bool = True) -> tuple[bool, list[str]]:
+    """Test every criterion of ``m`` on ``ctx`` (a rule's match, or a prior's); reasons as in ``_evaluate``."""
     ds = ctx.dataset
-    m = rule.match
     results: list[tuple[bool, str]] = []
 
     def done() -> bool:

@@ -24,6 +24,7 @@ from dicom_node.errors import StorageError
 class SeriesState(enum.StrEnum):
     RECEIVING = "receiving"  # instances arriving
     COMPLETE = "complete"  # all slices here; waiting for a worker
+    WAITING_PRIOR = "waiting_prior"  # complete, but its rule's MR/CT prior has not arrived yet (see rules' prior)
     PROCESSING = "processing"  # denoising / writing outputs
     SENDING = "sending"  # outputs written; at least one destination not yet done
     DELIVERED = "delivered"  # every destination acknowledged every instance
@@ -53,8 +54,10 @@ class Payload(enum.StrEnum):
 
 # Schema version: 2 keys instances on (series, SOP Instance UID) with a content digest, keeps superseded versions,
 # keys sends on the output series and records every instance a destination confirmed. 3 adds what a send carries
-# (original, derived, maps), study holds, and the memory of forwarded instances (loop guard).
-SCHEMA_VERSION = 3
+# (original, derived, maps), study holds, and the memory of forwarded instances (loop guard). 4 adds the outputs
+# table (every series a route wrote: derived PET and map series), and per series the prior it was processed with
+# and since when it waits for one.
+SCHEMA_VERSION = 4
 
 
 _SCHEMA = """
@@ -103,7 +106,9 @@ CREATE TABLE IF NOT EXISTS series (
     delivered_at REAL,
     purged_at REAL,
     updated_at REAL NOT NULL,
-    revision INTEGER NOT NULL DEFAULT 0
+    revision INTEGER NOT NULL DEFAULT 0,
+    prior_series_uid TEXT,
+    waiting_since REAL
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE INDEX IF NOT EXISTS series_output ON series(output_series_uid);
@@ -152,6 +157,19 @@ CREATE TABLE IF NOT EXISTS associations (
     peer TEXT,
     started_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outputs (
+    series_uid TEXT NOT NULL,
+    output_series_uid TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    format TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    description TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (series_uid, output_series_uid)
+);
+CREATE INDEX IF NOT EXISTS outputs_output ON outputs(output_series_uid);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -239,6 +257,11 @@ class StateDB:
         """Bring a database written by an older petnode to this schema, keeping every row."""
         instance_cols = self._columns("instances")
         send_cols = self._columns("sends")
+        series_cols = self._columns("series")
+        if series_cols and "prior_series_uid" not in series_cols:
+            # Version 4: the prior a series was processed with, and since when it waits for one.
+            self._conn.execute("ALTER TABLE series ADD COLUMN prior_series_uid TEXT")
+            self._conn.execute("ALTER TABLE series ADD COLUMN waiting_since REAL")
         if instance_cols and "sha256" in instance_cols and send_cols and "kind" not in send_cols:
             # Version 2: sends learn what they carry and whether they wait for their study.
             for column in ("kind TEXT NOT NULL DEFAULT 'derived'", "study_uid TEXT",
@@ -436,8 +459,96 @@ class StateDB:
         with self._lock:
             row = self._conn.execute(
                 "SELECT 1 FROM series WHERE output_series_uid = ? LIMIT 1", (series_uid,)
+            ).fetchone() or self._conn.execute(
+                "SELECT 1 FROM outputs WHERE output_series_uid = ? LIMIT 1", (series_uid,)
             ).fetchone()
         return row is not None
+
+    # --- outputs ---------------------------------------------------------------------------------------------
+    def record_output(self, series_uid: str, output_series_uid: str, *, payload: str, kind: str, fmt: str,
+                      directory: Path, count: int, description: str = "") -> None:
+        """Record one series a route wrote for ``series_uid`` (derived PET, or a map series) and where it is."""
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO outputs (series_uid, output_series_uid, payload, kind, format, dir, "
+                      "count, description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (series_uid, output_series_uid, payload, kind, fmt, str(directory), count, description,
+                       time.time()))
+
+    def outputs(self, series_uid: str) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM outputs WHERE series_uid = ? ORDER BY created_at, output_series_uid",
+                           (series_uid,))
+
+    def output(self, output_series_uid: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM outputs WHERE output_series_uid = ? ORDER BY created_at DESC LIMIT 1",
+                           (output_series_uid,))
+        return rows[0] if rows else None
+
+    def forget_outputs(self, series_uid: str, keep: Sequence[str] = ()) -> None:
+        """Forget the outputs of an earlier run (re-processing writes new ones), except ``keep``."""
+        sql = "DELETE FROM outputs WHERE series_uid = ?"
+        if keep:
+            sql += f" AND output_series_uid NOT IN ({','.join('?' * len(keep))})"
+        with self._tx() as c:
+            c.execute(sql, (series_uid, *keep))
+
+    # --- priors ----------------------------------------------------------------------------------------------
+    def wait_for_prior(self, series_uid: str, reason: str, now: float | None = None) -> float | None:
+        """Move a processing series to ``waiting_prior`` (keeping when it started waiting); returns that time,
+        None when the series was not processing."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            moved = c.execute(
+                "UPDATE series SET state = ?, error = ?, waiting_since = COALESCE(waiting_since, ?), updated_at = ? "
+                "WHERE series_uid = ? AND state = ?",
+                (SeriesState.WAITING_PRIOR.value, reason, now, now, series_uid, SeriesState.PROCESSING.value),
+            ).rowcount
+            if not moved:
+                return None
+            row = c.execute("SELECT waiting_since FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        return float(row[0])
+
+    def set_prior(self, series_uid: str, prior_series_uid: str | None) -> None:
+        """The prior series a series is processed with (kept by retention while the series needs it)."""
+        with self._tx() as c:
+            c.execute("UPDATE series SET prior_series_uid = ?, waiting_since = NULL, updated_at = ? "
+                      "WHERE series_uid = ?", (prior_series_uid, time.time(), series_uid))
+
+    def wake_waiting(self, series_uids: Sequence[str] | None = None) -> list[str]:
+        """Series waiting for a prior go back to complete (to be looked at again); all, or those given."""
+        now = time.time()
+        with self._tx() as c:
+            sql = "SELECT series_uid FROM series WHERE state = ?"
+            args: list[Any] = [SeriesState.WAITING_PRIOR.value]
+            if series_uids is not None:
+                if not series_uids:
+                    return []
+                sql += f" AND series_uid IN ({','.join('?' * len(series_uids))})"
+                args.extend(series_uids)
+            uids = [r[0] for r in c.execute(sql, args).fetchall()]
+            for uid in uids:
+                c.execute("UPDATE series SET state = ?, updated_at = ? WHERE series_uid = ? AND state = ?",
+                          (SeriesState.COMPLETE.value, now, uid, SeriesState.WAITING_PRIOR.value))
+        return uids
+
+    def prior_candidates(self, modality: str, *, study_uid: str | None = None, since: float | None = None
+                         ) -> list[dict[str, Any]]:
+        """Complete series of ``modality`` whose files are here (in ``study_uid``, or received after ``since``)."""
+        sql = ("SELECT * FROM series WHERE modality = ? AND purged_at IS NULL AND "
+               "state NOT IN ('receiving', 'incomplete', 'own_output')")
+        args: list[Any] = [modality]
+        if study_uid is not None:
+            sql += " AND study_uid = ?"
+            args.append(study_uid)
+        if since is not None:
+            sql += " AND last_received >= ?"
+            args.append(since)
+        return self._query(sql + " ORDER BY last_received DESC LIMIT 500", args)
+
+    def priors_in_use(self) -> set[str]:
+        """Prior series that a series still waiting, queued, processing or sending depends on (not retired)."""
+        rows = self._query("SELECT DISTINCT prior_series_uid FROM series WHERE prior_series_uid IS NOT NULL AND "
+                           "state IN ('complete', 'processing', 'waiting_prior', 'sending')")
+        return {r["prior_series_uid"] for r in rows}
 
     def set_state(self, series_uid: str, state: SeriesState, *, error: str | None = None,
                   rule: str | None = None, expect: Sequence[SeriesState] = ()) -> bool:
@@ -465,7 +576,7 @@ class StateDB:
                 (time.time(), series_uid, SeriesState.RECEIVING.value, SeriesState.INCOMPLETE.value),
             ).rowcount > 0
 
-    REPROCESSABLE = ("delivered", "failed", "unrouted", "refused", "incomplete", "dropped")
+    REPROCESSABLE = ("delivered", "failed", "unrouted", "refused", "incomplete", "dropped", "waiting_prior")
 
     def reprocess(self, series_uid: str, rule: str | None = None) -> bool:
         """Operator's reprocess: route again with the current rules (or process with ``rule``) and send in full.
@@ -477,13 +588,14 @@ class StateDB:
         with self._tx() as c:
             if rule is None:  # completion routes it again, as if it had just completed
                 moved = c.execute(
-                    f"UPDATE series SET state = 'receiving', force_complete = 1, error = NULL, updated_at = ? "
-                    f"WHERE series_uid = ? AND purged_at IS NULL AND state IN ({marks})",
+                    f"UPDATE series SET state = 'receiving', force_complete = 1, error = NULL, waiting_since = NULL, "
+                    f"updated_at = ? WHERE series_uid = ? AND purged_at IS NULL AND state IN ({marks})",
                     (now, series_uid, *self.REPROCESSABLE)).rowcount
             else:
                 moved = c.execute(
                     f"UPDATE series SET state = 'complete', rule = ?, force_complete = 0, error = NULL, "
-                    f"updated_at = ? WHERE series_uid = ? AND purged_at IS NULL AND state IN ({marks})",
+                    f"waiting_since = NULL, updated_at = ? WHERE series_uid = ? AND purged_at IS NULL "
+                    f"AND state IN ({marks})",
                     (rule, now, series_uid, *self.REPROCESSABLE)).rowcount
             if moved:
                 c.execute("DELETE FROM sent_instances WHERE series_uid = ?", (series_uid,))

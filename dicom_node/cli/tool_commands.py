@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -66,6 +67,15 @@ def add_subparsers(sub: Any) -> None:
     p.add_argument("--model", default=None, metavar="NAME[@VERSION]",
                    help="registered model (--method cnn), from the node's registry (--data-dir or -c)")
     p.add_argument("--data-dir", type=Path, default=None, help="node data directory holding the model registry")
+    p.add_argument("--prior", type=Path, default=None, metavar="PRIOR_DIR",
+                   help="MR or CT series folder: the anatomical prior of methods that need one (cdip); put on the "
+                        "PET grid by its DICOM geometry (same Frame of Reference) or by rigid registration")
+    p.add_argument("--registration", choices=["auto", "always", "never"], default="auto",
+                   help="with --prior: auto registers only a prior in another Frame of Reference (default)")
+    p.add_argument("--maps", default="sc,pm", metavar="FORMATS",
+                   help="DICOM forms of the method's maps: sc (Secondary Capture), pm (Parametric Map), both "
+                        "(default sc,pm) or none. A method with maps writes every series in its own folder: "
+                        "OUT_DIR/pet and OUT_DIR/<map>/<form>")
     p.set_defaults(func=cmd_denoise)
 
     p = sub.add_parser("denoisers", help="denoiser plugins")
@@ -106,6 +116,18 @@ def add_subparsers(sub: Any) -> None:
     q.add_argument("--size", choices=["ci", "full"], default="ci")
     q.add_argument("--out", type=Path, default=Path("reports/quality"), help="report folder")
     q.set_defaults(func=cmd_bench_quality)
+    q = bsub.add_parser("dip", help="the conditional-DIP paper's evaluation on a held-out brain with its MR prior: "
+                                    "peak-to-valley vs white-matter STD (Gaussian, conditional DIP, stability "
+                                    "blend), ROI SUV bias, a PET-only lesion, PSNR/SSIM beside a CNN, time")
+    q.add_argument("--doses", default="0.1,0.2,0.5,1", help="fractions of a clinical full dose (1 M counts/slice)")
+    q.add_argument("--size", choices=["ci", "full"], default="full")
+    q.add_argument("--slab", type=int, default=40, help="slices through the deep nuclei every method sees")
+    q.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="cdip parameter (repeatable)")
+    q.add_argument("--cnn", default=None, metavar="NAME[@VERSION]", help="also a registered CNN (e.g. fdg-brain-xu)")
+    q.add_argument("--data-dir", type=Path, default=None, help="node data directory whose models --cnn uses")
+    q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    q.add_argument("--out", type=Path, default=Path("reports/dip"), help="report folder")
+    q.set_defaults(func=cmd_bench_dip)
 
     p = sub.add_parser("demo", help="simulate a patient, run it through a node on free ports into a sink, and "
                                     "write a comparison panel")
@@ -273,14 +295,43 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         from dicom_node.settings import load_settings
 
         store = open_store(load_settings(args.config, data_dir=args.data_dir), quiet=True)
+    formats = [] if args.maps.strip().lower() == "none" else [f.strip().lower() for f in args.maps.split(",")
+                                                               if f.strip()]
+    if bad := [f for f in formats if f not in ("sc", "pm")]:
+        raise ConfigError(f"--maps: unknown form(s) {', '.join(map(repr, bad))}; use sc, pm, sc,pm or none")
+    try:
+        with registry.create(args.method, params) if not args.model else contextlib.nullcontext() as den:
+            produces = {str(k) for k in den.spec.produces} if den is not None else {"denoised"}
+            requires = {str(k) for k in den.spec.requires} if den is not None else set()
+    except DenoiserError as exc:
+        raise ConfigError(f"--method {args.method}: {exc}") from None
+    if needed := sorted(k for k in requires if k.endswith("_prior")):
+        if args.prior is None:
+            raise ConfigError(f"--method {args.method} needs a prior ({', '.join(needed)}): give --prior PRIOR_DIR")
+    prior = None
+    if args.prior is not None:
+        from dicom_node.pipeline import PriorRequest
+
+        prior_files = dicom_files([args.prior])
+        if not prior_files:
+            raise ConfigError(f"--prior {str(args.prior)!r}: no DICOM files there")
+        prior = PriorRequest(prior_files, args.registration)
+    has_maps = bool(produces - {"denoised"})
+    out_dir = args.out_dir / "pet" if has_maps else args.out_dir
     files = dicom_files([args.in_dir])
     try:
-        result = process_series(files, plan, args.out_dir, log_id="offline", models=store)
+        result = process_series(files, plan, out_dir, log_id="offline", models=store, prior=prior,
+                                map_formats=formats, maps_dir=args.out_dir)
     except DenoiserError as exc:
         raise DicomNodeError(f"denoiser {args.method!r} failed: {exc}") from exc
-    print(f"wrote {len(result.files)} derived instance(s) to {args.out_dir} (series {result.output_series_uid}); "
+    print(f"wrote {len(result.files)} derived instance(s) to {out_dir} (series {result.output_series_uid}); "
           f"total activity ratio {result.activity_ratio:.5f}; load {result.timings['load']:.2f} s, denoise "
           f"{result.timings['denoise']:.2f} s, write {result.timings['write']:.2f} s")
+    if result.prior_series_uid:
+        print(f"prior: series {result.prior_series_uid} ({result.info.get('prior', 'on the PET grid')})")
+    for m in result.map_series:
+        print(f"wrote {m.kind} map as {m.format} ({len(m.files)} file(s)) to {m.files[0].parent if m.files else '?'} "
+              f"(series {m.series_uid})")
     if not result.quantitative:
         print("note: the input is not quantitative (not BQML or SUV attributes missing); processed in its own units",
               file=sys.stderr)
@@ -428,6 +479,39 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_dip(args: argparse.Namespace) -> int:
+    from denoisers.base import DeviceNeed
+    from denoisers.devices import resolve_device
+    from denoisers.errors import DenoiserError
+    from denoisers.dip import CdipParams
+    from training.bench_dip import run_dip_bench
+
+    try:
+        doses = [float(d) for d in args.doses.split(",") if d.strip()]
+    except ValueError:
+        raise ConfigError(f"--doses {args.doses!r}: give fractions such as 0.1,0.2,0.5,1") from None
+    params = parse_key_values(args.param)
+    try:
+        CdipParams(**{"epochs": 200, "sample_every": 5, "sample_from": 100, **params})
+    except Exception as exc:  # noqa: BLE001 - pydantic's message names the bad parameter
+        raise ConfigError(f"--param: {exc}") from None
+    model = None
+    if args.cnn:
+        from dicom_node.cli.model_commands import open_store
+        from dicom_node.settings import load_settings
+
+        model = open_store(load_settings(args.config, data_dir=args.data_dir), quiet=True).resolve(args.cnn)
+    try:
+        report = run_dip_bench(args.out, doses=doses, size=args.size, slab=args.slab, cdip_params=params,
+                               cnn_model=model, cnn_label=args.cnn or "",
+                               device=resolve_device(args.device, DeviceNeed.GPU_PREFERRED))
+    except DenoiserError as exc:
+        raise DicomNodeError(f"bench dip: {exc}") from exc
+    print(report.table_md.read_text())
+    print(f"report in {args.out} ({report.seconds:.0f} s): " + ", ".join(f.name for f in report.files))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -440,3 +524,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  derived series received by {result.sink}: {result.derived_dir}")
     print(f"  comparison panel: {result.panel}")
     return 0
+

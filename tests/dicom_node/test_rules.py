@@ -137,7 +137,7 @@ def test_shipped_examples_are_valid_when_uncommented(tmp_path: Path) -> None:
     by_name = {r.name: r for r in ruleset.rules}
     assert set(by_name) == {"fdg-brain-cnn", "fdg-brain-cnn-body-part", "fdg-whole-body-cnn", "pet-gaussian",
                             "psma-sstr-ge", "research-fdg", "catch-all", "pet-to-pacs",
-                            "drop-scouts", "forward-rest"}
+                            "drop-scouts", "forward-rest", "pet-mr-brain-cdip"}
     assert by_name["research-fdg"].disabled
     assert by_name["catch-all"].fallback
     # Every key of a rule and of match appears in the examples.
