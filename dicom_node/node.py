@@ -92,7 +92,6 @@ class Node:
         self._lock = threading.Lock()
         self._headers: dict[str, Dataset] = {}
         self._stopped = threading.Event()
-        self._wake_after_check = False  # a possible MR/CT prior completed during a completion check
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     @property
@@ -188,7 +187,7 @@ class Node:
                                     SeriesState.WAITING_PRIOR], limit=10_000)
         for row in rows:
             uid = row["series_uid"]
-            self._wake_after_check = False
+            decided = False
             try:
                 if row["state"] == SeriesState.WAITING_PRIOR:
                     rule = self.rule_by_name(row.get("rule"))
@@ -198,13 +197,14 @@ class Node:
                 elif row["state"] == SeriesState.COMPLETE:
                     self._submit(uid)  # queued before a restart, or a worker was busy
                 elif row["state"] == SeriesState.RECEIVING or row["force_complete"]:
-                    self._check_one(row, now)
+                    decided = self._check_one(row, now)
             except Exception:  # noqa: BLE001 - one bad series must not stop the others
                 logger.exception("series=%s: completion check failed", uid)
-            if self._wake_after_check:
-                self._wake_waiting()
+            if decided and (row["modality"] or "") in ("MR", "CT"):
+                self._wake_waiting()  # a possible prior is here: PET series waiting for one look again
 
-    def _check_one(self, row: dict[str, Any], now: float) -> None:
+    def _check_one(self, row: dict[str, Any], now: float) -> bool:
+        """Decide one receiving series; True once it is decided (no longer waiting for instances)."""
         uid = row["series_uid"]
         header = self._header(uid)
         if is_petnode_output(header) or self.db.is_own_output(uid):
@@ -214,7 +214,7 @@ class Node:
             self._headers.pop(uid, None)
             with self._lock:
                 self._receipt.pop(uid, None)
-            return
+            return True
         rule = select_rule(self.ruleset, MatchContext(header, row["calling_ae"], row["called_ae"]))
         quiet = (rule.quiet_period_s if rule is not None and rule.quiet_period_s is not None
                  else self.settings.completion.quiet_period_s)
@@ -233,13 +233,10 @@ class Node:
             image_indices=[i["image_index"] for i in per_instance],
         )
         if decision.verdict is Verdict.WAIT:
-            return
+            return False
         self._headers.pop(uid, None)
         with self._lock:
             self._receipt.pop(uid, None)
-        if (row["modality"] or "") in ("MR", "CT"):
-            # A possible prior is here: PET series waiting for one look again (after this series' state is set).
-            self._wake_after_check = True
         if decision.verdict is Verdict.INCOMPLETE:
             if row["state"] != SeriesState.INCOMPLETE:
                 self.db.set_state(uid, SeriesState.INCOMPLETE, error=decision.reason,
@@ -250,21 +247,21 @@ class Node:
                     # The PACS gets what was received, whatever processing decides: an incomplete series is
                     # still the scanner's data.
                     self._queue_originals(uid, rule, row, len(instances))
-            return
+            return True
         if not rule or not rule.processes:
             self.decoded.drop_series(uid)  # never loaded: what the handler decoded for it is not needed
         if rule is None:
             self.db.set_state(uid, SeriesState.UNROUTED, error="no rule matched (petnode rules test explains)")
             logger.info("series=%s modality=%s: complete (%s); no rule matched, nothing to do", uid,
                         row["modality"], decision.reason)
-            return
+            return True
         if rule.drop:
             if self.db.set_state(uid, SeriesState.DROPPED, rule=rule.name, error=f"dropped by rule {rule.name!r}",
                                  expect=[SeriesState.RECEIVING, SeriesState.INCOMPLETE]):
                 logger.info("series=%s modality=%s route=%s: complete (%s); dropped by the rule: sent nowhere, "
                             "files removed after %g h", uid, row["modality"], rule.name, decision.reason,
                             self.settings.retention.dropped_max_age_h)
-            return
+            return True
         if rule.forwards:
             self._queue_originals(uid, rule, row, len(instances))
         if not rule.processes:
@@ -274,11 +271,12 @@ class Node:
                             row["modality"], rule.name, decision.reason)
                 self.db.settle_series(uid)  # forwarded on receipt: everything may be confirmed already
                 self.dispatch_sends()
-            return
+            return True
         if self.db.set_state(uid, SeriesState.COMPLETE, rule=rule.name,
                              expect=[SeriesState.RECEIVING, SeriesState.INCOMPLETE]):
             logger.info("series=%s route=%s: complete (%s)", uid, rule.name, decision.reason)
             self._submit(uid)
+        return True
 
     # --- priors ----------------------------------------------------------------------------------------------
     def _wake_waiting(self, uids: Sequence[str] | None = None) -> None:

@@ -364,7 +364,7 @@ def map_display(kind: str, values: np.ndarray, info: Mapping[str, Any]) -> tuple
 
 
 def write_maps(volume: PetVolume, result: DenoiseResult, output_uid: str, provenance: Provenance, out_dir: Path,
-               formats: Sequence[str], on_written: Callable[[Path], None] | None = None) -> list[Any]:
+               formats: Sequence[str]) -> list[Any]:
     """Write every map of ``result`` as DICOM series (Secondary Capture and/or Parametric Map) under ``out_dir``."""
     if result.stability is None and result.uncertainty is None:
         return []
@@ -390,8 +390,7 @@ def write_maps(volume: PetVolume, result: DenoiseResult, output_uid: str, proven
         written += write_map_series(volume, np.asarray(values, dtype=np.float32), kind=kind,
                                     derived_series_uid=output_uid, derived_instance_uids=instance_uids,
                                     provenance=provenance, out_dir=out_dir, units=volume.units,
-                                    display=shown, window=window, display_label=label, formats=tuple(formats),
-                                    on_written=on_written)
+                                    display=shown, window=window, display_label=label, formats=tuple(formats))
     return written
 
 

@@ -857,6 +857,12 @@ def _encode_file(ds: Dataset, slope: str, stored: np.ndarray) -> bytes:
     """One derived slice in full through pydicom (the reference the template path must equal)."""
     ds.RescaleSlope = slope
     ds.add_new(0x7FE00010, "OW", stored.tobytes())  # explicit VR: 16-bit pixel data is OW
+    return encode_part10(ds)
+
+
+def encode_part10(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 file in Explicit VR Little Endian with petnode's file meta (every object petnode writes
+    through pydicom: derived PET slices on the reference path, map series)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import io
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -63,7 +62,6 @@ from pydicom.valuerep import DA, TM
 
 from dicom_node.errors import OutputWriteError
 from dicom_node.outputs.derived_pet import (
-    IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     PETNODE_MANUFACTURER,
     SOURCE_IMAGE_PURPOSE,
@@ -71,6 +69,7 @@ from dicom_node.outputs.derived_pet import (
     Provenance,
     clean_text,
     conform_to_iod,
+    encode_part10,
     petnode_contributing_equipment,
     series_description,
     series_number,
@@ -432,23 +431,10 @@ def _series_attributes(ds: Dataset, volume: PetVolume, derived_series_uid: str, 
         logger.debug("map instance %s: %s", ds.SOPInstanceUID, "; ".join(changes))
 
 
-def _encode(ds: Dataset) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    ds.file_meta = meta
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def _write(path: Path, ds: Dataset) -> None:
     try:
         # Flushed once per series by the caller (as the derived PET): the series counts as written only after.
-        write_durable(path, _encode(ds), fsync=False)
+        write_durable(path, encode_part10(ds), fsync=False)
     except Exception as exc:  # disk full, permissions, encoding errors: one error type for the pipeline
         raise OutputWriteError(f"cannot write {path}: {type(exc).__name__}: {exc}") from exc
 
