@@ -26,8 +26,8 @@ _BUILTIN: dict[str, str] = {
     "nlm": "denoisers.nlm:NLMDenoiser",
     "cnn": "denoisers.cnn:CNNDenoiser",
     "cdip": "denoisers.dip:ConditionalDIPDenoiser",
-    # Later plugins plug in here by one entry each (and the contract test picks them up), e.g.
-    # "bcdpm": "denoisers.bcdpm:BCDPMDenoiser",
+    "bcdpm": "denoisers.diffusion:BCDPMDenoiser",
+    # Later plugins plug in here by one entry each (and the contract test picks them up).
 }
 
 

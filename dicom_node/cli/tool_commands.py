@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import sys
@@ -300,9 +299,10 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     if bad := [f for f in formats if f not in ("sc", "pm")]:
         raise ConfigError(f"--maps: unknown form(s) {', '.join(map(repr, bad))}; use sc, pm, sc,pm or none")
     try:
-        with registry.create(args.method, params) if not args.model else contextlib.nullcontext() as den:
-            produces = {str(k) for k in den.spec.produces} if den is not None else {"denoised"}
-            requires = {str(k) for k in den.spec.requires} if den is not None else set()
+        # built without its model: only what the method produces and requires is read here
+        with registry.create(args.method, params) as den:
+            produces = {str(k) for k in den.spec.produces}
+            requires = {str(k) for k in den.spec.requires}
     except DenoiserError as exc:
         raise ConfigError(f"--method {args.method}: {exc}") from None
     if needed := sorted(k for k in requires if k.endswith("_prior")):

@@ -80,20 +80,26 @@ def add_subparsers(sub: Any) -> None:
 
     t = sub.add_parser(
         "train",
-        help="train or fine-tune a cnn model (gong-resnet, xu-unet, fo-dcnn) and register it",
+        help="train or fine-tune a cnn model (gong-resnet, xu-unet, fo-dcnn), or a BC-DPM diffusion model "
+             "(train diffusion), and register it",
         description="Train a supervised denoiser on paired low/full-count volumes: simulated cases (petnode "
                     "simulate ... --out DIR) at one or more count levels, and/or real paired DICOM series "
                     "(--pair LOW_DIR FULL_DIR). Checkpoints every minute into --out; run the same command again "
                     "to continue a stopped run. --register NAME@VERSION adds the result to the model registry. "
                     "--fine-tune NAME[@VERSION] starts from a registered model and trains its last layers and "
-                    "batch norms (Gong et al. 2018).",
+                    "batch norms (Gong et al. 2018). `petnode train diffusion` trains BC-DPM's score network "
+                    "(DDPM, epsilon objective) on the high-count images of --sim cases only (no pairs): --level "
+                    "picks the reconstruction (default 1, the full counts), --steps the optimiser steps.",
     )
+    t.add_argument("what", nargs="?", choices=["cnn", "diffusion"], default="cnn",
+                   help="cnn (default): a supervised network; diffusion: BC-DPM's score network")
     t.add_argument("--arch", choices=["gong-resnet", "xu-unet", "fo-dcnn"], help="network (not with --fine-tune)")
     t.add_argument("--net", action="append", default=[], metavar="KEY=VALUE",
                    help="network setting, repeatable (e.g. features=32, depth=3, in_slices=5)")
     t.add_argument("--sim", type=Path, action="append", default=[], metavar="DIR", help="a simulated case")
-    t.add_argument("--level", type=_levels, default=(0.1,), metavar="L1,L2,...",
-                   help="input count levels of the simulated cases (default 0.1)")
+    t.add_argument("--level", type=_levels, default=None, metavar="L1,L2,...",
+                   help="input count levels of the simulated cases (default 0.1; diffusion: the high-count "
+                        "level trained on, default 1)")
     t.add_argument("--pair", type=Path, nargs=2, action="append", default=[], metavar=("LOW_DIR", "FULL_DIR"),
                    help="a real paired reconstruction (two DICOM series folders), repeatable")
     t.add_argument("--pairs-csv", type=Path, action="append", default=[], metavar="FILE",
@@ -111,11 +117,12 @@ def add_subparsers(sub: Any) -> None:
                    help="default: the architecture's paper (gong: perceptual when --vgg is given else mse; xu: l1; "
                         "fo: lesion-mse)")
     t.add_argument("--epochs", type=_positive_int, default=10)
-    t.add_argument("--batch", type=_positive_int, default=16)
-    t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--batch", type=_positive_int, default=None, help="default 16 (diffusion 8)")
+    t.add_argument("--lr", type=_positive_float, default=None, help="default 1e-3 (diffusion 1e-4, the paper's)")
     t.add_argument("--lr-schedule", choices=["step", "constant"], default="step",
                    help="step: the rate / 10 after 7/9 and after 8/9 of the epochs (default); constant")
-    t.add_argument("--patch", type=_positive_int, default=64, help="square training patch (pixels)")
+    t.add_argument("--patch", type=_positive_int, default=None,
+                   help="square training patch (pixels; default 64, diffusion 96)")
     t.add_argument("--normalise", choices=["mean", "suv", "none"], default="mean")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
@@ -133,6 +140,16 @@ def add_subparsers(sub: Any) -> None:
     t.add_argument("--data-dir", type=Path, default=None,
                    help="node data directory whose model registry --fine-tune and --register use")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = t.add_argument_group("diffusion (petnode train diffusion)")
+    d.add_argument("--steps", type=_positive_int, default=20_000, help="optimiser steps (default 20000)")
+    d.add_argument("--target", choices=["recon", "truth"], default="recon",
+                   help="train on the cases' reconstructions at --level (default) or their truth")
+    d.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    d.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (default 0.999)")
+    d.add_argument("--focus-t", type=_positive_int, default=None,
+                   help="with --focus-fraction: draw that fraction of the timesteps below this step")
+    d.add_argument("--focus-fraction", type=float, default=0.0)
+    d.add_argument("--validate-every", type=_positive_int, default=500, help="steps between validations")
     t.set_defaults(func=cmd_train)
 
 
@@ -198,6 +215,12 @@ _PAPER_LOSS = {"gong-resnet": "mse", "xu-unet": "l1", "fo-dcnn": "lesion-mse"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.what == "diffusion":
+        return cmd_train_diffusion(args)
+    args.level = args.level or (0.1,)
+    args.batch = args.batch or 16
+    args.lr = args.lr or 1e-3
+    args.patch = args.patch or 64
     from denoisers.errors import DenoiserError
     from denoisers.models import load_weights, parse_ref
     from dicom_node.cli.model_commands import open_store
@@ -301,6 +324,78 @@ def cmd_train(args: argparse.Namespace) -> int:
             store.add(result.weights, card, name=name, version=version, activate=args.activate)
         except DenoiserError as exc:
             print(f"petnode train: cannot register {args.register}: {exc}", file=sys.stderr)
+            return 1
+        print(f"registered {name}@{version}" + (" (active)" if args.activate else
+                                                 f"; activate with `petnode models activate {name}@{version}`"))
+    return 0
+
+
+def cmd_train_diffusion(args: argparse.Namespace) -> int:
+    """``petnode train diffusion``: BC-DPM's score network on high-count images (see ``training.diffusion``)."""
+    from denoisers.errors import DenoiserError
+    from denoisers.models import parse_ref
+    from dicom_node.cli.model_commands import open_store
+    from dicom_node.cli.tool_commands import parse_key_values
+    from dicom_node.errors import DicomNodeError
+    from dicom_node.settings import load_settings
+    from training import TrainingError
+    from training.diffusion import DEFAULT_NET, DiffusionConfig, load_high_count, train_diffusion
+
+    unused = [flag for flag, value in (("--arch", args.arch), ("--fine-tune", args.fine_tune),
+                                       ("--pair", args.pair), ("--pairs-csv", args.pairs_csv),
+                                       ("--val-pair", args.val_pair), ("--loss", args.loss), ("--vgg", args.vgg))
+              if value]
+    if unused:
+        print(f"petnode train diffusion: {', '.join(unused)} do not apply (the score network is trained on "
+              "high-count images alone, with the epsilon objective)", file=sys.stderr)
+        return 2
+    try:
+        if args.register and parse_ref(args.register)[1] is None:
+            raise TrainingError("--register needs NAME@VERSION")
+        store = open_store(load_settings(args.config, data_dir=args.data_dir), quiet=True) if args.register else None
+        levels = args.level or (1.0,)
+        if len(levels) != 1:
+            raise TrainingError("give one --level: the high-count reconstruction to learn from")
+        if not args.sim:
+            raise TrainingError("no training data: give --sim DIR (petnode simulate ... --out DIR)")
+        train_set = [v for d in args.sim for v in load_high_count(d, target=args.target, level=levels[0])]
+        val_set = [v for d in args.val for v in load_high_count(d, target=args.target, level=levels[0])]
+        net = {**DEFAULT_NET, **parse_key_values(args.net, "--net")}
+        if isinstance(net.get("mults"), str):
+            net["mults"] = [int(m) for m in str(net["mults"]).replace("-", ",").split(",") if m]
+        config = DiffusionConfig(net=net, steps=args.steps, batch_size=args.batch or 8, patch=args.patch or 96,
+                                 learning_rate=args.lr or 1e-4, weight_decay=args.weight_decay, ema_decay=args.ema,
+                                 focus_t=args.focus_t, focus_fraction=args.focus_fraction, seed=args.seed,
+                                 device=args.device, validate_every=args.validate_every)
+        what = "truth" if args.target == "truth" else f"reconstructions at count level {levels[0]:g}"
+        described = (f"{len(train_set)} high-count volume(s), {what}: simulated "
+                     f"{', '.join(str(d) for d in args.sim)}; validation {', '.join(str(d) for d in args.val) or '-'}")
+        result = train_diffusion(config, train_set, val_set, args.out, progress=not args.no_progress,
+                                 max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+                                 description=described)
+    except (TrainingError, DenoiserError, DicomNodeError, OSError, ValueError) as exc:
+        print(f"petnode train diffusion: {exc}", file=sys.stderr)
+        return 1
+    if not result.finished:
+        print(f"stopped after {args.max_minutes:g} min with a checkpoint in {args.out}; run the same command to "
+              "continue")
+        return 0
+    last = result.history[-1] if result.history else {}
+    print(f"trained the score network {config.net} for {config.steps} step(s): "
+          + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step"))
+    print(f"weights (EMA) {result.weights}; loss curve {args.out / 'loss.png'}")
+    if args.register:
+        name, version = parse_ref(args.register)
+        card = {k: v for k, v in result.card.items() if v is not None}
+        card["tracers"] = list(args.tracer) if args.tracer else []
+        card["count_level"] = "any (one model for every count level: the count level steers the sampler)"
+        if args.description:
+            card["description"] = args.description
+        assert store is not None
+        try:
+            store.add(result.weights, card, name=name, version=str(version), activate=args.activate)
+        except DenoiserError as exc:
+            print(f"petnode train diffusion: cannot register {args.register}: {exc}", file=sys.stderr)
             return 1
         print(f"registered {name}@{version}" + (" (active)" if args.activate else
                                                  f"; activate with `petnode models activate {name}@{version}`"))
