@@ -108,8 +108,15 @@ def add_subparsers(sub: Any) -> None:
                    help="real: a PET series as the activity (--series), e.g. the held-out ACRIN study")
     q.add_argument("--series", type=Path, default=None, metavar="DIR", help="with --phantom real: the PET series")
     q.add_argument("--count-levels", default="0.5,0.1,0.02", help="fractions of full counts, e.g. 0.5,0.1,0.02")
+    q.add_argument("--counts-per-slice", default=None, metavar="C1,C2,...",
+                   help="instead of --count-levels: counts per slice, e.g. 1e6,3e5,1e5 (BC-DPM's levels)")
+    q.add_argument("--slab", type=int, default=None,
+                   help="score only this many central slices (through the first hot structure): minutes, not "
+                        "hours, for cdip and bcdpm on a CPU")
     q.add_argument("--methods", default="gaussian,nlm,mlem",
-                   help="comma-separated (mlem = ML-EM iterations; cnn:NAME[@VERSION] = a registered model)")
+                   help="comma-separated (mlem = ML-EM iterations; cnn:NAME[@VERSION] = a registered model; "
+                        "bcdpm:NAME, bcdpm-paper:NAME (white noise, 100 steps), bcdpm-ddim:NAME = a diffusion "
+                        "model; cdip = conditional DIP with the case's MR prior)")
     q.add_argument("--data-dir", type=Path, default=None, help="node data directory whose models cnn:NAME uses")
     q.add_argument("--realizations", type=int, default=3)
     q.add_argument("--size", choices=["ci", "full"], default="ci")
@@ -423,9 +430,17 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         assert len(shape) == 3 and min(shape) > 0
     except (ValueError, AssertionError):
         raise ConfigError(f"--shape {args.shape!r}: expected three positive integers z,y,x") from None
+    counts = None
+    if args.counts_per_slice:
+        try:
+            counts = [float(c) for c in args.counts_per_slice.split(",") if c.strip()]
+        except ValueError:
+            raise ConfigError(f"--counts-per-slice {args.counts_per_slice!r}: give numbers, e.g. 1e6,3e5,1e5") from None
+        if not counts or any(not c > 0 for c in counts):
+            raise ConfigError(f"--counts-per-slice {args.counts_per_slice!r}: give positive numbers")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     store = None
-    if any(m.startswith("cnn:") for m in methods):
+    if any(":" in m for m in methods):
         from dicom_node.cli.model_commands import open_store
         from dicom_node.settings import load_settings
 
@@ -458,6 +473,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from training import TrainingError
     from training.bench_quality import run_quality_bench
     from training.simulate import parse_levels
 
@@ -465,15 +481,27 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         levels = parse_levels(args.count_levels)
     except Exception as exc:  # noqa: BLE001 - SimulationError with the bad value
         raise ConfigError(f"--count-levels {args.count_levels!r}: {exc}") from None
+    counts = None
+    if args.counts_per_slice:
+        try:
+            counts = [float(c) for c in args.counts_per_slice.split(",") if c.strip()]
+        except ValueError:
+            raise ConfigError(f"--counts-per-slice {args.counts_per_slice!r}: give numbers, e.g. 1e6,3e5,1e5") from None
+        if not counts or any(not c > 0 for c in counts):
+            raise ConfigError(f"--counts-per-slice {args.counts_per_slice!r}: give positive numbers")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     store = None
-    if any(m.startswith("cnn:") for m in methods):
+    if any(":" in m for m in methods):
         from dicom_node.cli.model_commands import open_store
         from dicom_node.settings import load_settings
 
         store = open_store(load_settings(args.config, data_dir=args.data_dir), quiet=True)
-    report = run_quality_bench(args.phantom, levels, methods, args.out, size=args.size,
-                               realizations=args.realizations, models=store, series=args.series)
+    try:
+        report = run_quality_bench(args.phantom, levels, methods, args.out, size=args.size,
+                                   realizations=args.realizations, models=store, series=args.series,
+                                   counts_per_slice=counts, slab=args.slab)
+    except TrainingError as exc:
+        raise ConfigError(f"bench quality: {exc}") from None
     print(report.table_md.read_text())
     print(f"report in {args.out} ({report.seconds:.0f} s): " + ", ".join(f.name for f in report.files))
     return 0
