@@ -184,6 +184,18 @@ def conditional_block(x_prime: torch.Tensor, y_prev: torch.Tensor, lam: float,
     return (1.0 - lam) * restoration + lam * noise_insertion
 
 
+# The noise index (``denoisers.cnn.noise_index``) of the simulated 2 mm brain at 1 M and 0.1 M counts per slice
+# (ML-EM 100 iterations, PSF, attenuation: ``petnode simulate brain --size full``): 0.077 and 0.30. A series'
+# noise index maps to the paper's count scale by the power law through these two points (0.3 M gives 0.17 there,
+# 0.26 M by the law).
+_NI_1M, _NI_SLOPE = 0.0774, math.log(10.0) / math.log(0.3034 / 0.0774)
+
+
+def paper_counts_for_noise(noise_index: float) -> float:
+    """The counts per slice of the paper's scale that give a series of this noise index (see above)."""
+    return 1e6 * (_NI_1M / max(float(noise_index), 1e-6)) ** _NI_SLOPE
+
+
 def cond_steps_for(counts_per_slice: float) -> int:
     """The paper's ``l`` (of 100 steps) for a count level: 5, 10, 15 at 1 M, 0.3 M, 0.1 M counts per slice,
     log-linear between and beyond, kept within 2..30."""
@@ -298,8 +310,8 @@ class BCDPMParams(DenoiserParams):
     gf_fwhm_px: float = Field(3.0, ge=0.0, le=20.0, description="FWHM of GF in the restoration condition, pixels")
     randoms_fraction: float = Field(0.2, ge=0.0, le=5.0, description="randoms / trues of the noise insertion")
     scatter_fraction: float = Field(0.0, ge=0.0, le=5.0, description="scatter / trues of the noise insertion")
-    recon_iterations: int = Field(2, ge=1, le=50, strict=True, description="OSEM iterations of P+")
-    recon_subsets: int = Field(8, ge=1, le=64, strict=True, description="OSEM subsets of P+")
+    recon_iterations: int = Field(4, ge=1, le=50, strict=True, description="OSEM iterations of P+")
+    recon_subsets: int = Field(12, ge=1, le=64, strict=True, description="OSEM subsets of P+")
     batch: int = Field(32, ge=1, le=1024, strict=True, description="slices per network call")
 
     @model_validator(mode="after")
@@ -444,13 +456,12 @@ def estimate_counts(y: torch.Tensor, pixel_mm: float, params: BCDPMParams, noise
     inserter = NoiseInserter(y.shape[-1], pixel_mm, trial, randoms_fraction=params.randoms_fraction,
                              scatter_fraction=params.scatter_fraction, iterations=params.recon_iterations,
                              subsets=params.recon_subsets, device=device)
-    smooth = gaussian_2d(y.clamp_min(0), 2.0)
-    noisy = inserter(smooth, generator).cpu().numpy()
-    base = noise_index(smooth.cpu().numpy())
-    got = noise_index(noisy)
-    inserted = math.sqrt(max(got**2 - base**2, 1e-12))
-    wanted = math.sqrt(max(noise_index_y**2 - base**2, 1e-12))
-    return float(min(1e9, max(1e3, trial * (inserted / wanted) ** 2)))
+    smooth = gaussian_2d(y.clamp_min(0), 3.0)
+    first = inserter(smooth, generator)
+    second = inserter(smooth, generator)
+    # the inserted noise alone: the difference of two insertions (the smoothed input's own noise cancels)
+    inserted = noise_index(((first - second) / math.sqrt(2.0) + smooth).cpu().numpy())
+    return float(min(1e9, max(1e3, trial * (inserted / max(noise_index_y, 1e-9)) ** 2)))
 
 
 def sample_volume(net: Any, schedule: NoiseSchedule, pet: npt.NDArray[np.float32],
@@ -485,13 +496,16 @@ def sample_volume(net: Any, schedule: NoiseSchedule, pet: npt.NDArray[np.float32
     level_given = params.counts_per_slice is not None
     ni = noise_index(crop)
     if level_given:
-        counts = float(params.counts_per_slice)
+        counts = paper_counts = float(params.counts_per_slice)
     else:
         if not math.isfinite(ni) or ni <= 0:
             raise InvalidInputError("the series' count level cannot be estimated (no activity in the body?): give "
                                     "counts_per_slice in the rule")
+        # Two readings of one noise level: l on the paper's scale, and the counts at which our insertion (no
+        # attenuation, OSEM) reproduces the series' noise, which are higher than the detected counts.
+        paper_counts = paper_counts_for_noise(ni)
         counts = estimate_counts(y_act, float(spacing[2]), params, ni, phys_gen, device)
-    cond = params.cond_steps if params.cond_steps is not None else cond_steps_for(counts)
+    cond = params.cond_steps if params.cond_steps is not None else cond_steps_for(paper_counts)
     inserter = NoiseInserter(n, float(spacing[2]), counts, randoms_fraction=params.randoms_fraction,
                              scatter_fraction=params.scatter_fraction, iterations=params.recon_iterations,
                              subsets=params.recon_subsets, device=device)
@@ -547,7 +561,8 @@ def sample_volume(net: Any, schedule: NoiseSchedule, pet: npt.NDArray[np.float32
     uncertainty = np.zeros_like(pet)
     uncertainty[:, rows, cols] = (std * activity_scale).astype(np.float32)
     info = {"noise_index": round(ni, 4) if math.isfinite(ni) else None,
-            "counts_per_slice": float(f"{counts:.4g}"), "counts_source": "rule" if level_given else "estimated",
+            "counts_per_slice": float(f"{paper_counts:.4g}"), "insertion_counts_per_slice": float(f"{counts:.4g}"),
+            "counts_source": "rule" if level_given else "estimated",
             "cond_steps": cond, "conditioned_transitions": conditioned, "steps": total, "start_t": start,
             "start_from": params.start_from, "eta": params.eta, "lambda": params.lam, "samples": k,
             "activity_scale": round(activity_scale, 6), "crop": [h, w],

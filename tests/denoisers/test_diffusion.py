@@ -170,6 +170,16 @@ def test_cond_steps_follow_the_papers_table() -> None:
     assert cond_steps_for(1e9) == 2 and cond_steps_for(10) == 30
 
 
+def test_the_noise_index_maps_onto_the_papers_count_scale() -> None:
+    from denoisers.diffusion import paper_counts_for_noise
+
+    # the simulated brain's noise index at 1 M, 0.3 M and 0.1 M counts per slice (ML-EM 100, PSF, attenuation)
+    assert paper_counts_for_noise(0.0774) == pytest.approx(1e6, rel=1e-3)
+    assert paper_counts_for_noise(0.3034) == pytest.approx(1e5, rel=1e-3)
+    assert 2.2e5 < paper_counts_for_noise(0.1733) < 3.5e5
+    assert [cond_steps_for(paper_counts_for_noise(n)) for n in (0.0774, 0.1733, 0.3034)] == [5, 11, 15]
+
+
 def test_latent_round_trip_and_reference() -> None:
     rng = np.random.default_rng(3)
     vol = np.zeros((8, 32, 32), np.float32)
