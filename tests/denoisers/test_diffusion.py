@@ -234,20 +234,25 @@ def test_sampling_is_deterministic_with_a_seed_and_keeps_total_activity() -> Non
 
 
 def test_one_sample_has_no_spread_and_a_given_count_level_is_used() -> None:
-    d = registry.get_class("bcdpm")(BCDPMParams(samples=1, steps=2, start_t=100, counts_per_slice=3e5),
+    d = registry.get_class("bcdpm")(BCDPMParams(samples=1, steps=2, counts_per_slice=3e5),
                                      seed=1, model=registry.create_example("bcdpm").model)
     out = d.denoise(DenoiseInputs(pet=_phantom(2), spacing=(3.0, 3.0, 3.0)))
     assert float(out.uncertainty.max()) == 0.0
     assert out.info["counts_source"] == "rule" and out.info["counts_per_slice"] == 3e5
-    assert out.info["cond_steps"] == 10
+    assert out.info["level_steps"] == 10 and out.info["start_t"] == 400 and out.info["conditioned_transitions"] == 2
 
 
 def test_params_are_checked() -> None:
     with pytest.raises(Exception, match="white noise"):
-        registry.validate_params("bcdpm", {"start_from": "noise", "start_t": 300})
+        registry.validate_params("bcdpm", {"mode": "paper", "start_t": 300})
     with pytest.raises(Exception, match="samples"):
         registry.validate_params("bcdpm", {"samples": 0})
-    assert registry.validate_params("bcdpm", {"start_from": "noise", "start_t": 999, "steps": 100})
+    paper = registry.validate_params("bcdpm", {"mode": "paper"})
+    assert paper.resolved(10) == {"start_t": 999, "steps": 100, "cond_steps": 10, "lam": 0.2, "gf_fwhm_px": 3.0}
+    practical = registry.validate_params("bcdpm", {})
+    # the count level sets where sampling starts, the GF width, and every transition is conditioned
+    assert practical.resolved(10) == {"start_t": 400, "steps": 20, "cond_steps": 41, "lam": 0.05, "gf_fwhm_px": 8.0}
+    assert practical.resolved(15)["start_t"] == 600 and practical.resolved(5)["start_t"] == 200
 
 
 def test_a_series_without_activity_is_refused() -> None:
