@@ -430,14 +430,6 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         assert len(shape) == 3 and min(shape) > 0
     except (ValueError, AssertionError):
         raise ConfigError(f"--shape {args.shape!r}: expected three positive integers z,y,x") from None
-    counts = None
-    if args.counts_per_slice:
-        try:
-            counts = [float(c) for c in args.counts_per_slice.split(",") if c.strip()]
-        except ValueError:
-            raise ConfigError(f"--counts-per-slice {args.counts_per_slice!r}: give numbers, e.g. 1e6,3e5,1e5") from None
-        if not counts or any(not c > 0 for c in counts):
-            raise ConfigError(f"--counts-per-slice {args.counts_per_slice!r}: give positive numbers")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     store = None
     if any(":" in m for m in methods):
@@ -486,7 +478,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         try:
             counts = [float(c) for c in args.counts_per_slice.split(",") if c.strip()]
         except ValueError:
-            raise ConfigError(f"--counts-per-slice {args.counts_per_slice!r}: give numbers, e.g. 1e6,3e5,1e5") from None
+            raise ConfigError(f"--counts-per-slice {args.counts_per_slice!r}: give numbers, e.g. "
+                              "1e6,3e5,1e5") from None
         if not counts or any(not c > 0 for c in counts):
             raise ConfigError(f"--counts-per-slice {args.counts_per_slice!r}: give positive numbers")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -137,8 +137,10 @@ def test_shipped_examples_are_valid_when_uncommented(tmp_path: Path) -> None:
     by_name = {r.name: r for r in ruleset.rules}
     assert set(by_name) == {"fdg-brain-cnn", "fdg-brain-cnn-body-part", "fdg-whole-body-cnn", "pet-gaussian",
                             "psma-sstr-ge", "research-fdg", "catch-all", "pet-to-pacs",
-                            "drop-scouts", "forward-rest", "pet-mr-brain-cdip"}
+                            "drop-scouts", "forward-rest", "pet-mr-brain-cdip", "fdg-research-bcdpm"}
     assert by_name["research-fdg"].disabled
+    assert by_name["fdg-research-bcdpm"].denoiser.name == "bcdpm"
+    assert by_name["fdg-research-bcdpm"].denoiser.model == "fdg-bcdpm"
     assert by_name["catch-all"].fallback
     # Every key of a rule and of match appears in the examples.
     used = set().union(*(r.model_fields_set for r in ruleset.rules))

@@ -106,3 +106,35 @@ def test_the_held_out_real_anatomy_is_scored(tmp_path: Path, realdata: Path) -> 
     assert all(np.isfinite(r[k]) for r in rows.values() for k in ("psnr_db", "ssim", "crc", "uniform_std_pct"))
     assert rows[12.0]["uniform_std_pct"] < rows[4.0]["uniform_std_pct"]  # more smoothing, less noise
     assert rows[12.0]["crc"] < rows[4.0]["crc"]  # ... and less contrast in the hot structures
+
+
+def test_counts_per_slice_full_count_reference_and_a_diffusion_model(tmp_path: Path) -> None:
+    """BC-DPM's evaluation: levels in counts per slice, PSNR/SSIM also against the full-count reconstruction, the
+    margin over the best Gaussian, and the diffusion model's uncertainty panel."""
+    import torch
+
+    from denoisers.diffusion import NORMALISATION, build_network
+    from denoisers.models import ModelStore
+    from training import TrainingError
+
+    store = ModelStore(tmp_path / "models")
+    net = {"in_slices": 3, "base": 8, "mults": [1, 2], "blocks": 1, "attention": False}
+    torch.save(build_network(dict(net)).state_dict(), tmp_path / "w.pt")
+    store.add(tmp_path / "w.pt", {"denoiser": "bcdpm", "architecture": "adm-unet", "normalisation": NORMALISATION,
+                                  "extra": {"net": net}}, name="ddpm", version="1.0.0", activate=True)
+    report = run_quality_bench("brain", [], ["gaussian", "bcdpm-ddim:ddpm"], tmp_path / "r", size="ci",
+                               realizations=1, progress=False, models=store, counts_per_slice=[3e6], slab=8,
+                               sweeps={"gaussian": ("fwhm_mm", (3.0, 9.0))})
+    assert [round(r["level"], 6) for r in report.rows] == [0.2] * 3  # 3 M of the ci brain's 15 M per slice
+    assert all(r["slices"] == 8 and np.isfinite(r["psnr_full_db"]) and 0 < r["ssim_full"] <= 1
+               for r in report.rows)
+    # the full-count reconstruction is closer to the filtered image than the truth is (same resolution)
+    g = [r for r in report.rows if r["method"] == "gaussian"]
+    assert all(r["psnr_full_db"] > r["psnr_db"] for r in g)
+    names = {f.name for f in report.files}
+    assert "uncertainty_L0.2.png" in names
+    table = report.table_md.read_text()
+    assert "Margins over the best Gaussian" in table and "| bcdpm-ddim:ddpm |" in table
+    with pytest.raises(TrainingError, match="more than the preset's full counts"):
+        run_quality_bench("brain", [], ["gaussian"], tmp_path / "x", size="ci", realizations=1, progress=False,
+                          counts_per_slice=[1e8])
