@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from training import TrainingError
+from training.train import _save_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -180,14 +180,6 @@ def _noised(x0: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, gen: torch.Ge
     eps = torch.randn(x0.shape, generator=gen)
     a = abar[t].view(-1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
-
-
-def _save_atomically(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _plot(history: list[dict[str, float]], path: Path) -> None:
