@@ -210,13 +210,13 @@ def _run(method: str, params: dict[str, Any], volume: np.ndarray, spacing: Seque
 
 
 # Model-based methods: ``KIND:NAME[@VERSION]`` runs plugin ``KIND`` with a registered model and these params.
-# ``bcdpm`` is the practical sampler (the plugin's defaults); ``bcdpm-paper`` the paper's (white noise, 100
-# respaced steps, the last l conditioned, lambda 0.2); ``bcdpm-ddim`` the practical one with 10 DDIM steps.
+# ``bcdpm`` is the practical sampler (the plugin's defaults: 10 DDIM steps); ``bcdpm-ddpm`` the same with 20
+# DDPM steps; ``bcdpm-paper`` the paper's (white noise, 100 respaced DDPM steps, the last l conditioned, lambda 0.2).
 MODEL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cnn": ("cnn", {}),
     "bcdpm": ("bcdpm", {}),
+    "bcdpm-ddpm": ("bcdpm", {"eta": 1.0, "steps": 20}),
     "bcdpm-paper": ("bcdpm", {"mode": "paper"}),
-    "bcdpm-ddim": ("bcdpm", {"eta": 0.0, "steps": 10}),
 }
 # Methods run once per level at their defaults (no knob): cdip needs the case's MR prior.
 FIXED_METHODS: dict[str, tuple[str, dict[str, Any]]] = {"cdip": ("cdip", {})}

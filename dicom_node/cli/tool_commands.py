@@ -115,8 +115,8 @@ def add_subparsers(sub: Any) -> None:
                         "hours, for cdip and bcdpm on a CPU")
     q.add_argument("--methods", default="gaussian,nlm,mlem",
                    help="comma-separated (mlem = ML-EM iterations; cnn:NAME[@VERSION] = a registered model; "
-                        "bcdpm:NAME, bcdpm-paper:NAME (white noise, 100 steps), bcdpm-ddim:NAME = a diffusion "
-                        "model; cdip = conditional DIP with the case's MR prior)")
+                        "bcdpm:NAME (10 DDIM steps), bcdpm-ddpm:NAME (20 DDPM steps), bcdpm-paper:NAME (white "
+                        "noise, 100 steps) = a diffusion model; cdip = conditional DIP with the case's MR prior)")
     q.add_argument("--data-dir", type=Path, default=None, help="node data directory whose models cnn:NAME uses")
     q.add_argument("--realizations", type=int, default=3)
     q.add_argument("--size", choices=["ci", "full"], default="ci")

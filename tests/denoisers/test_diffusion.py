@@ -248,10 +248,12 @@ def test_params_are_checked() -> None:
     with pytest.raises(Exception, match="samples"):
         registry.validate_params("bcdpm", {"samples": 0})
     paper = registry.validate_params("bcdpm", {"mode": "paper"})
-    assert paper.resolved(10) == {"start_t": 999, "steps": 100, "cond_steps": 10, "lam": 0.2, "gf_fwhm_px": 3.0}
+    assert paper.resolved(10) == {"start_t": 999, "steps": 100, "eta": 1.0, "cond_steps": 10, "lam": 0.2,
+                                  "gf_fwhm_px": 3.0}
     practical = registry.validate_params("bcdpm", {})
     # the count level sets where sampling starts, the GF width, and every transition is conditioned
-    assert practical.resolved(10) == {"start_t": 400, "steps": 20, "cond_steps": 41, "lam": 0.05, "gf_fwhm_px": 6.5}
+    assert practical.resolved(10) == {"start_t": 400, "steps": 10, "eta": 0.0, "cond_steps": 41, "lam": 0.05,
+                                      "gf_fwhm_px": 6.5}
     assert practical.resolved(15)["start_t"] == 600 and practical.resolved(5)["start_t"] == 200
 
 

@@ -122,7 +122,7 @@ def test_counts_per_slice_full_count_reference_and_a_diffusion_model(tmp_path: P
     torch.save(build_network(dict(net)).state_dict(), tmp_path / "w.pt")
     store.add(tmp_path / "w.pt", {"denoiser": "bcdpm", "architecture": "adm-unet", "normalisation": NORMALISATION,
                                   "extra": {"net": net}}, name="ddpm", version="1.0.0", activate=True)
-    report = run_quality_bench("brain", [], ["gaussian", "bcdpm-ddim:ddpm"], tmp_path / "r", size="ci",
+    report = run_quality_bench("brain", [], ["gaussian", "bcdpm:ddpm"], tmp_path / "r", size="ci",
                                realizations=1, progress=False, models=store, counts_per_slice=[3e6], slab=8,
                                sweeps={"gaussian": ("fwhm_mm", (3.0, 9.0))})
     assert [round(r["level"], 6) for r in report.rows] == [0.2] * 3  # 3 M of the ci brain's 15 M per slice
@@ -134,7 +134,7 @@ def test_counts_per_slice_full_count_reference_and_a_diffusion_model(tmp_path: P
     names = {f.name for f in report.files}
     assert "uncertainty_L0.2.png" in names
     table = report.table_md.read_text()
-    assert "Margins over the best Gaussian" in table and "| bcdpm-ddim:ddpm |" in table
+    assert "Margins over the best Gaussian" in table and "| bcdpm:ddpm |" in table
     with pytest.raises(TrainingError, match="more than the preset's full counts"):
         run_quality_bench("brain", [], ["gaussian"], tmp_path / "x", size="ci", realizations=1, progress=False,
                           counts_per_slice=[1e8])
