@@ -1221,7 +1221,12 @@ def load_rules(path: Path, *, peer_names: Collection[str] | None = ()) -> RuleSe
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{source}: cannot read the rules file: {exc.strerror or exc}") from None
+        hint = ""
+        if not Path(path).is_absolute() and not Path(path).exists():
+            # The embedded default (config/rules.yaml) is relative to where petnode was started.
+            hint = (f" (looked in {Path.cwd()}: run petnode from the folder that holds it, or give -c NODE_YAML "
+                    "whose rules_file names it)")
+        raise ConfigError(f"{source}: cannot read the rules file: {exc.strerror or exc}{hint}") from None
     loader = _StrictLoader(text)
     try:
         node = loader.get_single_node()

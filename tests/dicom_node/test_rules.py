@@ -704,9 +704,14 @@ def test_file_level_errors(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in str(info.value), str(info.value)
 
 
-def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read the rules file"):
+def test_missing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="cannot read the rules file") as info:
         load_rules(tmp_path / "nope.yaml")
+    assert "looked in" not in str(info.value)  # an absolute path needs no hint
+    # The embedded default is relative to the working directory: the message says where it looked and what to do.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"looked in {re.escape(str(tmp_path))}.*-c NODE_YAML"):
+        load_rules(Path("config/rules.yaml"))
 
 
 def test_empty_rule_list_is_valid_and_routes_nothing(tmp_path: Path) -> None:
