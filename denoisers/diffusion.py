@@ -352,7 +352,7 @@ class BCDPMParams(DenoiserParams):
 
 
 _CACHE_SIZE = 2
-_cache: OrderedDict[tuple[str, str], tuple[Any, dict[str, Any]]] = OrderedDict()
+_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -373,7 +373,7 @@ def _load(card: Any, weights_path: Path, device: str) -> Any:
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
-            return _cache[key][0]
+            return _cache[key]
     state = load_weights(weights_path, expected_sha256=card.sha256)
     net = build_network(dict(card.extra.get("net") or {}))
     try:
@@ -385,7 +385,7 @@ def _load(card: Any, weights_path: Path, device: str) -> Any:
     if device == "cpu":
         net = net.to(memory_format=torch.channels_last)  # ~30 % faster convolutions on a CPU
     with _cache_lock:
-        _cache[key] = (net, {})
+        _cache[key] = net
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return net
@@ -427,8 +427,8 @@ def _body_box(volume: npt.NDArray[np.float32], multiple: int, margin: int = 4) -
     (the box may then reach past the image: the caller pads). Returns (rows, cols, padded height, width)."""
     proj = volume.max(axis=0)
     top = float(np.percentile(proj, 99.5)) if proj.size else 0.0
-    rows_any = np.flatnonzero((proj > 0.02 * top).any(axis=1)) if top > 0 else np.array([], dtype=np.int64)
-    cols_any = np.flatnonzero((proj > 0.02 * top).any(axis=0)) if top > 0 else np.array([], dtype=np.int64)
+    inside = proj > 0.02 * top if top > 0 else np.zeros(proj.shape, dtype=bool)
+    rows_any, cols_any = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     h, w = proj.shape
     if rows_any.size == 0:
         r0, r1, c0, c1 = 0, h, 0, w
@@ -644,7 +644,8 @@ def _predict(net: Any, x: torch.Tensor, t: int, in_slices: int, batch: int, devi
 
 @functools.cache
 def _example_model(seed: int) -> Any:
-    """The example's model: a tiny score network with small random output weights, written once per process."""
+    """The example's model: a tiny untrained score network (its zero-initialised head predicts no noise), written
+    once per process."""
     from denoisers.models import ModelCard, ResolvedModel, sha256_file
 
     torch.manual_seed(seed)

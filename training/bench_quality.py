@@ -379,12 +379,12 @@ def _slab_of(case: Any, slab: int) -> Any:
     z_len = case.truth.shape[0]
     if slab >= z_len:
         return case
-    labels = case.labels if case.labels is not None else np.zeros(case.truth.shape, np.int32)
-    profile = case.truth.reshape(z_len, -1).max(axis=1) if not labels.any() else None
-    if profile is None:
+    flat = case.truth.reshape(z_len, -1)
+    profile = flat.max(axis=1)  # no labels (a real series): the hottest slice
+    if case.labels is not None and case.labels.any():
         legend = case.meta.get("phantom", {}).get("legend")
-        hot = _legend_mask(labels, legend, "nucle", "caudate", "putamen", "thalam", "lesion", "tumour", "tumor")
-        profile = hot.reshape(z_len, -1).sum(axis=1) if hot.any() else case.truth.reshape(z_len, -1).sum(axis=1)
+        hot = _legend_mask(case.labels, legend, "nucle", "caudate", "putamen", "thalam", "lesion", "tumour", "tumor")
+        profile = hot.reshape(z_len, -1).sum(axis=1) if hot.any() else flat.sum(axis=1)
     centre = int(np.argmax(profile))
     z0 = int(np.clip(centre - slab // 2, 0, z_len - slab))
     cut = slice(z0, z0 + slab)

@@ -12,8 +12,9 @@ independent noise) cropped to a ``patch`` x ``patch`` square around the body, ra
 and flipped along z; the target is the centre slice's noise.
 
 ``focus_t`` / ``focus_fraction`` (optional, default off): that fraction of the batch draws ``t`` below
-``focus_t`` instead of over all of [0, T). The sampler's practical mode starts at ``start_t`` (300) and never
-evaluates the network above it, so a CPU's few thousand steps are better spent there; the card records it.
+``focus_t`` instead of over all of [0, T). The sampler's practical mode starts at step 40 l (200 to 600 for 1 M
+to 0.1 M counts per slice) and never evaluates the network above it, so a CPU's few thousand steps are better
+spent there; the card records it.
 
 Checkpoints (network, EMA, optimiser, step, history) every ``checkpoint_every_s`` seconds; the same call on the
 same ``out_dir`` continues (the batches of step ``s`` are drawn from ``(seed, s)``, so a resumed run sees what it
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from training import TrainingError
-from training.train import _save_atomically
+from training.train import _plot, _save_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -182,31 +183,11 @@ def _noised(x0: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, gen: torch.Ge
     return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
 
 
-def _plot(history: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [h["step"] for h in history]
-    ax.plot(steps, [h["train_loss"] for h in history], "-", label="training (mean since last point)")
-    if any("val_loss" in h for h in history):
-        ax.plot(steps, [h.get("val_loss", math.nan) for h in history], "s-", label="validation (EMA weights)")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("epsilon MSE")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 @torch.no_grad()
 def _validate(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
               device: str) -> dict[str, float]:
-    """Epsilon MSE on fixed (x_t, t, eps) batches, overall and for t < 300 (where the practical sampler works)."""
+    """Epsilon MSE on fixed (x_t, t, eps) batches, overall and for t < 300 (the low-noise end, where the practical
+    sampler spends most of its steps)."""
     net.eval()
     total, n, low, n_low = 0.0, 0, 0.0, 0
     for xt, t, eps, _ in batches:
@@ -323,7 +304,8 @@ def train_diffusion(config: DiffusionConfig, train_volumes: Sequence[HighCountVo
     weights = out_dir / "weights.pt"
     _save_atomically(ema.to("cpu").state_dict(), weights)
     if history:
-        _plot(history, out_dir / "loss.png")
+        _plot(history, out_dir / "loss.png", x="step", y_label="epsilon MSE",
+              labels=("training (mean since last point)", "validation (EMA weights)"))
     spacings = sorted({tuple(round(s, 3) for s in v.spacing) for v in train_volumes})
     last = history[-1] if history else {}
     card = {

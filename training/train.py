@@ -143,19 +143,21 @@ def _save_atomically(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _plot(history: list[dict[str, float]], path: Path) -> None:
+def _plot(history: list[dict[str, float]], path: Path, *, x: str = "epoch", y_label: str = "loss",
+          labels: tuple[str, str] = ("training", "validation")) -> None:
+    """The training and validation loss of ``history`` against its ``x`` key, on a log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="training")
+    xs = [h[x] for h in history]
+    ax.plot(xs, [h["train_loss"] for h in history], "o-", label=labels[0])
     if any("val_loss" in h for h in history):
-        ax.plot(epochs, [h.get("val_loss", math.nan) for h in history], "s-", label="validation")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+        ax.plot(xs, [h.get("val_loss", math.nan) for h in history], "s-", label=labels[1])
+    ax.set_xlabel("optimiser step" if x == "step" else x)
+    ax.set_ylabel(y_label)
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)

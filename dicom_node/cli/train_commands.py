@@ -305,10 +305,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if version is None:
             print("petnode train: --register needs NAME@VERSION", file=sys.stderr)
             return 1
-        card = {k: v for k, v in result.card.items() if v is not None}
-        if args.tracer:
-            card["tracers"] = list(args.tracer)
-        trained = (card.get("extra") or {}).get("noise_index_range")
+        trained = (result.card.get("extra") or {}).get("noise_index_range")
         level_parts = ["dose-aware"] if (config.net or {}).get("level_input") else []
         if trained:
             level_parts.append(f"noise index {trained[0]:g}-{trained[1]:g}")
@@ -316,17 +313,30 @@ def cmd_train(args: argparse.Namespace) -> int:
             level_parts.append(f"trained at {levels} of the simulated full counts")
         if real:
             level_parts.append(f"{len(real)} real pair(s)")
-        card["count_level"] = "; ".join(level_parts)
-        if args.description:
-            card["description"] = args.description
-        assert store is not None
-        try:
-            store.add(result.weights, card, name=name, version=version, activate=args.activate)
-        except DenoiserError as exc:
-            print(f"petnode train: cannot register {args.register}: {exc}", file=sys.stderr)
-            return 1
-        print(f"registered {name}@{version}" + (" (active)" if args.activate else
-                                                 f"; activate with `petnode models activate {name}@{version}`"))
+        return _register(store, result, args, name, version, "; ".join(level_parts), "petnode train")
+    return 0
+
+
+def _register(store: Any, result: Any, args: argparse.Namespace, name: str, version: str, count_level: str,
+              prog: str) -> int:
+    """Add a finished training run to the registry with its card (tracers, count level and description from the
+    command line); 0 when done, 1 (with the reason on stderr) when the registry refuses it."""
+    from denoisers.errors import DenoiserError
+
+    card = {k: v for k, v in result.card.items() if v is not None}
+    if args.tracer:
+        card["tracers"] = list(args.tracer)
+    card["count_level"] = count_level
+    if args.description:
+        card["description"] = args.description
+    assert store is not None
+    try:
+        store.add(result.weights, card, name=name, version=version, activate=args.activate)
+    except DenoiserError as exc:
+        print(f"{prog}: cannot register {args.register}: {exc}", file=sys.stderr)
+        return 1
+    print(f"registered {name}@{version}" + (" (active)" if args.activate else
+                                             f"; activate with `petnode models activate {name}@{version}`"))
     return 0
 
 
@@ -386,17 +396,7 @@ def cmd_train_diffusion(args: argparse.Namespace) -> int:
     print(f"weights (EMA) {result.weights}; loss curve {args.out / 'loss.png'}")
     if args.register:
         name, version = parse_ref(args.register)
-        card = {k: v for k, v in result.card.items() if v is not None}
-        card["tracers"] = list(args.tracer) if args.tracer else []
-        card["count_level"] = "any (one model for every count level: the count level steers the sampler)"
-        if args.description:
-            card["description"] = args.description
-        assert store is not None
-        try:
-            store.add(result.weights, card, name=name, version=str(version), activate=args.activate)
-        except DenoiserError as exc:
-            print(f"petnode train diffusion: cannot register {args.register}: {exc}", file=sys.stderr)
-            return 1
-        print(f"registered {name}@{version}" + (" (active)" if args.activate else
-                                                 f"; activate with `petnode models activate {name}@{version}`"))
+        return _register(store, result, args, name, str(version),
+                         "any (one model for every count level: the count level steers the sampler)",
+                         "petnode train diffusion")
     return 0

@@ -82,7 +82,7 @@ train fdg-wb-xu      xu-unet     "${XU_WB_EPOCHS:-4}"      "$WT" "${WB_HIGH[@]}"
 # the full-count reconstructions of the six 2 mm brains (10 M counts per slice) and of the five 10x-count
 # whole-body cases (30 M per slice); validation brain-7 and wb-real-5. The paper's objective, schedule, AdamW and
 # weight decay; lr 2e-4 instead of its 1e-4 and half of the timesteps drawn below 400 (the practical sampler
-# starts at 300), both for the few thousand steps a 2-core CPU gives in an hour (~1.6 steps/s).
+# starts at step 40 l, 200 to 600), both for the few thousand steps a 2-core CPU gives in an hour (~1.6 steps/s).
 DIFF_STEPS=${DIFF_STEPS:-5515}   # the shipped run: 58 min on one core of the 2-core CPU
 if [ ! -f "$MODELS/fdg-bcdpm/1.0.0/card.yaml" ]; then
   [ -f store/models/fdg-bcdpm/1.0.0/card.yaml ] || petnode train diffusion \
