@@ -246,7 +246,8 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
                     f"    destinations: [{{ae_title: SINK, host: 127.0.0.1, port: {sink_port}}}]\n")
                 settings = load_settings(None, port=0, bind_address="127.0.0.1", data_dir=tmpdir / f"var{i}",
                                          completion={"poll_interval_s": 0.05},
-                                         send={"poll_interval_s": 0.05}, disk={"min_free_mb": 1})
+                                         send={"poll_interval_s": 0.05}, disk={"min_free_mb": 1},
+                                         web={"enabled": False})
                 ruleset: RuleSet = load_rules(rules_path)
                 node = Node(settings, ruleset)
                 node.start()
@@ -298,7 +299,7 @@ def _node_nlm(figures: ReceiveFigures, series_dir: Path, tmpdir: Path, sink_port
     for i in range(repeats):
         settings = load_settings(None, port=0, bind_address="127.0.0.1", data_dir=tmpdir / f"nlm-node{i}",
                                  completion={"poll_interval_s": 0.05}, send={"poll_interval_s": 0.05},
-                                 disk={"min_free_mb": 1})
+                                 disk={"min_free_mb": 1}, web={"enabled": False})
         node = Node(settings, load_rules(rules_path))
         node.start()
         try:
@@ -325,7 +326,7 @@ def _concurrent(figures: ReceiveFigures, files: list[Path], tmpdir: Path, repeat
         rates = figures.concurrent_per_s.setdefault(senders, [])
         for i in range(repeats):
             settings = load_settings(None, port=0, bind_address="127.0.0.1", data_dir=tmpdir / f"c{senders}-{i}",
-                                     disk={"min_free_mb": 1}, max_associations=20)
+                                     disk={"min_free_mb": 1}, max_associations=20, web={"enabled": False})
             node = Node(settings, load_rules(rules_path))
             node.start()
             try:

@@ -149,7 +149,7 @@ def run_demo(workdir: Path, *, phantom: str = "torso", count_level: float = 0.25
                             "destinations": [{"ae_title": "SINK", "host": "127.0.0.1", "port": sink.port}]}]}
         settings = load_settings(None, port=0, bind_address="127.0.0.1", data_dir=workdir / "var",
                                  completion={"poll_interval_s": 0.1}, send={"poll_interval_s": 0.1},
-                                 disk={"min_free_mb": 1})
+                                 disk={"min_free_mb": 1}, web={"enabled": False})
         node = Node(settings, parse_rules(rules, source="(demo rules)"))
         node.start()
         files = sorted(p for p in source_dir.iterdir() if p.is_file())

@@ -50,3 +50,12 @@ class SendError(DicomNodeError):
 class PriorError(DicomNodeError):
     """An MR or CT prior cannot be put on the PET grid (not a regular MR/CT volume, another Frame of Reference
     where registration is not allowed, no overlap with the PET, or a registration that fails its quality gate)."""
+
+
+class WorkerError(DicomNodeError):
+    """A job run on a Celery worker (distributed processing) failed there, or no worker answered in time."""
+
+
+class ProcessingInterrupted(DicomNodeError):
+    """The node stopped while a worker ran a series' job: the series stays in processing and runs again after the
+    restart (not a failure of the series)."""

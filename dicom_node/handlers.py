@@ -119,6 +119,7 @@ class ReceiveContext:
     on_received: Any = None
     make_room: Any = None  # optional callable() -> int: remove finished series under disk pressure (retention)
     decoded: DecodedCache | None = None  # PET data sets kept decoded for processing (dicom_node/decoded.py)
+    metrics: Any = None  # optional callable(status) -> None: counts each C-STORE answer (dicom_node/web/metrics.py)
     guard: ConnectionGuard | None = None
     settings: NodeSettings | None = None
     _stats: dict[int, AssociationStats] = field(default_factory=dict)
@@ -321,7 +322,18 @@ def _refuse(stats: AssociationStats | None, status: Status, sop_uid: str, reason
 
 
 def handle_store(event: Event, ctx: ReceiveContext) -> int:
-    """Check, write durably, record, then acknowledge one instance."""
+    """Check, write durably, record, then acknowledge one instance (and count the answer)."""
+    status = _check_and_store(event, ctx)
+    if ctx.metrics is not None:
+        try:
+            ctx.metrics(int(status))
+        except Exception:  # noqa: BLE001 - counting must never change the answer the sender gets
+            logger.debug("could not count C-STORE status 0x%04X", int(status), exc_info=True)
+    return status
+
+
+def _check_and_store(event: Event, ctx: ReceiveContext) -> int:
+    """The status to answer: the checks, the durable write and the record (never raises)."""
     assoc = event.assoc
     stats = ctx.stats_for(assoc)
     sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")

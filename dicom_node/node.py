@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node import scu
+from dicom_node import scu, tls
 from dicom_node.completion import Verdict, decide
 from dicom_node.decoded import DecodedCache
-from dicom_node.errors import DicomNodeError, PriorError, RoutingError
+from dicom_node.errors import DicomNodeError, PriorError, ProcessingInterrupted, RoutingError
 from dicom_node.handlers import ReceiveContext
 from dicom_node.outputs.derived_pet import is_petnode_output
 from dicom_node.progress import Follow, WriteProgress
@@ -36,10 +38,12 @@ from dicom_node.scp import start_scp
 from dicom_node.series import MULTIFRAME_PET_STORAGE
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
-from dicom_node.state import Payload, SeriesState, SendState, StateDB
+from dicom_node.state import Payload, SeriesState, SendState, default_node_id, open_state
+from dicom_node.web import NodeMetrics, WebServer, start_web
 
 if TYPE_CHECKING:
     from denoisers.models import ModelStore
+    from dicom_node.distributed import RemotePipeline
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +74,21 @@ class Node:
     def __init__(self, settings: NodeSettings, ruleset: RuleSet) -> None:
         self.settings = settings
         self.ruleset = ruleset
-        self.db = StateDB(settings.state_db)
-        self.spool = Spool(settings.data_dir, settings.disk)
+        self.node_id = default_node_id(settings)
+        self.db = open_state(settings, node_id=self.node_id)
+        # A shared database (several nodes, one spool): the database's series lock excludes the other nodes too.
+        self.spool = Spool(settings.data_dir, settings.disk,
+                           series_guard=self.db.series_lock if self.db.shared else None)
         self.models = open_model_store(settings)
         self.decoded = DecodedCache(int(settings.workers.decoded_cache_mb * 2**20))
+        self._stopped = threading.Event()
+        # Distributed processing (distributed.broker_url): jobs run on Celery workers, the node writes and sends.
+        # None: the in-process lanes, and Celery is never imported.
+        self.remote: RemotePipeline | None = None
+        if settings.distributed.enabled:
+            from dicom_node.distributed import RemotePipeline
+
+            self.remote = RemotePipeline(settings, self._stopped)
         self._server: Any = None
         self._scheduler: Any = None
         self._lanes: dict[str, ThreadPoolExecutor] = {}
@@ -81,7 +96,9 @@ class Node:
         self._processing: set[str] = set()
         self._sending: dict[int, dict[str, Any]] = {}  # running sends: id -> row (a destination may run several)
         # Forwarding on receipt: the rule found for each series still arriving (None: not forwarded on receipt),
-        # and the series that received instances since their running send last looked.
+        # and the series that received instances since their running send last looked. Per node: with a shared
+        # database each node knows only its own arrivals; queueing is idempotent in the database, a running send
+        # reads every instance recorded by any node, and completion queues the original again in any case.
         self._receipt: dict[str, Rule | None] = {}
         self._fresh: set[str] = set()
         self.timings: dict[str, dict[str, float]] = {}  # the last series processed: seconds per step
@@ -91,21 +108,54 @@ class Node:
         self._evict_lock = threading.Lock()
         self._lock = threading.Lock()
         self._headers: dict[str, Dataset] = {}
-        self._stopped = threading.Event()
+        self.metrics = NodeMetrics()  # this node's Prometheus registry (dicom_node/web/metrics.py)
+        self._web: WebServer | None = None
+        self._peer_tls: dict[str, Any] = {}  # peer name -> pynetdicom tls_args (its SSL context, host name)
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
 
+    @property
+    def web_port(self) -> int | None:
+        """The status page's port (``web.port``; 0 there picks a free one); None when it is not served."""
+        return self._web.port if self._web is not None else None
+
+    @property
+    def web_url(self) -> str | None:
+        """Where the status page is (``http://127.0.0.1:8080/`` by default); None when it is not served."""
+        return self._web.url if self._web is not None else None
+
+    def readiness(self) -> dict[str, bool]:
+        """What ``/readyz`` checks: the SCP listens, the database answers, the scheduler runs."""
+        try:
+            self.db.series_counts()
+            db_ok = True
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            db_ok = False
+        server, scheduler = self._server, self._scheduler
+        sockets = [s.socket for s in (server.plain, server.tls) if s is not None] if server is not None else []
+        return {"scp": bool(sockets) and not self._stopped.is_set() and all(s.fileno() >= 0 for s in sockets),
+                "database": db_ok, "scheduler": scheduler is not None and bool(scheduler.running)}
+
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS listener's port (``tls.port`` in node.yaml); None without one."""
+        return self._server.tls_port if self._server is not None else None
+
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
 
-        recovered = self.db.recover()
+        shared = self.db.shared
+        # Shared: only this node's own and gone nodes' interrupted work is taken back, never a live node's.
+        recovered = self.db.recover(live_since=time.time() - self.settings.state.node_timeout_s if shared else None)
         if any(recovered.values()):
             logger.warning("recovered after an unclean stop: %d series back to processing, %d sends to retry",
                            recovered["processing"], recovered["sending"])
-        orphans = self.spool.sweep_orphans(self.db.known_paths())
+        # Shared: another node may have written a file it has not recorded yet; only old unknown files go.
+        orphans = self.spool.sweep_orphans(self.db.known_paths(),
+                                           min_age_s=self.settings.state.orphan_grace_s if shared else 0.0)
         if orphans:
             logger.warning("removed %d spool file(s) the database does not know (written by a process that stopped "
                            "before recording them; their C-STOREs were never acknowledged)", len(orphans))
@@ -113,7 +163,7 @@ class Node:
                                                                make_room=self.make_room,
                                                                on_received=self.on_received,
                                                                decoded=self.decoded if self.decoded.max_bytes
-                                                               else None))
+                                                               else None, metrics=self.metrics.stored))
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                             "misfire_grace_time": None})
         now = datetime.now()
@@ -126,10 +176,22 @@ class Node:
         self._scheduler.add_job(self.make_room, "interval", id="disk", next_run_time=now,
                                 seconds=self.settings.disk.pressure_check_interval_s)
         self._scheduler.add_job(self.sweep_stuck, "interval", id="stuck", seconds=60)
+        if shared:
+            self.db.register_node(host=socket.gethostname(), pid=os.getpid(), ae_title=self.settings.ae_title,
+                                  port=self.port)
+            self._scheduler.add_job(self._beat, "interval", id="heartbeat", seconds=self.settings.state.heartbeat_s)
+            logger.info("state shared on %s as node %s (live nodes: %s)", self.db.describe(), self.node_id,
+                        ", ".join(sorted(self.db.live_nodes(time.time() - self.settings.state.node_timeout_s)))
+                        or "none other")
+        if tls.configured_certificates(self.settings):
+            # Expiring certificates: logged now (below) and once a day.
+            self._scheduler.add_job(self.check_certificates, "interval", id="certificates", days=1)
         self._scheduler.start()
         self._warm_up()
+        self._web = start_web(self)  # None when disabled or its port is taken (logged; DICOM goes on)
         from dicom_node import __version__
 
+        self.check_certificates()
         logger.info("petnode %s started: AE %s port %d, data %s, %d rule(s), device %s", __version__,
                     self.settings.ae_title, self.port, self.settings.data_dir, len(self.ruleset.rules),
                     self.settings.device)
@@ -160,12 +222,21 @@ class Node:
         if self._stopped.is_set():
             return  # stopped already (idempotent: tests and signal handlers may both stop)
         self._stopped.set()
+        if self._web is not None:
+            self._web.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         if self._server is not None:
             self._server.shutdown()
         for ex in [*self._lanes.values(), *self._senders.values()]:
             ex.shutdown(wait=True, cancel_futures=True)
+        if self.remote is not None:
+            self.remote.close()
+        if self.db.shared:
+            try:
+                self.db.leave()  # the other nodes may take back at once whatever this one leaves unfinished
+            except Exception:  # noqa: BLE001 - its heartbeat goes stale instead
+                logger.exception("could not leave the shared state database")
         self.db.close()
 
     # --- completion ------------------------------------------------------------------------------------------
@@ -183,8 +254,12 @@ class Node:
     def check_completion(self) -> None:
         """Scheduler job: decide completion of receiving series; queue complete ones for processing."""
         now = time.time()
+        with self._lock:  # shared: what to forget (taken before the listing: later entries are kept)
+            cached = set(self._receipt) | set(self._headers) if self.db.shared else set()
         rows = self.db.list_series([SeriesState.RECEIVING, SeriesState.INCOMPLETE, SeriesState.COMPLETE,
                                     SeriesState.WAITING_PRIOR], limit=10_000)
+        if self.db.shared:
+            self._forget_decided(cached - {r["series_uid"] for r in rows})
         for row in rows:
             uid = row["series_uid"]
             decided = False
@@ -202,6 +277,18 @@ class Node:
                 logger.exception("series=%s: completion check failed", uid)
             if decided and (row["modality"] or "") in ("MR", "CT"):
                 self._wake_waiting()  # a possible prior is here: PET series waiting for one look again
+
+    def _forget_decided(self, uids: set[str]) -> None:
+        """Shared database: series another node decided (or processed) leave this node's caches. Its own decisions
+        clear them as they are made; another node's would otherwise leave a header, a receipt rule and the
+        instances this node decoded behind for every series the other one completed."""
+        for uid in uids:
+            self._headers.pop(uid, None)
+            with self._lock:
+                self._receipt.pop(uid, None)
+                mine = uid in self._processing
+            if not mine:
+                self.decoded.drop_series(uid)
 
     def _check_one(self, row: dict[str, Any], now: float) -> bool:
         """Decide one receiving series; True once it is decided (no longer waiting for instances)."""
@@ -443,6 +530,8 @@ class Node:
 
         if rule.denoiser is None:
             return "cpu:forward", "cpu"  # an operator reprocessing with a forwarding rule: no denoising
+        if self.remote is not None:  # distributed: one lane per queue (cpu, gpu); the worker picks the device
+            return self.remote.lane_for(rule)
         need = registry.get_class(rule.denoiser.name).device_need
         device = resolve_device(rule.device or self.settings.device, need)
         return (device if device.startswith("cuda") else f"cpu:{rule.denoiser.name}"), device
@@ -452,6 +541,8 @@ class Node:
             ex = self._lanes.get(lane)
             if ex is None:
                 workers = 1 if lane.startswith("cuda") else self.settings.workers.cpu
+                if lane.startswith("remote:"):  # these threads wait for Celery workers, then write the outputs
+                    workers = self.settings.distributed.max_in_flight
                 ex = ThreadPoolExecutor(workers, thread_name_prefix=f"petnode-{lane.replace(':', '-')}")
                 self._lanes[lane] = ex
             return ex
@@ -538,10 +629,12 @@ class Node:
                     plan = fallback
             wanted_maps = sorted({f for d in rule.destinations for f in map_formats(d.payloads(True))})
             reader = self.decoded.reader(dcmread)
+            # In-process, or denoised on a Celery worker and written here (the same steps: pipeline.py).
+            pipeline = process_series if self.remote is None else self.remote.process_series
             try:
-                result = process_series(self.db.instance_paths(uid), plan, out_dir, log_id=log_id,
-                                        models=self.models, reader=reader, on_write=start_sends, prior=prior,
-                                        map_formats=wanted_maps)
+                result = pipeline(self.db.instance_paths(uid), plan, out_dir, log_id=log_id,
+                                  models=self.models, reader=reader, on_write=start_sends, prior=prior,
+                                  map_formats=wanted_maps)
             except PriorError as exc:
                 fallback = self._fallback_plan(rule, plan, f"its prior cannot be used: {exc}", log_id)
                 self.db.set_prior(uid, None)
@@ -550,9 +643,9 @@ class Node:
                                       error=f"prior not usable ({exc}); the rule's fallback is no output")
                     self.db.settle_series(uid)
                     return
-                result = process_series(self.db.instance_paths(uid), fallback, out_dir, log_id=log_id,
-                                        models=self.models, reader=reader, on_write=start_sends,
-                                        map_formats=wanted_maps)
+                result = pipeline(self.db.instance_paths(uid), fallback, out_dir, log_id=log_id,
+                                  models=self.models, reader=reader, on_write=start_sends,
+                                  map_formats=wanted_maps)
             if progress is not None:
                 progress.finish()
             now_revision = int((self.db.series(uid) or {}).get("revision") or 0)
@@ -568,6 +661,7 @@ class Node:
                 self.timings[uid] = {**result.timings, "total": time.perf_counter() - t0}
                 while len(self.timings) > 256:
                     self.timings.pop(next(iter(self.timings)))
+            self.metrics.processed(rule.denoiser.name, time.perf_counter() - t0)
             logger.info("%s: %d derived instances written in %.2f s (load %.2f, denoise %.2f, write %.2f)%s%s",
                         log_id, len(result.files), time.perf_counter() - t0, result.timings["load"],
                         result.timings["denoise"], result.timings["write"],
@@ -581,6 +675,8 @@ class Node:
                     f"{m.kind} {m.format} ({len(m.files)} files)" for m in result.map_series))
             self.db.set_state(uid, SeriesState.SENDING, expect=[SeriesState.PROCESSING])
             self.db.settle_series(uid)
+        except ProcessingInterrupted as exc:  # left in processing: recover() queues it again at the restart
+            logger.warning("series=%s: %s; it is processed again when the node starts", uid, exc)
         except RoutingError as exc:
             logger.warning("series=%s: refused: %s", uid, exc)
             self.db.set_state(uid, SeriesState.REFUSED, error=str(exc))
@@ -675,8 +771,9 @@ class Node:
                     files = progress.wait_beyond(0, self._stopped)
                     more = Follow(progress, len(files), self._stopped)
                 elif series.get("state") not in (SeriesState.SENDING, SeriesState.DELIVERED, SeriesState.FAILED):
-                    # Queued by a run that stopped while writing (the node restarted): the output on disk may
-                    # be partial. Back to pending without an attempt; the new run writes it and sends.
+                    # Queued by a run that stopped while writing (the node restarted), or being written by another
+                    # node sharing the database (whose own sender follows its writer): the output on disk may be
+                    # partial. Back to pending without an attempt; the writing run sends it.
                     self.db.requeue_send(row["id"], delay_s=self.settings.send.poll_interval_s)
                     return
                 elif kind is Payload.MAPS:
@@ -686,6 +783,7 @@ class Node:
                     files = sorted(Path(series["output_dir"]).glob("*.dcm")) if series.get("output_dir") else []
             if not files:
                 report = scu.SendReport(total=row["total"], error=f"no {kind.value} files on disk (purged?)")
+                self.metrics.sent(dest, None, ok=False)
             else:
                 t0 = time.perf_counter()
                 confirmed = self.db.confirmed_for(dest, uid)
@@ -693,6 +791,7 @@ class Node:
                 remember = (functools.partial(self.db.remember_forwards, dest, forwarded_to, uid)
                             if forwarded_to is not None else None)
                 report = scu.send_files(files, row["ae_title"], row["host"], row["port"],
+                                        tls_args=self._tls_args(row["ae_title"], row["host"], row["port"]),
                                         calling_ae=self.settings.ae_title, timeout_s=self.settings.send.timeout_s,
                                         already_stored=confirmed, more=more, before_sending=remember,
                                         on_stored=lambda sop: self.db.confirm_sent(dest, uid, [sop]))
@@ -701,6 +800,7 @@ class Node:
                                     if progress.error else "stopped while the derived series was written")
                 logger.info("series=%s dest=%s %s: %s in %.2f s", uid, dest, kind.value, report.summary(),
                             time.perf_counter() - t0)
+                self.metrics.sent(dest, time.perf_counter() - t0, ok=report.ok)
             now = time.time()
             retry_at = None if report.ok else self.retry_at(row, attempts, now)
             state = self.db.finish_send(row["id"], ok=report.ok, sent=report.sent,
@@ -709,6 +809,7 @@ class Node:
             self._log_attempt(uid, dest, state, attempts, report.summary(), retry_at)
         except Exception as exc:  # noqa: BLE001 - the crash path obeys the same retry policy as a failed send
             logger.exception("series=%s dest=%s: send crashed", uid, dest)
+            self.metrics.sent(dest, None, ok=False)
             try:
                 retry_at = self.retry_at(row, attempts, time.time())
                 reason = f"internal error: {type(exc).__name__}: {exc}"
@@ -730,6 +831,31 @@ class Node:
                 logger.info("series=%s: delivered to every destination", uid)
         except Exception:  # noqa: BLE001
             logger.exception("series=%s: could not settle the series state", uid)
+
+    def _tls_args(self, ae_title: str, host: str, port: int) -> Any:
+        """TLS for a send when the destination is a peer configured with ``tls`` (a send row keeps only the
+        address: return_to_sender, peer and address destinations alike); one context per peer, reused."""
+        peer = tls.peer_at(self.settings, ae_title, host, port)
+        if peer is None or peer.tls is None:
+            return None
+        with self._lock:
+            cached = self._peer_tls.get(peer.name)
+        if cached is None:
+            cached = tls.tls_args(peer)
+            with self._lock:
+                self._peer_tls[peer.name] = cached
+        return cached
+
+    def _beat(self) -> None:
+        """Scheduler job (shared database): this node is alive, its work in progress stays its own."""
+        try:
+            self.db.beat()
+        except Exception:  # noqa: BLE001 - the database may be away for a moment; the next beat tries again
+            logger.exception("could not record this node's heartbeat in the shared state database")
+
+    def check_certificates(self) -> None:
+        """Scheduler job (daily, and at start): expired and soon-expiring TLS certificates in the log."""
+        tls.log_expiry(self.settings)
 
     def _log_attempt(self, uid: str, dest: str, state: SendState, attempts: int, summary: str,
                      retry_at: float | None) -> None:
@@ -779,20 +905,32 @@ class Node:
 
         A series in ``processing`` that no worker holds, or a send in ``sending`` that no sender runs, has been
         left behind; after ``stuck_after_s`` it goes back to ``complete`` / ``pending`` and runs again.
+
+        A shared database: this node's in-memory view only covers its own work. Work another live node owns is
+        never touched (its workers are not in ``_processing``); work of a node that is gone (no heartbeat for
+        ``state.node_timeout_s``) is taken back at once.
         """
         now = time.time() if now is None else now
         limit = self.settings.workers.stuck_after_s
         with self._lock:
             processing, sending_ids = set(self._processing), set(self._sending)
         reset = {"processing": 0, "sending": 0}
+        live = self.db.live_nodes(time.time() - self.settings.state.node_timeout_s) if self.db.shared else set()
+
+        def left_behind(owner: str | None, mine: bool, updated_at: float) -> bool:
+            if self.db.shared and owner is not None and owner != self.db.node_id:
+                return owner not in live  # another node's: only once it is gone
+            return not mine and now - updated_at > limit
+
         for row in self.db.list_series([SeriesState.PROCESSING], limit=100_000):
-            if row["series_uid"] not in processing and now - row["updated_at"] > limit:
+            if left_behind(row.get("owner"), row["series_uid"] in processing, row["updated_at"]):
                 if self.db.set_state(row["series_uid"], SeriesState.COMPLETE, expect=[SeriesState.PROCESSING]):
                     reset["processing"] += 1
                     logger.warning("series=%s: left in processing by a worker that is gone; queued again",
                                    row["series_uid"])
         for send in self.db.sends():
-            if send["state"] == "sending" and send["id"] not in sending_ids and now - send["updated_at"] > limit:
+            if send["state"] == "sending" and left_behind(send.get("owner"), send["id"] in sending_ids,
+                                                          send["updated_at"]):
                 if self.db.requeue_send(send["id"]):
                     reset["sending"] += 1
                     logger.warning("series=%s dest=%s: send left in sending by a sender that is gone; queued "

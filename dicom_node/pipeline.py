@@ -249,34 +249,42 @@ def denoise_volume(volume: PetVolume, plan: Plan, weights: Path | None = None, *
     return result, stochastic
 
 
-def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: str = "",
-                   models: ModelStore | None = None, reader: Callable[[Path], Any] | None = None,
-                   on_write: Callable[[str, int], Callable[[Path], None] | None] | None = None,
-                   prior: PriorRequest | None = None, map_formats: Sequence[str] = ("sc", "pm"),
-                   maps_dir: Path | None = None) -> ProcessResult:
-    """Load, denoise, check and write; raises :class:`DicomNodeError` (or a denoiser error) on failure.
+@dataclass(frozen=True)
+class Denoised:
+    """What the denoise step hands the write step: the method's result and what the provenance says about it.
 
-    ``reader`` reads one instance (default: from disk); the node's takes what the C-STORE handler decoded.
-    ``on_write(output_series_uid, count)`` is called once the output is checked, just before its files are
-    written; what it returns is called with each file as it is written (the node starts its sends there).
-    ``prior``: the MR/CT series to read, put on the PET grid (:mod:`dicom_node.priors`; a prior that cannot be
-    used raises :class:`dicom_node.errors.PriorError`, on which the node applies the rule's fallback) and give
-    the method. ``map_formats``: the DICOM forms ("sc" Secondary Capture, "pm" Parametric Map) the method's maps
-    are written in (none: only the .npy beside the derived series), each series in its own folder under
-    ``maps_dir`` (default ``out_dir / "maps"``): ``<kind>/<format>/``.
+    In-process it goes straight from :func:`denoise_series` to :func:`write_series`; in the distributed mode
+    (:mod:`dicom_node.distributed`) a worker makes it and the node reads it back from the worker's results file.
     """
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    volume = load_pet_series(paths, spacing_tolerance=plan.spacing_tolerance, reader=reader)
-    timings["load"] = time.perf_counter() - t0
 
+    result: DenoiseResult
+    stochastic: bool
+    seed: int
+    inputs: tuple[str, ...]  # what the method was given (offered_inputs): part of the output UIDs with a prior
+    model_version: str | None = None
+    prior_info: dict[str, Any] = field(default_factory=dict)  # how the prior was put on the PET grid
+    prior_series_uid: str | None = None
+    prior_study_uid: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # prior, denoise
+
+
+def load_series(paths: Sequence[Path], plan: Plan, *, reader: Callable[[Path], Any] | None = None,
+                log_id: str = "") -> PetVolume:
+    """Load the PET volume a plan processes; refuses a non-quantitative series when the rule says so."""
+    volume = load_pet_series(paths, spacing_tolerance=plan.spacing_tolerance, reader=reader)
     if not volume.is_quantitative:
         why = volume.suv_problem or f"Units are {volume.units!r}, not BQML"
         if plan.non_quantitative == "refuse":
             raise RoutingError(f"rule {plan.route!r} refuses non-quantitative series: {why}")
         logger.warning("%s: series is not quantitative (%s); processing in its own units %r as the rule "
                        "allows", log_id, why, volume.units)
+    return volume
 
+
+def denoise_series(volume: PetVolume, plan: Plan, *, models: ModelStore | None = None,
+                   prior: PriorRequest | None = None, log_id: str = "") -> Denoised:
+    """Put the prior (if any) on the PET grid, resolve the model, and run the plan's denoiser."""
+    timings: dict[str, float] = {}
     prepared = None
     prior_study_uid: str | None = None
     if prior is not None:
@@ -296,43 +304,55 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
     t0 = time.perf_counter()
     result, stochastic = denoise_volume(volume, plan, resolved.weights_path if resolved else None, seed=seed,
                                         inputs=inputs, model=resolved)
-    denoised = result.denoised
     timings["denoise"] = time.perf_counter() - t0
+    return Denoised(result=result, stochastic=stochastic, seed=seed, inputs=tuple(sorted(provided)),
+                    model_version=resolved.ref if resolved else None, prior_info=_prior_info(prepared),
+                    prior_series_uid=prepared.series_uid if prepared is not None else None,
+                    prior_study_uid=prior_study_uid, timings=timings)
 
-    ratio = _activity_ratio(volume.array, denoised)
-    finite = bool(np.isfinite(np.sum(denoised, dtype=np.float64)))  # a NaN or inf anywhere; no boolean copy
+
+def write_series(volume: PetVolume, plan: Plan, denoised: Denoised, out_dir: Path, *, log_id: str = "",
+                 on_write: Callable[[str, int], Callable[[Path], None] | None] | None = None,
+                 map_formats: Sequence[str] = ("sc", "pm"), maps_dir: Path | None = None) -> ProcessResult:
+    """Check the denoised volume (finite, total activity kept) and write the derived series and the maps.
+
+    ``timings`` of the result hold ``write`` and the denoise step's own.
+    """
+    result = denoised.result
+    ratio = _activity_ratio(volume.array, result.denoised)
+    finite = bool(np.isfinite(np.sum(result.denoised, dtype=np.float64)))  # a NaN or inf anywhere; no copy
     if not finite or abs(ratio - 1.0) > MAX_ACTIVITY_CHANGE:
         raise DicomNodeError(f"denoiser {plan.denoiser!r} changed total activity by "
                              f"{100 * (ratio - 1):+.2f} % (limit {100 * MAX_ACTIVITY_CHANGE:.0f} %): "
                              "output withheld")
     if volume.suv_factor is not None:
         logger.info("%s device=%s: SUVmax %.2f -> %.2f, total activity ratio %.5f", log_id, plan.device,
-                    float(volume.array.max()) * volume.suv_factor, float(denoised.max()) * volume.suv_factor,
-                    ratio)
+                    float(volume.array.max()) * volume.suv_factor,
+                    float(result.denoised.max()) * volume.suv_factor, ratio)
 
     provenance = Provenance(
         method=plan.denoiser,
         params=dict(plan.params),
         route=plan.route,
-        model_version=resolved.ref if resolved else None,
+        model_version=denoised.model_version,
         series_description_suffix=plan.series_description_suffix,
         series_number_offset=plan.series_number_offset,
         source_revision=plan.source_revision,
-        info=_json_safe({**dict(result.info or {}), **_prior_info(prepared)}),
-        seed=seed,
-        stochastic=stochastic,
-        inputs=tuple(sorted(provided)),
-        prior_series_uid=prepared.series_uid if prepared is not None else None,
-        prior_study_uid=prior_study_uid,
+        info=_json_safe({**dict(result.info or {}), **denoised.prior_info}),
+        seed=denoised.seed,
+        stochastic=denoised.stochastic,
+        inputs=denoised.inputs,
+        prior_series_uid=denoised.prior_series_uid,
+        prior_study_uid=denoised.prior_study_uid,
     )
     output_uid = derived_series_uid(volume.series_uid, provenance)
     on_written = on_write(output_uid, len(volume.headers)) if on_write is not None else None
     t0 = time.perf_counter()
-    files = write_derived_pet(volume, denoised, out_dir, provenance, on_written=on_written)
+    files = write_derived_pet(volume, result.denoised, out_dir, provenance, on_written=on_written)
     maps = _save_maps(result, out_dir)
     map_series = (write_maps(volume, result, output_uid, provenance, maps_dir or out_dir / "maps", map_formats)
                   if map_formats else [])
-    timings["write"] = time.perf_counter() - t0
+    timings = {**denoised.timings, "write": time.perf_counter() - t0}
 
     return ProcessResult(
         output_series_uid=output_uid,
@@ -341,11 +361,40 @@ def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: 
         activity_ratio=ratio,
         quantitative=volume.is_quantitative,
         info=dict(provenance.info),
-        seed=seed,
+        seed=denoised.seed,
         maps=maps,
         map_series=map_series,
         prior_series_uid=provenance.prior_series_uid,
     )
+
+
+def process_series(paths: Sequence[Path], plan: Plan, out_dir: Path, *, log_id: str = "",
+                   models: ModelStore | None = None, reader: Callable[[Path], Any] | None = None,
+                   on_write: Callable[[str, int], Callable[[Path], None] | None] | None = None,
+                   prior: PriorRequest | None = None, map_formats: Sequence[str] = ("sc", "pm"),
+                   maps_dir: Path | None = None) -> ProcessResult:
+    """Load, denoise, check and write; raises :class:`DicomNodeError` (or a denoiser error) on failure.
+
+    ``reader`` reads one instance (default: from disk); the node's takes what the C-STORE handler decoded.
+    ``on_write(output_series_uid, count)`` is called once the output is checked, just before its files are
+    written; what it returns is called with each file as it is written (the node starts its sends there).
+    ``prior``: the MR/CT series to read, put on the PET grid (:mod:`dicom_node.priors`; a prior that cannot be
+    used raises :class:`dicom_node.errors.PriorError`, on which the node applies the rule's fallback) and give
+    the method. ``map_formats``: the DICOM forms ("sc" Secondary Capture, "pm" Parametric Map) the method's maps
+    are written in (none: only the .npy beside the derived series), each series in its own folder under
+    ``maps_dir`` (default ``out_dir / "maps"``): ``<kind>/<format>/``.
+
+    The three steps (:func:`load_series`, :func:`denoise_series`, :func:`write_series`) are the ones the
+    distributed mode splits between a worker (load, denoise) and the node (load, write).
+    """
+    t0 = time.perf_counter()
+    volume = load_series(paths, plan, reader=reader, log_id=log_id)
+    load_s = time.perf_counter() - t0
+    denoised = denoise_series(volume, plan, models=models, prior=prior, log_id=log_id)
+    result = write_series(volume, plan, denoised, out_dir, log_id=log_id, on_write=on_write,
+                          map_formats=map_formats, maps_dir=maps_dir)
+    result.timings["load"] = load_s
+    return result
 
 
 # How each kind of map is shown in its Secondary Capture (a fixed window, the same for every patient): the

@@ -6,13 +6,20 @@ Connection limits are ours, not pynetdicom's: pynetdicom counts every acceptor t
 network timeout. Here a connection only takes an association slot once its A-ASSOCIATE-RQ arrives
 (:func:`dicom_node.handlers.handle_requested`); before that it must send the request within
 ``association_request_timeout_s``, and one remote address may hold at most ``max_connections_per_host`` of them.
+
+With ``tls.port`` a second listener speaks DICOM over TLS (dicom_node/tls.py) with the same handlers, limits and
+state; its handshake runs on the connection's own thread under the same request timeout, and a client
+certificate mapped to calling AE titles (``tls.client_ae_titles``) is checked before the usual AE-title checks.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +27,13 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from dicom_node import tls
 from dicom_node.handlers import (
     ReceiveContext,
+    _calling_ae_of,
+    _peer,
+    _reject,
+    called_ae_of,
     handle_accepted,
     handle_conn_close,
     handle_conn_open,
@@ -104,6 +116,8 @@ class _GuardedRequestHandler(RequestHandler):
         peer = f"{self.client_address[0]}:{self.client_address[1]}"
         started = False
         try:
+            if isinstance(self.request, ssl.SSLSocket) and not self._tls_handshake(peer, guard.request_timeout_s):
+                return
             assoc = self._create_association()
             opened = time.monotonic()
             run = assoc.run
@@ -126,6 +140,32 @@ class _GuardedRequestHandler(RequestHandler):
             if not started:  # the association thread never ran: give its slot back here
                 guard.close_connection(host, None)
 
+    def _tls_handshake(self, peer: str, timeout_s: float) -> bool:
+        """The TLS handshake, on this connection's own thread and within the association request timeout; a
+        failed one (plain DICOM to the TLS port, an untrusted or expired certificate, TLS < 1.2) closes the
+        connection with the reason logged."""
+        sock: ssl.SSLSocket = self.request  # type: ignore[assignment]
+        previous = sock.gettimeout()
+        sock.settimeout(timeout_s)
+        try:
+            sock.do_handshake()
+        except ssl.SSLError as exc:
+            logger.warning("TLS connection from %s refused: %s", peer, tls.explain_handshake_error(exc))
+        except OSError as exc:  # timeout or reset before the handshake finished
+            logger.warning("TLS connection from %s closed before its handshake finished: %s", peer,
+                           exc or type(exc).__name__)
+        else:
+            sock.settimeout(previous)
+            names = tls.certificate_names(sock.getpeercert())
+            logger.info("TLS connection from %s: %s %s, client certificate %s", peer, sock.version(),
+                        (sock.cipher() or ("?",))[0], repr(names[0]) if names else "none")
+            return True
+        try:
+            sock.close()
+        except OSError:  # pragma: no cover - already gone
+            pass
+        return False
+
 
 class GuardedAssociationServer(ThreadedAssociationServer):
     """The threaded association server with per-address and total connection limits."""
@@ -134,6 +174,24 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     # Listen backlog. socketserver's default of 5 makes a burst of connections (idle ones included) wait in SYN
     # retries of 1 s, 3 s ... before we even see them, a scanner's among them.
     request_queue_size = 128
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept a connection; on the TLS listener wrap it without the handshake.
+
+        pynetdicom does the handshake right here, in the accept loop: one client that connects to the TLS port
+        and sends nothing would stop the server from accepting anyone, and the connection limits would only
+        count connections that got through it. Here the handshake runs on the connection's own thread
+        (``_GuardedRequestHandler._tls_handshake``), after the limits, within ``association_request_timeout_s``.
+        """
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            try:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the handshake's round trips too
+            except OSError:  # pragma: no cover - not a TCP socket
+                pass
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])
@@ -159,8 +217,70 @@ def make_ae(settings: NodeSettings) -> AE:
     return ae
 
 
-def start_scp(settings: NodeSettings, ctx: ReceiveContext) -> GuardedAssociationServer:
-    """Start listening (non-blocking); ``server.server_address[1]`` is the port (useful with port 0)."""
+def handle_tls_requested(event: Any, ctx: ReceiveContext, client_ae_titles: Mapping[str, Sequence[str]]) -> None:
+    """An A-ASSOCIATE-RQ on the TLS listener: the client certificate must allow the calling AE title
+    (``tls.client_ae_titles``), then the same checks as on the plain port (:func:`handle_requested`)."""
+    assoc = event.assoc
+    try:
+        calling = _calling_ae_of(assoc)
+        try:
+            peercert = assoc.dul.socket.socket.getpeercert()
+        except (AttributeError, OSError, ValueError):
+            peercert = None
+        why = tls.check_calling_ae(calling, peercert, client_ae_titles)
+        if why is not None:
+            logger.warning("association rejected from calling AE %r at %s over TLS (called AE %r): %s", calling,
+                           _peer(assoc), called_ae_of(assoc), why)
+            _reject(assoc, 0x01, 0x01, 0x03)  # rejected-permanent, service user, calling AE not recognised
+            return
+    except Exception:  # noqa: BLE001 - a handler never raises; an unexpected error rejects transiently
+        logger.exception("TLS association request from %s could not be checked; rejected", _peer(assoc))
+        if not assoc.is_rejected and not assoc.is_aborted:
+            _reject(assoc, 0x02, 0x02, 0x01)
+        return
+    handle_requested(event, ctx)
+
+
+@dataclass
+class Listeners:
+    """The node's listeners: the plain port, the TLS port, or both, sharing handlers, limits and state."""
+
+    plain: GuardedAssociationServer | None
+    tls: GuardedAssociationServer | None
+    guard: ConnectionGuard
+
+    @property
+    def server_address(self) -> Any:
+        """The plain listener's address, or the TLS one's when there is no plain port."""
+        server = self.plain or self.tls
+        assert server is not None
+        return server.server_address
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        return int(self.tls.server_address[1]) if self.tls is not None else None
+
+    def shutdown(self) -> None:
+        for server in (self.plain, self.tls):
+            if server is not None:
+                server.shutdown()
+
+
+def _serve(ae: AE, server: GuardedAssociationServer, guard: ConnectionGuard, kind: str) -> None:
+    server.guard = guard
+    thread = threading.Thread(target=server.serve_forever, name=f"petnode-scp{kind}-{server.server_address[1]}",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so ae.shutdown() finds it, as with ae.start_server
+
+
+def start_scp(settings: NodeSettings, ctx: ReceiveContext) -> Listeners:
+    """Start listening (non-blocking): the plain port and, with ``tls.port``, the TLS port (instead of the plain
+    one when ``tls.plain_port_enabled`` is false). ``listeners.port`` / ``tls_port`` are the ports (port 0)."""
     ae = make_ae(settings)
     guard = ConnectionGuard(max_connections=settings.max_connections, max_per_host=settings.max_connections_per_host,
                             max_associations=settings.max_associations,
@@ -176,12 +296,31 @@ def start_scp(settings: NodeSettings, ctx: ReceiveContext) -> GuardedAssociation
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ctx]),
     ]
-    server = ae.make_server((settings.bind_address, settings.port), evt_handlers=handlers,
-                            server_class=GuardedAssociationServer, request_handler=_GuardedRequestHandler)
-    server.guard = guard
-    thread = threading.Thread(target=server.serve_forever, name=f"petnode-scp-{server.server_address[1]}",
-                              daemon=True)
-    thread.start()
-    ae._servers.append(server)  # so ae.shutdown() finds it, as with ae.start_server
-    logger.info("listening as %s on %s:%d", settings.ae_title, settings.bind_address, server.server_address[1])
-    return server
+    tls_settings = settings.tls
+    plain = secure = None
+    try:
+        if tls_settings.plain_port_enabled:
+            plain = ae.make_server((settings.bind_address, settings.port), evt_handlers=handlers,
+                                   server_class=GuardedAssociationServer, request_handler=_GuardedRequestHandler)
+            _serve(ae, plain, guard, "")
+            logger.info("listening as %s on %s:%d", settings.ae_title, settings.bind_address,
+                        plain.server_address[1])
+        if tls_settings.port is not None:
+            tls_handlers = [h if h[0] is not evt.EVT_REQUESTED else
+                            (evt.EVT_REQUESTED, handle_tls_requested, [ctx, dict(tls_settings.client_ae_titles)])
+                            for h in handlers]
+            secure = ae.make_server((settings.bind_address, tls_settings.port), evt_handlers=tls_handlers,
+                                    ssl_context=tls.server_context(tls_settings),
+                                    server_class=GuardedAssociationServer, request_handler=_GuardedRequestHandler)
+            _serve(ae, secure, guard, "-tls")
+            logger.info("listening as %s on %s:%d over TLS (%s; client certificates %s%s)", settings.ae_title,
+                        settings.bind_address, secure.server_address[1], tls.TLS_PROFILE_NAME,
+                        "required" if tls_settings.require_client_cert else "optional",
+                        f", {len(tls_settings.client_ae_titles)} mapped to AE titles"
+                        if tls_settings.client_ae_titles else "")
+    except BaseException:
+        for server in (plain, secure):
+            if server is not None:
+                server.shutdown()
+        raise
+    return Listeners(plain=plain, tls=secure, guard=guard)

@@ -11,6 +11,7 @@ Retries live in the scheduler (``node.py``); this module only reports exactly wh
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -136,7 +137,8 @@ def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, ca
                timeout_s: float = 30.0, already_stored: Collection[str] = (),
                on_stored: Callable[[str], None] | None = None,
                more: Callable[[], Sequence[Path]] | None = None,
-               before_sending: Callable[[list[str]], None] | None = None) -> SendReport:
+               before_sending: Callable[[list[str]], None] | None = None,
+               tls_args: tuple[ssl.SSLContext, str] | None = None) -> SendReport:
     """C-STORE ``paths`` to ``ae_title@host:port`` over one association; never raises for network trouble.
 
     Files whose SOP Instance UID is in ``already_stored`` (acknowledged by an earlier attempt) are not sent
@@ -145,6 +147,7 @@ def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, ca
     these are sent; what it adds goes out on the same association, until it adds nothing (forwarding a series
     while it still arrives). ``before_sending(uids)`` is called with each batch of SOP Instance UIDs before any of
     them goes out (the loop guard remembers a forward before the destination can route it back).
+    ``tls_args`` (an SSL context and the host name to check, :func:`dicom_node.tls.tls_args`): over TLS.
     """
     report = SendReport(total=len(paths))
     if not paths:
@@ -168,13 +171,13 @@ def send_files(paths: Sequence[Path], ae_title: str, host: str, port: int, *, ca
         report.error = f"too many SOP classes and transfer syntaxes in one send ({len(wanted)})"
         return report
     try:
-        assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)])
+        assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)],
+                             tls_args=tls_args)
     except Exception as exc:  # noqa: BLE001 - socket errors surface in several forms
         report.error = f"cannot connect: {exc}"
         return report
     if not assoc.is_established:
-        report.error = ("association rejected by the peer" if assoc.is_rejected else
-                        "no association: peer unreachable, connection refused, or aborted")
+        report.error = _no_association(assoc, host, port, tls_args, timeout_s)
         return report
     keep_responses_for_caller(assoc)
     accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cx for cx in assoc.accepted_contexts}
@@ -251,17 +254,33 @@ def _store_one(assoc: Any, path: Path, sop_class: str, syntax: str, uid: str, ac
     return True
 
 
-def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "PETNODE", timeout_s: float = 10.0) -> str | None:
-    """C-ECHO; None when the peer answered success, else why not."""
+def _no_association(assoc: Any, host: str, port: int, tls_args: tuple[ssl.SSLContext, str] | None,
+                    timeout_s: float) -> str:
+    """Why an association did not come up; over TLS the handshake is tried once more to say why it failed
+    (pynetdicom only logs it)."""
+    if assoc.is_rejected:
+        return "association rejected by the peer"
+    if tls_args is not None:
+        from dicom_node.tls import handshake_problem
+
+        problem = handshake_problem(host, port, tls_args, timeout_s)
+        if problem is not None:
+            return f"no association: {problem}"
+    return "no association: peer unreachable, connection refused, or aborted"
+
+
+def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "PETNODE", timeout_s: float = 10.0,
+         tls_args: tuple[ssl.SSLContext, str] | None = None) -> str | None:
+    """C-ECHO (over TLS with ``tls_args``); None when the peer answered success, else why not."""
     ae = _make_ae(calling_ae, timeout_s)
     ae.add_requested_context(Verification)
     try:
-        assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)])
+        assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)],
+                             tls_args=tls_args)
     except Exception as exc:  # noqa: BLE001
         return f"cannot connect: {exc}"
     if not assoc.is_established:
-        return ("association rejected by the peer" if assoc.is_rejected else
-                "no association: peer unreachable, connection refused, or aborted")
+        return _no_association(assoc, host, port, tls_args, timeout_s)
     keep_responses_for_caller(assoc)
     try:
         status = assoc.send_c_echo()

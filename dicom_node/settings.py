@@ -40,6 +40,85 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _certificate_file(value: Path | None) -> Path | None:
+    from dicom_node.tls import read_certificates
+
+    if value is not None:
+        read_certificates(value)
+    return value
+
+
+def _key_file(value: Path | None) -> Path | None:
+    from dicom_node.tls import read_private_key
+
+    if value is not None:
+        read_private_key(value)
+    return value
+
+
+CertificateFile = Annotated[Path, AfterValidator(_certificate_file)]
+KeyFile = Annotated[Path, AfterValidator(_key_file)]
+
+
+class PeerTls(_Frozen):
+    """TLS to one peer (dicom_node/tls.py has the profile): its certificate is verified against ``ca`` (the
+    system's trusted CAs when omitted); ``cert``/``key``, when given, are presented as our client certificate.
+
+    ``check_hostname``: the peer's certificate must name ``host`` (DNS name or IP address in its subject
+    alternative names), as RFC 9325 asks. Turn it off only for a peer whose certificate, from a private CA of
+    its own, does not carry its address: the CA then is the only check.
+    """
+
+    ca: CertificateFile | None = None
+    cert: CertificateFile | None = None
+    key: KeyFile | None = None
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> PeerTls:
+        from dicom_node.tls import check_pair
+
+        check_pair(self.cert, self.key)
+        return self
+
+
+class TlsSettings(_Frozen):
+    """DICOM TLS of the node: a TLS listener on ``port`` beside the plain one (or instead of it), and when
+    certificates expire. The default (no port) leaves TLS off; peers have their own ``tls`` for sends.
+
+    ``client_ae_titles`` maps a client certificate's subject Common Name (or a DNS / e-mail subject alternative
+    name) to the calling AE titles it may use; when it is not empty every TLS caller must present a mapped
+    certificate and call as one of its titles, else A-ASSOCIATE-RJ.
+    """
+
+    port: int | None = Field(None, ge=0, le=65535)  # None: no TLS listener; 0: any free port (tests)
+    cert: CertificateFile | None = None
+    key: KeyFile | None = None
+    ca: CertificateFile | None = None  # CAs whose client certificates are trusted
+    require_client_cert: bool = True
+    client_ae_titles: dict[str, tuple[AETitle, ...]] = {}
+    plain_port_enabled: bool = True  # False: only the TLS port listens
+    expiry_warning_days: int = Field(30, ge=0, le=3650)  # own and peers' certificates: WARNING this close
+
+    @model_validator(mode="after")
+    def _listener(self) -> TlsSettings:
+        from dicom_node.tls import check_pair
+
+        check_pair(self.cert, self.key)
+        if self.port is None:
+            if not self.plain_port_enabled:
+                raise ValueError("plain_port_enabled is false but no TLS port is set: the node would not listen")
+            return self
+        if self.cert is None:
+            raise ValueError(f"a TLS port ({self.port}) needs cert and key")
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs ca (the CAs whose client certificates are trusted); set "
+                             "require_client_cert: false to accept clients without one")
+        if self.client_ae_titles and self.ca is None:
+            raise ValueError("client_ae_titles needs ca: only verified client certificates name a caller")
+        return self
+
+
 class Peer(_Frozen):
     """A DICOM application entity petnode knows: a destination, or a sender to return results to."""
 
@@ -50,6 +129,7 @@ class Peer(_Frozen):
     # Calling AE titles this peer uses when it sends to petnode, when they differ from ``ae_title`` (a PACS that
     # sends under another title): instances petnode forwarded to it that come back under these are recognised.
     sends_as: tuple[AETitle, ...] = ()
+    tls: PeerTls | None = None  # None: plain TCP
 
     def calls_as(self, calling_ae: str) -> bool:
         """Whether an association calling as ``calling_ae`` comes from this peer."""
@@ -132,6 +212,120 @@ class RetentionSettings(_Frozen):
     interval_min: float = Field(60.0, gt=0)
 
 
+class WebSettings(_Frozen):
+    """The status page, ``/metrics`` (Prometheus) and ``/healthz`` / ``/readyz`` (dicom_node/web/).
+
+    Bound to loopback by default, where no login is asked. Anywhere else a login is required: ``token`` (sent as
+    ``Authorization: Bearer <token>``, or as the password of HTTP basic auth in a browser) and/or ``user`` with
+    ``password_sha256`` (hex SHA-256 of the password; ``password`` in clear is accepted too). Every route but
+    ``/healthz`` and ``/readyz`` then needs it.
+    """
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)  # 0 = any free port (tests; Node.web_port says which)
+    token: str | None = Field(None, min_length=16, repr=False)
+    user: str | None = Field(None, min_length=1, pattern=r"^[^:\s]+$")
+    password_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", repr=False)
+    password: str | None = Field(None, min_length=8, repr=False)
+    refresh_s: float = Field(5.0, ge=0, le=3600)  # the page reloads itself this often; 0: never
+
+    @model_validator(mode="after")
+    def _login(self) -> WebSettings:
+        import ipaddress
+
+        if self.password is not None and self.password_sha256 is not None:
+            raise ValueError("give web.password or web.password_sha256, not both")
+        if (self.user is None) != (self.password is None and self.password_sha256 is None):
+            raise ValueError("web.user needs web.password_sha256 (or web.password), and they need web.user")
+        try:
+            loopback = self.bind_address == "localhost" or ipaddress.ip_address(self.bind_address).is_loopback
+        except ValueError:
+            loopback = False  # a host name: it may resolve beyond this machine
+        if self.enabled and not loopback and self.token is None and self.user is None:
+            raise ValueError(f"web.bind_address {self.bind_address!r} is not loopback: the status page then needs "
+                             "a login (set web.token, or web.user and web.password_sha256)")
+        return self
+
+    @property
+    def needs_login(self) -> bool:
+        return self.token is not None or self.user is not None
+
+
+class DistributedSettings(_Frozen):
+    """Processing on Celery workers on other machines (``petnode worker``), with a Redis broker.
+
+    ``broker_url`` None (the default): processing runs in the node's own lanes, and Celery is never imported.
+    With a broker, each job goes to the queue of its lane (``queues.cpu`` or ``queues.gpu``); workers read the
+    series from ``shared_root`` (a network file system every worker mounts; default: the node's ``data_dir``)
+    and write the denoised volume back there; the node writes the derived series and sends it, as it does
+    in-process (see ``dicom_node/distributed.py`` and ``docs/scaling.md``).
+    """
+
+    broker_url: str | None = Field(None, pattern=r"^rediss?://")  # redis://host:6379/0
+    # Where results are kept (Celery result backend); None: the broker's Redis.
+    result_backend_url: str | None = Field(None, pattern=r"^rediss?://")
+    # The node's data directory as every worker sees it (absolute); None: data_dir (node and workers on one
+    # machine, or the same mount point everywhere).
+    shared_root: Path | None = None
+    # A job a worker took but never acknowledged (the worker died) goes back on the queue after this long. Longer
+    # than the slowest job: a job still running when it expires is run a second time (harmless, but wasted).
+    visibility_timeout_s: float = Field(1800.0, gt=0)
+    # The node gives a job up (series failed, `petnode series retry` runs it again) after waiting this long.
+    result_timeout_s: float = Field(7200.0, gt=0)
+    # Jobs the node has on the queues at once (each waits in a node thread): the workers' total concurrency or
+    # a little more.
+    max_in_flight: int = Field(16, ge=1, le=1024)
+    queues: dict[Literal["cpu", "gpu"], str] = Field(
+        default_factory=lambda: {"cpu": "petnode.cpu", "gpu": "petnode.gpu"})
+
+    @model_validator(mode="after")
+    def _check(self) -> DistributedSettings:
+        if self.shared_root is not None and not self.shared_root.is_absolute():
+            raise ValueError(f"distributed.shared_root {str(self.shared_root)!r} must be an absolute path (workers "
+                             "on other machines resolve it)")
+        if set(self.queues) != {"cpu", "gpu"}:
+            raise ValueError(f"distributed.queues {dict(self.queues)!r} must name both lanes, cpu and gpu")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.broker_url is not None
+
+
+class StateSettings(_Frozen):
+    """Where the state database lives, and how nodes sharing one behave (``dicom_node/state.py``).
+
+    ``database_url`` None (the default): ``<data_dir>/state.sqlite3``, one node. ``postgresql://user@host/db``
+    (psycopg 3): several nodes behind one address share one state and one spool; every node must then see the
+    same ``data_dir`` at the same path (shared storage), since the database records absolute file paths.
+    """
+
+    database_url: str | None = None
+    # This node's name among those sharing the database (unique per node; stable across restarts, so a node
+    # restarted after a crash takes its own interrupted work back at once). None: <host name>:<port>, plus the
+    # process id when the port is 0.
+    node_id: str | None = Field(None, min_length=1, max_length=200)
+    # Shared database only: how often a node says it is alive, and after how long without a heartbeat the others
+    # take its interrupted work (processing, sends) back.
+    heartbeat_s: float = Field(10.0, gt=0)
+    node_timeout_s: float = Field(60.0, gt=0)
+    # Shared database only: at start, spool files the database does not know are removed only when older than
+    # this (another node may have just written one it has not recorded yet).
+    orphan_grace_s: float = Field(3600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> StateSettings:
+        from dicom_node.database import check_url
+
+        if self.database_url is not None:
+            check_url(self.database_url)
+        if self.node_timeout_s <= self.heartbeat_s:
+            raise ValueError(f"state.node_timeout_s ({self.node_timeout_s:g}) must be longer than state.heartbeat_s "
+                             f"({self.heartbeat_s:g})")
+        return self
+
+
 class NodeSettings(_Frozen):
     """Everything ``petnode serve`` needs. Defaults are the embedded defaults."""
 
@@ -172,7 +366,12 @@ class NodeSettings(_Frozen):
     workers: WorkerSettings = WorkerSettings()
     device: Annotated[str, AfterValidator(check_device_name)] = "auto"  # auto | cpu | cuda | cuda:N; rules override
     retention: RetentionSettings = RetentionSettings()
+    web: WebSettings = WebSettings()  # status page and metrics (dicom_node/web/)
     peers: tuple[Peer, ...] = ()
+    tls: TlsSettings = TlsSettings()  # DICOM TLS listener and certificate expiry (off by default)
+    # Processing on Celery workers elsewhere (petnode worker); off (None broker) by default.
+    distributed: DistributedSettings = DistributedSettings()
+    state: StateSettings = StateSettings()  # the state database: SQLite in data_dir, or a shared PostgreSQL
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
@@ -261,11 +460,26 @@ def load_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
 
 
+def _resolve_tls_files(data: dict[str, Any], base: Path) -> None:
+    """Relative certificate and key paths (``tls`` and each peer's ``tls``) against the config file's folder."""
+    def resolved(block: Any) -> Any:
+        if not isinstance(block, dict):
+            return block
+        return {k: (str((base / v).resolve()) if k in ("cert", "key", "ca") and isinstance(v, str)
+                    and not Path(v).is_absolute() else v) for k, v in block.items()}
+
+    if "tls" in data:
+        data["tls"] = resolved(data["tls"])
+    if isinstance(data.get("peers"), list):
+        data["peers"] = [{**p, "tls": resolved(p["tls"])} if isinstance(p, dict) and "tls" in p else p
+                         for p in data["peers"]]
+
+
 def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
     """Load node settings from ``path`` (or the embedded defaults), applying keyword overrides last.
 
-    Relative ``data_dir``, ``rules_file`` and ``shipped_models_dir`` in a file are resolved against the file's
-    folder, so a config file works from any working directory.
+    Relative ``data_dir``, ``rules_file``, ``shipped_models_dir`` and TLS certificate/key paths in a file are
+    resolved against the file's folder, so a config file works from any working directory.
     """
     data: dict[str, Any] = {}
     source = "(embedded defaults)"
@@ -280,6 +494,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
         for key in ("data_dir", "rules_file", "shipped_models_dir"):
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str((path.parent / data[key]).resolve())
+        _resolve_tls_files(data, path.parent)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return NodeSettings.model_validate(data)

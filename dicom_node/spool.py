@@ -19,8 +19,10 @@ import re
 import shutil
 import struct
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -179,18 +181,32 @@ def disk_problem(data_dir: Path, disk: DiskSettings) -> str | None:
 class Spool:
     """Where received instances live, byte for byte as the sender encoded them."""
 
-    def __init__(self, data_dir: Path, disk: DiskSettings) -> None:
+    def __init__(self, data_dir: Path, disk: DiskSettings,
+                 series_guard: Callable[[str], AbstractContextManager[Any]] | None = None) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "spool"
         self.outputs = data_dir / "outputs"
         self.disk = disk
         # Striped per-series locks: receiving an instance and purging its series exclude each other.
         self._series_locks = tuple(threading.RLock() for _ in range(64))
+        # Several nodes sharing this spool: the same exclusion between nodes (the shared database's series lock,
+        # StateDB.series_lock), taken after the in-process lock so a node's threads queue here, not on the server.
+        self._series_guard = series_guard
         make_dirs_durable(self.root)
         make_dirs_durable(self.outputs)
 
-    def series_lock(self, series_uid: str) -> threading.RLock:
-        return self._series_locks[hash(series_uid) % len(self._series_locks)]
+    def series_lock(self, series_uid: str) -> AbstractContextManager[Any]:
+        local = self._series_locks[hash(series_uid) % len(self._series_locks)]
+        if self._series_guard is None:
+            return local
+        return self._guarded(local, self._series_guard, series_uid)
+
+    @staticmethod
+    @contextmanager
+    def _guarded(local: threading.RLock, guard: Callable[[str], AbstractContextManager[Any]],
+                 series_uid: str) -> Iterator[None]:
+        with local, guard(series_uid):
+            yield
 
     def space_problem(self) -> str | None:
         return disk_problem(self.data_dir, self.disk)
@@ -231,13 +247,30 @@ class Spool:
             fsync_dir(versions)
         return kept
 
-    def sweep_orphans(self, known: set[str]) -> list[Path]:
+    def sweep_orphans(self, known: set[str], min_age_s: float = 0.0) -> list[Path]:
         """Remove spool files the database does not know: written by a process killed before it recorded them
-        (their C-STORE was never acknowledged, so the sender still has them) and temp files of such writes."""
+        (their C-STORE was never acknowledged, so the sender still has them) and temp files of such writes.
+
+        ``min_age_s``: only files (and empty folders) not changed for that long. A spool shared by several nodes
+        needs it: another node may be writing a file, or have just renamed one into place, and not yet recorded
+        it (``known`` was read before the walk); its age is the newest of its mtime and ctime, as a kept previous
+        version is a fresh hard link to an old file.
+        """
         removed: list[Path] = []
         known_resolved = {str(Path(k).resolve()) for k in known}
+        cutoff = time.time() - min_age_s
+
+        def young(path: Path) -> bool:
+            if min_age_s <= 0:
+                return False
+            try:
+                st = path.stat()
+            except OSError:
+                return True  # gone meanwhile (renamed into place, or removed by its writer)
+            return max(st.st_mtime, st.st_ctime) > cutoff
+
         for path in self.root.rglob("*"):
-            if not path.is_file():
+            if not path.is_file() or young(path):
                 continue
             is_temp = path.name.startswith(".") and path.name.endswith(".tmp")
             if is_temp or (path.suffix == ".dcm" and str(path.resolve()) not in known_resolved):
@@ -247,6 +280,8 @@ class Spool:
                 except OSError as exc:
                     logger.warning("could not remove orphan spool file %s: %s", path, exc.strerror or exc)
         for folder in sorted((p for p in self.root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if young(folder):  # another node may be about to write its first file there
+                continue
             try:
                 folder.rmdir()  # only empty ones
             except OSError:

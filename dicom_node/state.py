@@ -1,24 +1,37 @@
-"""The node's state: one SQLite database (WAL) in the data directory, and every state transition.
+"""The node's state: one database and every state transition.
 
-Disk plus this database are the truth. Each instance is recorded with ``synchronous=FULL`` before its C-STORE is
-acknowledged, so after ``kill -9`` a restart finds every acknowledged instance, and :meth:`StateDB.recover`
-puts interrupted work (processing, sending) back where it can resume.
+By default one SQLite database (WAL) in the data directory. A ``postgresql://`` URL (``state.database_url`` in
+node.yaml) puts it on a PostgreSQL server instead, where several nodes sharing one spool (the same data directory on
+shared storage) share one state: the same schema and migrations run on both (see :mod:`dicom_node.database`).
+
+Disk plus this database are the truth. Each instance is recorded with ``synchronous=FULL`` (PostgreSQL: a
+synchronous commit) before its C-STORE is acknowledged, so after ``kill -9`` a restart finds every acknowledged
+instance, and :meth:`StateDB.recover` puts interrupted work (processing, sending) back where it can resume.
+
+Several nodes on one database: work in progress carries its owner (the node id) and every node beats a heartbeat in
+``nodes``; interrupted work is only taken back from a node that is gone (its heartbeat stale), never from a live
+one (:meth:`StateDB.recover`, :meth:`StateDB.reclaimable`).
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import sqlite3
-import threading
+import os
+import secrets
+import socket
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dicom_node.database import Database, open_database
 from dicom_node.errors import StorageError
+
+if TYPE_CHECKING:
+    from dicom_node.settings import NodeSettings
 
 
 class SeriesState(enum.StrEnum):
@@ -56,8 +69,9 @@ class Payload(enum.StrEnum):
 # keys sends on the output series and records every instance a destination confirmed. 3 adds what a send carries
 # (original, derived, maps), study holds, and the memory of forwarded instances (loop guard). 4 adds the outputs
 # table (every series a route wrote: derived PET and map series), and per series the prior it was processed with
-# and since when it waits for one.
-SCHEMA_VERSION = 4
+# and since when it waits for one. 5 adds the owner (node id) of work in progress and the nodes' heartbeats, so
+# several nodes can share one database.
+SCHEMA_VERSION = 5
 
 
 _SCHEMA = """
@@ -108,7 +122,8 @@ CREATE TABLE IF NOT EXISTS series (
     updated_at REAL NOT NULL,
     revision INTEGER NOT NULL DEFAULT 0,
     prior_series_uid TEXT,
-    waiting_since REAL
+    waiting_since REAL,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE INDEX IF NOT EXISTS series_output ON series(output_series_uid);
@@ -132,6 +147,7 @@ CREATE TABLE IF NOT EXISTS sends (
     study_uid TEXT,
     held INTEGER NOT NULL DEFAULT 0,
     hold_quiet_s REAL,
+    owner TEXT,
     UNIQUE (series_uid, output_series_uid, destination)
 );
 CREATE TABLE IF NOT EXISTS forwarded (
@@ -155,7 +171,8 @@ CREATE TABLE IF NOT EXISTS associations (
     calling_ae TEXT,
     called_ae TEXT,
     peer TEXT,
-    started_at REAL NOT NULL
+    started_at REAL NOT NULL,
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS outputs (
     series_uid TEXT NOT NULL,
@@ -170,8 +187,32 @@ CREATE TABLE IF NOT EXISTS outputs (
     PRIMARY KEY (series_uid, output_series_uid)
 );
 CREATE INDEX IF NOT EXISTS outputs_output ON outputs(output_series_uid);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    host TEXT,
+    pid INTEGER,
+    ae_title TEXT,
+    port INTEGER,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+# Columns added to a table after its first version, oldest first: a database written by an older petnode gains
+# the ones it lacks (the same statements on SQLite and PostgreSQL; types translated by dicom_node.database).
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("series", "revision", "INTEGER NOT NULL DEFAULT 0"),  # 2
+    ("sends", "kind", "TEXT NOT NULL DEFAULT 'derived'"),  # 3
+    ("sends", "study_uid", "TEXT"),
+    ("sends", "held", "INTEGER NOT NULL DEFAULT 0"),
+    ("sends", "hold_quiet_s", "REAL"),
+    ("series", "prior_series_uid", "TEXT"),  # 4
+    ("series", "waiting_since", "REAL"),
+    ("series", "owner", "TEXT"),  # 5
+    ("sends", "owner", "TEXT"),
+    ("associations", "owner", "TEXT"),
+)
 
 # Version-1 databases (instances keyed on the SOP Instance UID alone, sends on (series, destination)) are rebuilt
 # in place: every row is kept.
@@ -219,7 +260,27 @@ class StoreOutcome(enum.StrEnum):
     REPLACED = "replaced"  # other bytes under the same UID in the same series: new version, old one kept
 
 
-def _row_dict(row: sqlite3.Row | None) -> dict[str, Any] | None:
+def default_node_id(settings: NodeSettings) -> str:
+    """``state.node_id``, else ``<host name>:<port>`` (stable across restarts, so a restarted node recognises its
+    own interrupted work); with port 0 (any free port) the process id and a random suffix keep nodes apart."""
+    if settings.state.node_id:
+        return settings.state.node_id
+    host = socket.gethostname()
+    if settings.port:
+        return f"{host}:{settings.port}"
+    return f"{host}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def open_state(settings: NodeSettings, *, node_id: str | None = None) -> StateDB:
+    """The state database the settings name: ``state.database_url``, else ``<data_dir>/state.sqlite3``."""
+    # PostgreSQL: one connection per busy thread. A C-STORE handler keeps its connection while it holds its
+    # series' lock and may then wait for a node lock the sends job holds while it waits for a connection: the
+    # pool must outnumber the associations for that wait to end.
+    return StateDB(settings.state.database_url or settings.state_db, node_id=node_id,
+                   max_connections=settings.max_associations + 16)
+
+
+def _row_dict(row: Any) -> dict[str, Any] | None:
     return dict(row) if row is not None else None
 
 
@@ -228,91 +289,84 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 
 
 class StateDB:
-    """Thread-safe access to the state database (one connection, one lock; WAL for the CLI's readers)."""
+    """Thread-safe access to the state database.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open state database {str(path)!r}: {exc}") from exc
-        self._conn.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before it returns, which the C-STORE acknowledgement relies on.
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
-            self._migrate()
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    ``target``: a path (a SQLite file: one connection, one lock; WAL for the CLI's readers) or a database URL
+    (``sqlite:///path``, ``postgresql://user@host/db``: a small pool of connections). ``node_id`` names the node
+    that uses it: work it takes (processing, sending, associations) is recorded as its own, so that other nodes
+    sharing the database leave it alone while this node is alive.
+    """
+
+    def __init__(self, target: Path | str, *, node_id: str | None = None, max_connections: int = 16) -> None:
+        self._db: Database = open_database(target, max_connections=max_connections)
+        self.dialect = self._db.dialect
+        # Whether other nodes may share this database (PostgreSQL): the multi-node guards apply.
+        self.shared = self._db.shared
+        self.node_id = node_id
+        self.path: Path | None = getattr(self._db, "path", None)
+        if self.dialect == "sqlite":  # what tests and tools that read the file directly use
+            self._conn = self._db.conn  # type: ignore[attr-defined]
+            self._lock = self._db.lock  # type: ignore[attr-defined]
+        # One node creates or migrates the schema at a time (DDL is transactional on both backends).
+        with self._tx(lock="petnode:schema") as c:
+            self._migrate(c)
+            self._db.run_script(c, _SCHEMA)
+            c.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET "
+                      "value = excluded.value", (str(SCHEMA_VERSION),))
             # Whether anything was ever forwarded: until then the loop guard costs no query per received instance.
-            self._forwarded_any = self._conn.execute("SELECT 1 FROM forwarded LIMIT 1").fetchone() is not None
+            # Shared: another node may forward at any time, so the guard always looks (its memory is shared).
+            self._forwarded_any = self.shared or c.execute("SELECT 1 FROM forwarded LIMIT 1").fetchone() is not None
 
-    def _columns(self, table: str) -> list[str]:
-        return [r[1] for r in self._conn.execute(f"PRAGMA table_info({table})").fetchall()]
+    def describe(self) -> str:
+        """Where the state lives (a path or a URL without its password), for logs and messages."""
+        return self._db.describe()
 
-    def _migrate(self) -> None:
+    def _migrate(self, c: Any) -> None:
         """Bring a database written by an older petnode to this schema, keeping every row."""
-        instance_cols = self._columns("instances")
-        send_cols = self._columns("sends")
-        series_cols = self._columns("series")
-        if series_cols and "prior_series_uid" not in series_cols:
-            # Version 4: the prior a series was processed with, and since when it waits for one.
-            self._conn.execute("ALTER TABLE series ADD COLUMN prior_series_uid TEXT")
-            self._conn.execute("ALTER TABLE series ADD COLUMN waiting_since REAL")
-        if instance_cols and "sha256" in instance_cols and send_cols and "kind" not in send_cols:
-            # Version 2: sends learn what they carry and whether they wait for their study.
-            for column in ("kind TEXT NOT NULL DEFAULT 'derived'", "study_uid TEXT",
-                           "held INTEGER NOT NULL DEFAULT 0", "hold_quiet_s REAL"):
-                self._conn.execute(f"ALTER TABLE sends ADD COLUMN {column}")
+        instance_cols = self._db.columns(c, "instances")
         if instance_cols and "sha256" not in instance_cols:
-            series_cols = self._columns("series")
-            if series_cols and "revision" not in series_cols:
-                self._conn.execute("ALTER TABLE series ADD COLUMN revision INTEGER NOT NULL DEFAULT 0")
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in _MIGRATE_V1.strip().split(";"):
-                    if stmt.strip():
-                        self._conn.execute(stmt)
-                for stmt in _SCHEMA.strip().split(";"):
-                    if stmt.strip():
-                        self._conn.execute(stmt)
-                for stmt in _COPY_V1.strip().split(";"):
-                    if stmt.strip():
-                        self._conn.execute(stmt)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+            # Version 1 (instances keyed on the SOP Instance UID alone): rebuilt in place. Only SQLite databases
+            # can be that old: PostgreSQL came with version 5 (and its renamed tables would keep their index names).
+            if self.dialect != "sqlite":
+                raise StorageError(f"state database {self.describe()!r} has a version-1 schema that only SQLite "
+                                   "databases can be migrated from")
+            for script in (_MIGRATE_V1, _SCHEMA, _COPY_V1):
+                self._db.run_script(c, script)
+        existing: dict[str, list[str]] = {}
+        for table, column, definition in _ADDED_COLUMNS:
+            if table not in existing:
+                existing[table] = self._db.columns(c, table)
+            if existing[table] and column not in existing[table]:
+                c.execute(self._db.ddl(f"ALTER TABLE {table} ADD COLUMN {column} {definition}"))
+                existing[table].append(column)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    def _tx(self, lock: str | None = None) -> AbstractContextManager[Any]:
+        """A write transaction. ``lock`` names what a read-then-write must have to itself across nodes (one
+        series, one job); SQLite's BEGIN IMMEDIATE already serialises every transaction."""
+        return self._db.transaction(lock)
+
+    def _read(self) -> AbstractContextManager[Any]:
+        return self._db.reading()
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with self._lock:
-            return [dict(r) for r in self._conn.execute(sql, tuple(args)).fetchall()]
+        with self._read() as c:
+            return [dict(r) for r in c.execute(sql, tuple(args)).fetchall()]
+
+    def series_lock(self, series_uid: str) -> AbstractContextManager[None]:
+        """Exclude the other nodes from this series while held: receiving an instance of it and purging it (the
+        spool's in-process series lock does the same between this node's threads). A no-op on SQLite."""
+        return self._db.session_lock(f"petnode:series:{series_uid}")
 
     # --- receive ---------------------------------------------------------------------------------------------
     def has_instance(self, sop_instance_uid: str, series_uid: str | None = None) -> bool:
         sql, args = "SELECT 1 FROM instances WHERE sop_instance_uid = ?", [sop_instance_uid]
         if series_uid is not None:
             sql, args = sql + " AND series_uid = ?", [*args, series_uid]
-        with self._lock:
-            return self._conn.execute(sql, args).fetchone() is not None
+        with self._read() as c:
+            return c.execute(sql, args).fetchone() is not None
 
     def find_instance(self, sop_instance_uid: str) -> list[dict[str, Any]]:
         """Every series that holds this SOP Instance UID (normally one; a modality reusing UIDs makes more)."""
@@ -334,7 +388,9 @@ class StateDB:
         series row as it was before.
         """
         now = time.time() if now is None else now
-        with self._tx() as c:
+        # Shared: the series' lock makes the read of its row and instance and the writes one step, as BEGIN
+        # IMMEDIATE does on SQLite (two nodes storing the same instance, or re-opening the series, at once).
+        with self._tx(lock=f"petnode:series:{rec.series_uid}") as c:
             before = _row_dict(c.execute("SELECT * FROM series WHERE series_uid = ?", (rec.series_uid,)).fetchone())
             old = c.execute("SELECT * FROM instances WHERE series_uid = ? AND sop_instance_uid = ?",
                             (rec.series_uid, rec.sop_instance_uid)).fetchone()
@@ -365,7 +421,7 @@ class StateDB:
                        peer_host, expected_count, received_count, first_received, last_received, state, updated_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)
                    ON CONFLICT(series_uid) DO UPDATE SET
-                       received_count = received_count + 1,
+                       received_count = series.received_count + 1,
                        last_received = excluded.last_received,
                        expected_count = COALESCE(series.expected_count, excluded.expected_count),
                        state = CASE WHEN series.state IN ('complete', 'incomplete')
@@ -397,7 +453,7 @@ class StateDB:
                 c.execute("DELETE FROM sends WHERE series_uid = ?", (rec.series_uid,))
         return StoreOutcome.NEW, before
 
-    def _reopen(self, c: sqlite3.Connection, before: dict[str, Any], now: float, reason: str) -> None:
+    def _reopen(self, c: Any, before: dict[str, Any], now: float, reason: str) -> None:
         """The series' content changed (a new instance, or other bytes under a stored UID): nothing may be left out.
 
         Processed series (processing, sending, delivered, failed) get a new revision, so their next output has
@@ -419,8 +475,8 @@ class StateDB:
 
     def known_paths(self) -> set[str]:
         """Every spool path the database refers to (current instances and kept previous versions)."""
-        with self._lock:
-            rows = self._conn.execute("SELECT path FROM instances UNION SELECT path FROM instance_versions")
+        with self._read() as c:
+            rows = c.execute("SELECT path FROM instances UNION SELECT path FROM instance_versions")
             return {r[0] for r in rows.fetchall()}
 
     def instances(self, series_uid: str) -> list[dict[str, Any]]:
@@ -455,11 +511,16 @@ class StateDB:
             )
         return self._query("SELECT * FROM series ORDER BY first_received DESC LIMIT ?", (limit,))
 
+    def series_counts(self) -> dict[str, int]:
+        """How many series (not purged) are in each state (the metrics, at scrape time)."""
+        rows = self._query("SELECT state, COUNT(*) AS n FROM series WHERE purged_at IS NULL GROUP BY state")
+        return {r["state"]: int(r["n"]) for r in rows}
+
     def is_own_output(self, series_uid: str) -> bool:
-        with self._lock:
-            row = self._conn.execute(
+        with self._read() as c:
+            row = c.execute(
                 "SELECT 1 FROM series WHERE output_series_uid = ? LIMIT 1", (series_uid,)
-            ).fetchone() or self._conn.execute(
+            ).fetchone() or c.execute(
                 "SELECT 1 FROM outputs WHERE output_series_uid = ? LIMIT 1", (series_uid,)
             ).fetchone()
         return row is not None
@@ -469,8 +530,11 @@ class StateDB:
                       directory: Path, count: int, description: str = "") -> None:
         """Record one series a route wrote for ``series_uid`` (derived PET, or a map series) and where it is."""
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO outputs (series_uid, output_series_uid, payload, kind, format, dir, "
-                      "count, description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            c.execute("INSERT INTO outputs (series_uid, output_series_uid, payload, kind, format, dir, count, "
+                      "description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                      "ON CONFLICT (series_uid, output_series_uid) DO UPDATE SET payload = excluded.payload, "
+                      "kind = excluded.kind, format = excluded.format, dir = excluded.dir, count = excluded.count, "
+                      "description = excluded.description, created_at = excluded.created_at",
                       (series_uid, output_series_uid, payload, kind, fmt, str(directory), count, description,
                        time.time()))
 
@@ -525,10 +589,10 @@ class StateDB:
                 sql += f" AND series_uid IN ({','.join('?' * len(series_uids))})"
                 args.extend(series_uids)
             uids = [r[0] for r in c.execute(sql, args).fetchall()]
-            for uid in uids:
-                c.execute("UPDATE series SET state = ?, updated_at = ? WHERE series_uid = ? AND state = ?",
-                          (SeriesState.COMPLETE.value, now, uid, SeriesState.WAITING_PRIOR.value))
-        return uids
+            # Only those this call moved: another node waking the same series at once gets the others.
+            return [uid for uid in uids if c.execute(
+                "UPDATE series SET state = ?, updated_at = ? WHERE series_uid = ? AND state = ?",
+                (SeriesState.COMPLETE.value, now, uid, SeriesState.WAITING_PRIOR.value)).rowcount]
 
     def prior_candidates(self, modality: str, *, study_uid: str | None = None, since: float | None = None
                          ) -> list[dict[str, Any]]:
@@ -560,6 +624,10 @@ class StateDB:
         if state is SeriesState.DELIVERED:
             sql += ", delivered_at = ?"
             args.append(now)
+        if state is SeriesState.PROCESSING:
+            # Whose work it is: other nodes sharing the database leave it alone while this one is alive.
+            sql += ", owner = ?"
+            args.append(self.node_id)
         sql += " WHERE series_uid = ?"
         args.append(series_uid)
         if expect:
@@ -654,7 +722,7 @@ class StateDB:
             return self._wake_originals(c, series_uid, time.time())
 
     @staticmethod
-    def _wake_originals(c: sqlite3.Connection, series_uid: str, now: float, destination: str | None = None) -> int:
+    def _wake_originals(c: Any, series_uid: str, now: float, destination: str | None = None) -> int:
         """Original sends that finished (done, or cancelled) go back to pending: the sender sends what the
         destination has not confirmed (nothing, when it has everything)."""
         sql = ("UPDATE sends SET state = 'pending', next_attempt_at = 0, created_at = ?, updated_at = ? "
@@ -673,7 +741,7 @@ class StateDB:
         when its first held send has waited ``max_hold_s`` (an incomplete series must not hold a study forever).
         """
         released: list[tuple[str, str]] = []
-        with self._tx() as c:
+        with self._tx(lock="petnode:release_held") as c:  # one node at a time looks at the held studies
             studies = c.execute(
                 "SELECT study_uid, MAX(hold_quiet_s) AS quiet, MIN(created_at) AS since FROM sends "
                 "WHERE held = 1 AND state = 'pending' GROUP BY study_uid").fetchall()
@@ -700,7 +768,7 @@ class StateDB:
     def sends(self, series_uid: str | None = None, *, include_cancelled: bool = False) -> list[dict[str, Any]]:
         where = "" if include_cancelled else " AND state != 'cancelled'"
         if series_uid is None:
-            return self._query(f"SELECT * FROM sends WHERE 1{where} ORDER BY id")
+            return self._query(f"SELECT * FROM sends WHERE 1 = 1{where} ORDER BY id")
         return self._query(f"SELECT * FROM sends WHERE series_uid = ?{where} ORDER BY id", (series_uid,))
 
     def claim_due_sends(self, now: float, busy: Sequence[str] = (), per_destination: int = 1
@@ -711,9 +779,11 @@ class StateDB:
         send); at most ``per_destination`` sends run at once for one destination.
         """
         with self._tx() as c:
+            # Shared: FOR UPDATE SKIP LOCKED, so two nodes claiming at once never get the same send (each row is
+            # locked by the first until it commits; the other skips it), and the UPDATE below checks the state.
             rows = [dict(r) for r in c.execute(
                 "SELECT * FROM sends WHERE state = ? AND held = 0 AND next_attempt_at <= ? "
-                "ORDER BY next_attempt_at, id",
+                "ORDER BY next_attempt_at, id" + self._db.lock_rows,
                 (SendState.PENDING.value, now),
             ).fetchall()]
             running: dict[str, int] = {}
@@ -723,9 +793,11 @@ class StateDB:
             for row in rows:
                 if running.get(row["destination"], 0) >= per_destination:
                     continue
+                if not c.execute("UPDATE sends SET state = ?, updated_at = ?, owner = ? WHERE id = ? AND state = ?",
+                                 (SendState.SENDING.value, now, self.node_id, row["id"],
+                                  SendState.PENDING.value)).rowcount:
+                    continue
                 running[row["destination"]] = running.get(row["destination"], 0) + 1
-                c.execute("UPDATE sends SET state = ?, updated_at = ? WHERE id = ?",
-                          (SendState.SENDING.value, now, row["id"]))
                 claimed.append(row)
         return claimed
 
@@ -748,7 +820,9 @@ class StateDB:
         now = time.time()
         self._forwarded_any = True
         with self._tx() as c:
-            c.executemany("INSERT OR REPLACE INTO forwarded VALUES (?, ?, ?, ?, ?)",
+            c.executemany("INSERT INTO forwarded VALUES (?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid, destination) "
+                          "DO UPDATE SET ae_title = excluded.ae_title, series_uid = excluded.series_uid, "
+                          "forwarded_at = excluded.forwarded_at",
                           [(uid, destination, ae_title, series_uid, now) for uid in sop_instance_uids])
 
     def forwarded_to(self, sop_instance_uid: str) -> list[dict[str, Any]]:
@@ -764,14 +838,25 @@ class StateDB:
 
     def series_with_active_sends(self) -> set[str]:
         """Series that something is still being sent for (pending, held or sending): never purged."""
-        with self._lock:
-            rows = self._conn.execute("SELECT DISTINCT series_uid FROM sends WHERE state IN ('pending', 'sending')")
+        with self._read() as c:
+            rows = c.execute("SELECT DISTINCT series_uid FROM sends WHERE state IN ('pending', 'sending')")
             return {r[0] for r in rows.fetchall()}
+
+    def send_backlog(self) -> list[dict[str, Any]]:
+        """Per destination and state of the sends not done (pending, sending, failed): how many sends, how many
+        instances they still have to deliver, the oldest one's creation time and the latest error."""
+        return self._query(
+            "SELECT destination, state, COUNT(*) AS sends, "
+            "SUM(CASE WHEN total > sent THEN total - sent ELSE 0 END) AS remaining, MIN(created_at) AS oldest, "
+            "(SELECT last_error FROM sends e WHERE e.destination = s.destination "
+            "AND e.last_error IS NOT NULL AND e.state != 'cancelled' ORDER BY e.updated_at DESC LIMIT 1) "
+            "AS last_error FROM sends s WHERE state IN ('pending', 'sending', 'failed') "
+            "GROUP BY destination, state ORDER BY destination, state")
 
     def confirmed_for(self, destination: str, series_uid: str) -> set[str]:
         """Every output instance of this (source) series the destination has acknowledged."""
-        with self._lock:
-            rows = self._conn.execute("SELECT sop_instance_uid FROM sent_instances WHERE destination = ? "
+        with self._read() as c:
+            rows = c.execute("SELECT sop_instance_uid FROM sent_instances WHERE destination = ? "
                                       "AND series_uid = ?", (destination, series_uid)).fetchall()
         return {r[0] for r in rows}
 
@@ -810,7 +895,7 @@ class StateDB:
             return c.execute("DELETE FROM sends WHERE series_uid = ?", (series_uid,)).rowcount
 
     @staticmethod
-    def _cancel_sends(c: sqlite3.Connection, series_uid: str, reason: str) -> int:
+    def _cancel_sends(c: Any, series_uid: str, reason: str) -> int:
         # The original's sends stay: the series is still what was received, and more of it goes on.
         return c.execute("UPDATE sends SET state = 'cancelled', last_error = ?, updated_at = ? "
                          "WHERE series_uid = ? AND kind != 'original' AND state IN ('pending', 'sending', 'failed')",
@@ -818,7 +903,9 @@ class StateDB:
 
     def settle_series(self, series_uid: str) -> SeriesState | None:
         """After a send finished: DELIVERED when every destination is done, FAILED when the rest gave up."""
-        with self._tx() as c:
+        # Shared: two nodes finishing the series' last two sends at once each see the other's; the series lock
+        # makes one of them settle it (the other then finds it no longer sending).
+        with self._tx(lock=f"petnode:series:{series_uid}") as c:
             row = c.execute("SELECT state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
             if row is None or row["state"] != SeriesState.SENDING:
                 # Re-opened (a changed instance), being processed, or failed in processing while its original
@@ -855,29 +942,80 @@ class StateDB:
         return n
 
     # --- associations (for `petnode status`) -----------------------------------------------------------------
+    def _assoc_key(self, assoc_id: str) -> str:
+        # Shared: association ids are only unique within one process; the node id keeps each node's apart.
+        return f"{self.node_id}/{assoc_id}" if self.shared and self.node_id else assoc_id
+
     def association_opened(self, assoc_id: str, calling_ae: str, called_ae: str, peer: str) -> None:
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO associations VALUES (?, ?, ?, ?, ?)",
-                      (assoc_id, calling_ae, called_ae, peer, time.time()))
+            c.execute("INSERT INTO associations VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                      "calling_ae = excluded.calling_ae, called_ae = excluded.called_ae, peer = excluded.peer, "
+                      "started_at = excluded.started_at, owner = excluded.owner",
+                      (self._assoc_key(assoc_id), calling_ae, called_ae, peer, time.time(), self.node_id))
 
     def association_closed(self, assoc_id: str) -> None:
         with self._tx() as c:
-            c.execute("DELETE FROM associations WHERE id = ?", (assoc_id,))
+            c.execute("DELETE FROM associations WHERE id = ?", (self._assoc_key(assoc_id),))
 
     def associations(self) -> list[dict[str, Any]]:
         return self._query("SELECT * FROM associations ORDER BY started_at")
 
+    # --- nodes sharing the database ------------------------------------------------------------------------
+    def register_node(self, *, host: str, pid: int, ae_title: str, port: int, now: float | None = None) -> None:
+        """This node (``node_id``) is alive: its row in ``nodes``, kept fresh by :meth:`beat`."""
+        assert self.node_id is not None, "register_node needs the StateDB's node_id"
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            c.execute("INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+                      "host = excluded.host, pid = excluded.pid, ae_title = excluded.ae_title, port = excluded.port, "
+                      "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+                      (self.node_id, host, pid, ae_title, port, now, now))
+
+    def beat(self, now: float | None = None) -> None:
+        """The heartbeat: other nodes take this node's work back only once it has stopped beating."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            c.execute("UPDATE nodes SET heartbeat_at = ? WHERE node_id = ?", (now, self.node_id))
+
+    def leave(self) -> None:
+        """This node stops: its row goes, so whatever it leaves behind is taken back at once by the others."""
+        with self._tx() as c:
+            c.execute("DELETE FROM nodes WHERE node_id = ?", (self.node_id,))
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM nodes ORDER BY node_id")
+
+    def live_nodes(self, since: float) -> set[str]:
+        """Nodes whose heartbeat is not older than ``since`` (this one excluded)."""
+        rows = self._query("SELECT node_id FROM nodes WHERE heartbeat_at >= ?", (since,))
+        return {r["node_id"] for r in rows} - {self.node_id}
+
+    def reclaimable(self, owner: str | None, live: set[str]) -> bool:
+        """Whether work owned by ``owner`` may be taken back by this node: never from another live node."""
+        return owner is None or owner == self.node_id or owner not in live
+
     # --- restart ---------------------------------------------------------------------------------------------
-    def recover(self) -> dict[str, int]:
-        """After a crash: interrupted processing restarts, interrupted sends retry, stale associations go."""
+    def recover(self, live_since: float | None = None) -> dict[str, int]:
+        """After a crash: interrupted processing restarts, interrupted sends retry, stale associations go.
+
+        SQLite is one node's: everything in flight was this node's before it stopped. On a shared database
+        (``live_since`` given: the oldest heartbeat of a live node) only what this node (its previous life under
+        the same node id) or a node that is gone left behind is taken back: another live node's processing,
+        sends and associations are its own (a restart of one node must not steal the other's work).
+        """
+        where, args = "", []
+        if self.shared and live_since is not None:
+            where = (" AND (owner IS NULL OR owner = ? OR owner NOT IN "
+                     "(SELECT node_id FROM nodes WHERE heartbeat_at >= ? AND node_id != ?))")
+            args = [self.node_id, live_since, self.node_id]
         with self._tx() as c:
             processing = c.execute(
-                "UPDATE series SET state = ?, updated_at = ? WHERE state = ?",
-                (SeriesState.COMPLETE.value, time.time(), SeriesState.PROCESSING.value),
+                "UPDATE series SET state = ?, updated_at = ? WHERE state = ?" + where,
+                (SeriesState.COMPLETE.value, time.time(), SeriesState.PROCESSING.value, *args),
             ).rowcount
             sending = c.execute(
-                "UPDATE sends SET state = ?, next_attempt_at = 0 WHERE state = ?",
-                (SendState.PENDING.value, SendState.SENDING.value),
+                "UPDATE sends SET state = ?, next_attempt_at = 0 WHERE state = ?" + where,
+                (SendState.PENDING.value, SendState.SENDING.value, *args),
             ).rowcount
-            c.execute("DELETE FROM associations")
+            c.execute("DELETE FROM associations WHERE 1 = 1" + where, args)
         return {"processing": processing, "sending": sending}

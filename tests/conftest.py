@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.dicomtools import in_ci, orthanc, orthanc_server, storescp_sink  # noqa: F401 - fixtures
+from tests.pg import postgres_server, postgres_url  # noqa: F401 - fixtures (a real PostgreSQL server)
 
 REPO = Path(__file__).resolve().parents[1]
 

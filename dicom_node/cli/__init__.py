@@ -11,7 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from dicom_node import __version__
-from dicom_node.cli import model_commands, node_commands, tool_commands, train_commands
+from dicom_node.cli import conformance_command, model_commands, node_commands, tool_commands, train_commands
+from dicom_node.cli import worker_command
 from dicom_node.errors import ConfigError, DicomNodeError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     tool_commands.add_subparsers(sub)
     model_commands.add_subparsers(sub)
     train_commands.add_subparsers(sub)
+    conformance_command.add_subparsers(sub)
+    worker_command.add_subparsers(sub)
     return parser
 
 
@@ -59,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
     level = args.log_level or "INFO"
-    configure_logging(level if args.command == "serve" else (args.log_level or "WARNING"))
+    configure_logging(level if args.command in ("serve", "worker") else (args.log_level or "WARNING"))
     try:
         return int(args.func(args))
     except ConfigError as exc:

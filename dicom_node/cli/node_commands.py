@@ -118,7 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     node.start()
     # One line on stdout that scripts (and tests) can wait for.
-    print(f"petnode listening ae={settings.ae_title} port={node.port} data={settings.data_dir}", flush=True)
+    print(f"petnode listening ae={settings.ae_title} port={node.port} data={settings.data_dir}"
+          + (f" tls_port={node.tls_port}" if node.tls_port is not None else "")
+          + (f" web={node.web_url}" if node.web_url is not None else ""), flush=True)
     try:
         stop.wait()
     finally:
@@ -129,7 +131,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _open_db(args: argparse.Namespace) -> Any:
     from dicom_node.state import StateDB
 
-    data_dir = args.data_dir or settings_from(args).data_dir
+    settings = settings_from(args, data_dir=args.data_dir)
+    if settings.state.database_url is not None:  # a shared PostgreSQL (or a SQLite file named by URL)
+        return StateDB(settings.state.database_url)
+    data_dir = settings.data_dir
     db_path = data_dir / "state.sqlite3"
     if not db_path.exists():
         raise DicomNodeError(f"no state database at {str(db_path)!r}: has a node run with this data directory? "
@@ -218,6 +223,17 @@ def _print_disk(settings: NodeSettings, data_dir: Path | None, db: Any) -> None:
               f"finished {_age(c.finished_at)} ago, retention at {when}")
 
 
+def _print_tls(settings: NodeSettings) -> None:
+    """DICOM TLS: the listener and every certificate with its subject and days left (nothing when TLS is off)."""
+    from dicom_node import tls
+
+    lines = tls.describe(settings)
+    if lines:
+        print("\nTLS (" + tls.TLS_PROFILE_NAME + "):")
+        for line in lines:
+            print(f"  {line}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     db = _open_db(args)
     try:
@@ -229,6 +245,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"\nactive associations: {len(assocs)}")
         for a in assocs:
             print(f"  {a['calling_ae']} -> {a['called_ae']} from {a['peer']} for {_age(a['started_at'])}")
+        if db.shared:  # several nodes on one PostgreSQL state: which are alive
+            nodes = db.nodes()
+            print(f"\nnodes sharing {db.describe()}: {len(nodes)}")
+            for n in nodes:
+                print(f"  {n['node_id']}: {n['ae_title']} port {n['port']} (pid {n['pid']} on {n['host']}), "
+                      f"last heartbeat {_age(n['heartbeat_at'])} ago")
+        _print_tls(settings_from(args))
     finally:
         db.close()
     return 0

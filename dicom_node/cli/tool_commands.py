@@ -157,12 +157,24 @@ def dicom_files(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
+def peer_tls_args(args: argparse.Namespace, ae: str, host: str, port: int) -> Any:
+    """TLS when the address is a peer with ``tls`` in the node settings given with -c (None otherwise)."""
+    if args.config is None:
+        return None
+    from dicom_node import tls
+    from dicom_node.settings import load_settings
+
+    peer = tls.peer_at(load_settings(args.config), ae, host, port)
+    return tls.tls_args(peer) if peer is not None else None
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node import scu
 
     ae, host, port = args.address
     t0 = time.perf_counter()
-    problem = scu.echo(ae, host, port, calling_ae=args.calling_ae, timeout_s=args.timeout)
+    problem = scu.echo(ae, host, port, calling_ae=args.calling_ae, timeout_s=args.timeout,
+                       tls_args=peer_tls_args(args, ae, host, port))
     if problem:
         print(f"C-ECHO {ae}@{host}:{port} failed: {problem}", file=sys.stderr)
         return 1
@@ -176,7 +188,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     ae, host, port = args.to
     files = dicom_files(args.paths)
     t0 = time.perf_counter()
-    report = scu.send_files(files, ae, host, port, calling_ae=args.calling_ae, timeout_s=args.timeout)
+    report = scu.send_files(files, ae, host, port, calling_ae=args.calling_ae, timeout_s=args.timeout,
+                            tls_args=peer_tls_args(args, ae, host, port))
     elapsed = time.perf_counter() - t0
     print(f"C-STORE to {ae}@{host}:{port}: {report.summary()} in {elapsed:.2f} s"
           f" ({report.sent / elapsed if elapsed > 0 else 0:.0f} instances/s)")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,33 @@ def _rec(sop: str, series: str = "1.2.3", path: Path = Path("/x"), expected: int
                           expected_count=expected, calling_ae="SCANNER", called_ae="PETNODE", peer_host="127.0.0.1")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], StateDB]]:
+    """Opens the state database of this test, on each backend: the same schema, migrations and behaviour."""
+    target: Path | str = (tmp_path / "state.sqlite3" if request.param == "sqlite"
+                          else request.getfixturevalue("postgres_url"))
+    opened: list[StateDB] = []
+
+    def _open() -> StateDB:
+        opened.append(StateDB(target))
+        return opened[-1]
+
+    yield _open
+    for d in opened:
+        d.close()
+
+
 @pytest.fixture
-def db(tmp_path: Path):
-    d = StateDB(tmp_path / "state.sqlite3")
-    yield d
-    d.close()
+def db(open_db: Callable[[], StateDB]) -> StateDB:
+    return open_db()
+
+
+def raw_sql(db: StateDB, script: str) -> None:
+    """Statements run as they are on the database behind ``db`` (to build an older schema)."""
+    with db._tx() as c:
+        for stmt in script.strip().split(";"):
+            if stmt.strip():
+                c.execute(stmt)
 
 
 def test_record_counts_and_duplicates(db: StateDB):
@@ -85,19 +108,18 @@ def test_sends_claim_finish_settle_and_retry(db: StateDB):
     assert [s["state"] for s in db.sends("1.2.3")] == ["done", "pending"]
 
 
-def test_recover_after_crash(tmp_path: Path):
-    db = StateDB(tmp_path / "s.db")
+def test_recover_after_crash(open_db: Callable[[], StateDB]):
+    db = open_db()
     db.record_instance(_rec("1.1"))
     db.set_state("1.2.3", SeriesState.PROCESSING)
     db.add_send("1.2.3", "A", "h", 1, total=1)
     db.claim_due_sends(now=1e12)
     db.association_opened("x", "A", "B", "p")
     db.close()  # what kill -9 leaves behind: states mid-flight
-    db = StateDB(tmp_path / "s.db")
+    db = open_db()
     assert db.recover() == {"processing": 1, "sending": 1}
     assert db.series("1.2.3")["state"] == "complete"
     assert db.sends("1.2.3")[0]["state"] == "pending" and db.associations() == []
-    db.close()
 
 
 def test_purge_forgets_instances_so_a_resend_is_stored_again(db: StateDB):
@@ -324,29 +346,26 @@ def test_forwards_are_remembered_beyond_the_series(db: StateDB):
     assert db.forget_forwarded(before=time.time() + 1) == 1 and db.forwarded_to("1.1") == []
 
 
-def test_version_2_database_gains_the_forwarding_columns(tmp_path: Path):
-    import sqlite3
-
-    path = tmp_path / "v2.sqlite3"
-    old = StateDB(path)
+def test_version_2_database_gains_the_forwarding_columns(open_db: Callable[[], StateDB]):
+    old = open_db()
     old.record_instance(_rec("1.1"))
     old.add_send("1.2.3", "PACS", "h", 104, 1, output_series_uid="9.9")
-    old.close()
-    con = sqlite3.connect(path)  # back to the version-2 sends table (no kind, hold or study)
-    con.executescript("""
+    # Back to the version-2 sends table (no kind, hold or study), with the same statements on both backends.
+    raw_sql(old, """
         CREATE TABLE sends_v2 AS SELECT id, series_uid, output_series_uid, destination, ae_title, host, port, state,
             attempts, next_attempt_at, last_error, sent, total, updated_at, created_at FROM sends;
         DROP TABLE sends; ALTER TABLE sends_v2 RENAME TO sends; DROP TABLE forwarded;
+        ALTER TABLE series DROP COLUMN owner; ALTER TABLE associations DROP COLUMN owner; DROP TABLE nodes;
         UPDATE meta SET value = '2' WHERE key = 'schema_version';""")
-    con.close()
-    db = StateDB(path)
-    try:
-        (send,) = db.sends("1.2.3")
-        assert send["kind"] == "derived" and send["held"] == 0 and send["output_series_uid"] == "9.9"
-        assert db.forwarded_to("1.1") == []
-        assert db.claim_due_sends(time.time())[0]["id"] == send["id"]
-    finally:
-        db.close()
+    old.close()
+    db = open_db()
+    (send,) = db.sends("1.2.3")
+    assert send["kind"] == "derived" and send["held"] == 0 and send["output_series_uid"] == "9.9"
+    assert db.forwarded_to("1.1") == []
+    assert db.claim_due_sends(time.time())[0]["id"] == send["id"]
+    assert db.series("1.2.3")["owner"] is None and db.nodes() == []  # version 5's columns and table
+    with db._read() as c:
+        assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "5"
 
 
 def test_a_dropped_series_can_be_routed_again(db: StateDB):

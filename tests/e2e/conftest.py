@@ -28,6 +28,7 @@ FAST = {
     "send": {"backoff_initial_s": 0.3, "backoff_max_s": 1.0, "poll_interval_s": 0.1, "timeout_s": 10,
              "max_attempts": 30},
     "disk": {"min_free_mb": 1, "max_used_percent": 100},
+    "web": {"port": 0},  # the status page on any free port: test nodes never contend for 8080
 }
 
 
