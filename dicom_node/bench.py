@@ -43,6 +43,9 @@ class ReceiveFigures:
     denoise_nlm_s: list[float] = field(default_factory=list)
     skimage_nlm_s: list[float] = field(default_factory=list)
     concurrent_per_s: dict[int, list[float]] = field(default_factory=dict)  # senders -> instances/s
+    # The same with receive_processes = the machine's cores (SO_REUSEPORT receivers, dicom_node/receivers.py).
+    concurrent_multi_per_s: dict[int, list[float]] = field(default_factory=dict)
+    receive_processes: int = 1
     peak_rss_mb: float = 0.0  # the Gaussian command
     baseline_rss_mb: float = 0.0  # the same interpreter with petnode's CLI imported, doing nothing
     libraries_rss_mb: float = 0.0  # ... and the libraries the Gaussian command loads (numpy, scipy, pydicom)
@@ -322,17 +325,22 @@ def _concurrent(figures: ReceiveFigures, files: list[Path], tmpdir: Path, repeat
 
     rules_path = tmpdir / "receive-only.yaml"
     rules_path.write_text("rules:\n  - name: keep\n    match: {modality: [MG]}\n    drop: true\n")
-    for senders in (1, 4, 10):
-        rates = figures.concurrent_per_s.setdefault(senders, [])
-        for i in range(repeats):
-            settings = load_settings(None, port=0, bind_address="127.0.0.1", data_dir=tmpdir / f"c{senders}-{i}",
-                                     disk={"min_free_mb": 1}, max_associations=20, web={"enabled": False})
-            node = Node(settings, load_rules(rules_path))
-            node.start()
-            try:
-                rates.append(len(files) / _storescu_parallel(files, node.port, "PETNODE", senders))
-            finally:
-                node.stop()
+    figures.receive_processes = max(2, os.cpu_count() or 1)
+    for processes, table in ((1, figures.concurrent_per_s), (figures.receive_processes,
+                                                              figures.concurrent_multi_per_s)):
+        for senders in (1, 4, 10):
+            rates = table.setdefault(senders, [])
+            for i in range(repeats):
+                settings = load_settings(None, port=0, bind_address="127.0.0.1",
+                                         data_dir=tmpdir / f"c{processes}-{senders}-{i}", disk={"min_free_mb": 1},
+                                         max_associations=20, web={"enabled": False},
+                                         receive_processes=processes)
+                node = Node(settings, load_rules(rules_path))
+                node.start()
+                try:
+                    rates.append(len(files) / _storescu_parallel(files, node.port, "PETNODE", senders))
+                finally:
+                    node.stop()
 
 
 def _offline(figures: ReceiveFigures, series_dir: Path, files: list[Path], tmpdir: Path, repeats: int) -> None:

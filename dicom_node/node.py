@@ -31,6 +31,7 @@ from dicom_node.errors import DicomNodeError, PriorError, ProcessingInterrupted,
 from dicom_node.handlers import ReceiveContext
 from dicom_node.outputs.derived_pet import is_petnode_output
 from dicom_node.progress import Follow, WriteProgress
+from dicom_node.receivers import Receivers, series_locks_for
 from dicom_node.pipeline import Destination, Plan, PriorRequest, ProcessResult, process_series, resolve_destination
 from dicom_node.pipeline import resolve_destinations
 from dicom_node.rules import MatchContext, PriorSpec, Rule, RuleSet, evaluate_match, map_formats, select_rule
@@ -77,8 +78,11 @@ class Node:
         self.node_id = default_node_id(settings)
         self.db = open_state(settings, node_id=self.node_id)
         # A shared database (several nodes, one spool): the database's series lock excludes the other nodes too.
+        # Receiver processes (receive_processes > 1) sharing this spool: a lock file per series stripe.
         self.spool = Spool(settings.data_dir, settings.disk,
-                           series_guard=self.db.series_lock if self.db.shared else None)
+                           series_guard=self.db.series_lock if self.db.shared else series_locks_for(settings))
+        self.db.multi_process = settings.receive_processes > 1
+        self.receivers: Receivers | None = None
         self.models = open_model_store(settings)
         self.decoded = DecodedCache(int(settings.workers.decoded_cache_mb * 2**20))
         self._stopped = threading.Event()
@@ -163,7 +167,15 @@ class Node:
                                                                make_room=self.make_room,
                                                                on_received=self.on_received,
                                                                decoded=self.decoded if self.decoded.max_bytes
-                                                               else None, metrics=self.metrics.stored))
+                                                               else None, metrics=self.metrics.stored),
+                                 reuse_port=self.settings.receive_processes > 1)
+        if self.settings.receive_processes > 1:
+            self.receivers = Receivers(self.settings, self.port, self.tls_port)
+            try:
+                self.receivers.start(self.settings.receive_processes - 1)
+            except Exception:
+                self._server.shutdown()
+                raise
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                             "misfire_grace_time": None})
         now = datetime.now()
@@ -228,6 +240,8 @@ class Node:
             self._scheduler.shutdown(wait=False)
         if self._server is not None:
             self._server.shutdown()
+        if self.receivers is not None:
+            self.receivers.stop()
         for ex in [*self._lanes.values(), *self._senders.values()]:
             ex.shutdown(wait=True, cancel_futures=True)
         if self.remote is not None:

@@ -278,7 +278,17 @@ def _serve(ae: AE, server: GuardedAssociationServer, guard: ConnectionGuard, kin
     ae._servers.append(server)  # so ae.shutdown() finds it, as with ae.start_server
 
 
-def start_scp(settings: NodeSettings, ctx: ReceiveContext) -> Listeners:
+class SharedPortServer(GuardedAssociationServer):
+    """A listener that shares its port with the node's receiver processes (``receive_processes``)."""
+
+    def server_bind(self) -> None:
+        # pynetdicom's server_bind replaces socketserver's and ignores allow_reuse_port: set it before binding.
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def start_scp(settings: NodeSettings, ctx: ReceiveContext, *, reuse_port: bool = False) -> Listeners:
     """Start listening (non-blocking): the plain port and, with ``tls.port``, the TLS port (instead of the plain
     one when ``tls.plain_port_enabled`` is false). ``listeners.port`` / ``tls_port`` are the ports (port 0)."""
     ae = make_ae(settings)
@@ -297,11 +307,12 @@ def start_scp(settings: NodeSettings, ctx: ReceiveContext) -> Listeners:
         (evt.EVT_C_STORE, handle_store, [ctx]),
     ]
     tls_settings = settings.tls
+    server_class = SharedPortServer if reuse_port else GuardedAssociationServer
     plain = secure = None
     try:
         if tls_settings.plain_port_enabled:
             plain = ae.make_server((settings.bind_address, settings.port), evt_handlers=handlers,
-                                   server_class=GuardedAssociationServer, request_handler=_GuardedRequestHandler)
+                                   server_class=server_class, request_handler=_GuardedRequestHandler)
             _serve(ae, plain, guard, "")
             logger.info("listening as %s on %s:%d", settings.ae_title, settings.bind_address,
                         plain.server_address[1])
@@ -311,7 +322,7 @@ def start_scp(settings: NodeSettings, ctx: ReceiveContext) -> Listeners:
                             for h in handlers]
             secure = ae.make_server((settings.bind_address, tls_settings.port), evt_handlers=tls_handlers,
                                     ssl_context=tls.server_context(tls_settings),
-                                    server_class=GuardedAssociationServer, request_handler=_GuardedRequestHandler)
+                                    server_class=server_class, request_handler=_GuardedRequestHandler)
             _serve(ae, secure, guard, "-tls")
             logger.info("listening as %s on %s:%d over TLS (%s; client certificates %s%s)", settings.ae_title,
                         settings.bind_address, secure.server_address[1], tls.TLS_PROFILE_NAME,

@@ -346,6 +346,10 @@ class NodeSettings(_Frozen):
     # all; beyond them a new connection is closed at once.
     max_connections_per_host: int = Field(20, ge=1, le=10000)
     max_connections: int = Field(200, ge=1, le=10000)
+    # Processes receiving on the port (SO_REUSEPORT, Linux): 1 = the node alone; N adds N - 1 receiver processes
+    # so receive scales with concurrent associations beyond one interpreter (dicom_node/receivers.py). The
+    # connection and association limits above apply per process.
+    receive_processes: int = Field(1, ge=1, le=64)
     # Seconds a new connection may take to send its A-ASSOCIATE-RQ (ACSE timeout) before it is closed.
     association_request_timeout_s: float = Field(5.0, gt=0, le=600)
     allowed_calling_aes: tuple[AETitle, ...] = ()  # empty: accept any calling AE

@@ -303,6 +303,8 @@ class StateDB:
         # Whether other nodes may share this database (PostgreSQL): the multi-node guards apply.
         self.shared = self._db.shared
         self.node_id = node_id
+        # Several processes of one node write here (receive_processes): association ids need the process's id.
+        self.multi_process = False
         self.path: Path | None = getattr(self._db, "path", None)
         if self.dialect == "sqlite":  # what tests and tools that read the file directly use
             self._conn = self._db.conn  # type: ignore[attr-defined]
@@ -944,7 +946,7 @@ class StateDB:
     # --- associations (for `petnode status`) -----------------------------------------------------------------
     def _assoc_key(self, assoc_id: str) -> str:
         # Shared: association ids are only unique within one process; the node id keeps each node's apart.
-        return f"{self.node_id}/{assoc_id}" if self.shared and self.node_id else assoc_id
+        return f"{self.node_id}/{assoc_id}" if (self.shared or self.multi_process) and self.node_id else assoc_id
 
     def association_opened(self, assoc_id: str, calling_ae: str, called_ae: str, peer: str) -> None:
         with self._tx() as c:

@@ -390,6 +390,9 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
           f"Gaussian command's libraries {libraries:.2f} s ({libraries / naive:.2f}x)")
     scaling = ", ".join(f"{n} sender(s) {median(r):.1f}/s" for n, r in sorted(f.concurrent_per_s.items()))
     print(f"receive with concurrent senders (each its own association): {scaling}")
+    if f.concurrent_multi_per_s:
+        multi = ", ".join(f"{n} sender(s) {median(r):.1f}/s" for n, r in sorted(f.concurrent_multi_per_s.items()))
+        print(f"... with receive_processes={f.receive_processes} (SO_REUSEPORT receivers): {multi}")
     for label, base in (("interpreter with petnode's CLI", f.baseline_rss_mb),
                         ("interpreter with the command's libraries (numpy, scipy, pydicom)", f.libraries_rss_mb)):
         print(f"peak memory of the gaussian command: {f.peak_rss_mb:.0f} MB = {label} {base:.0f} MB + "
