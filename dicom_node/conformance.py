@@ -229,7 +229,8 @@ def conformance_statement() -> str:
         "",
         *_table(["attribute", "value"], [
             ("Image Type", "`DERIVED\\PRIMARY\\` + the source's values 3 and on"),
-            ("Series Description", f"source + suffix (default `\"{_field_default(OutputOptions, 'series_description_suffix')}\"`, "
+            ("Series Description", "source + suffix (default "
+             f"`\"{_field_default(OutputOptions, 'series_description_suffix')}\"`, "
              "rule `output.series_description_suffix`)"),
             ("Series Number", f"source + offset (default {_field_default(OutputOptions, 'series_number_offset')}, "
              "rule `output.series_number_offset`)"),

@@ -65,7 +65,8 @@ def test_receivers_share_the_port_and_the_series_is_delivered_once(start_node: C
 
 
 def test_receivers_die_with_a_node_killed_by_sigkill(tmp_path: Path) -> None:
-    config = write_config(tmp_path, [{"name": "keep", "match": {"modality": ["PT"]}, "drop": True}], receive_processes=3, log_level="INFO")
+    drop = {"name": "keep", "match": {"modality": ["PT"]}, "drop": True}
+    config = write_config(tmp_path, [drop], receive_processes=3, log_level="INFO")
     log = tmp_path / "node.log"
     node = NodeProcess(config, log).start()
 
