@@ -313,6 +313,19 @@ class RemotePipeline:
         requested = rule.device or self.settings.device
         return f"remote:{queue_lane(rule.denoiser.name, requested)}", requested
 
+    def queue_depths(self) -> dict[str, int]:
+        """Jobs waiting in each lane's broker queue (not yet taken by a worker), for the metrics.
+
+        kombu's Redis transport keeps a queue as a list under the queue's name, plus one list per priority step
+        (``name\\x06\\x16N``); jobs are sent without a priority, so the plain list holds them."""
+        client = self.results.client
+        return {lane: int(client.llen(queue)) for lane, queue in sorted(self.conf.queues.items())}
+
+    def recent_jobs(self, limit: int = 20) -> list[tuple[str, JobRecord]]:
+        """The last jobs sent (series UID, record), newest first."""
+        with self._lock:
+            return list(reversed(self.jobs.items()))[:limit]
+
     def close(self) -> None:
         for closing in (self.results.client.close, self.app.close):
             try:

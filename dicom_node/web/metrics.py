@@ -139,6 +139,21 @@ class NodeCollector:
         yield senders
         yield GaugeMetricFamily("petnode_series_in_processing", "Series queued or running in any lane",
                                 value=len(getattr(self.node, "_processing", ())))
+        remote = getattr(self.node, "remote", None)
+        if remote is not None:  # distributed processing: the broker's queues and the jobs in flight
+            broker = GaugeMetricFamily("petnode_broker_queue_depth", "Jobs waiting in a lane's Celery queue for a "
+                                       "worker (distributed.broker_url)", labels=["lane"])
+            for lane, depth in remote.queue_depths().items():
+                broker.add_metric([lane], depth)
+            yield broker
+            jobs = GaugeMetricFamily("petnode_remote_jobs", "The node's recent remote jobs by state",
+                                     labels=["state"])
+            counts: dict[str, int] = {}
+            for _, record in remote.recent_jobs(limit=256):
+                counts[record.state] = counts.get(record.state, 0) + 1
+            for state, n in sorted(counts.items()):
+                jobs.add_metric([state], n)
+            yield jobs
 
     def _disk(self) -> Iterator[Metric]:
         from dicom_node.spool import disk_usage_mb

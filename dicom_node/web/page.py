@@ -210,6 +210,21 @@ class StatusPage:
             f"<figcaption>Central slice: {esc(shown)} (input and output in the input's window)</figcaption></figure>"
         )
 
+    def _workers_section(self, now: float) -> str:
+        """Distributed processing only: the broker's queues and the last jobs with the worker that ran each."""
+        remote = getattr(self.node, "remote", None)
+        if remote is None:
+            return ""
+        try:
+            depths = remote.queue_depths()
+            queues = ", ".join(f"{esc(lane)}: {esc(n)} waiting" for lane, n in depths.items())
+        except Exception as exc:  # noqa: BLE001 - a broker that does not answer is shown, not raised
+            queues = f'<span class="err">broker not answering: {esc(type(exc).__name__)}</span>'
+        rows = [[_uid(uid), esc(r.lane), esc(r.state), esc(r.worker or ", ".join(r.started_on) or "-"),
+                 esc(len(r.started_on)), esc(age(r.sent_at, now))] for uid, r in remote.recent_jobs()]
+        return (f"<h2>Workers</h2><p>Broker queues: {queues}</p>"
+                + _table(["Series", "Lane", "State", "Worker", "Starts", "Sent"], rows, "No jobs sent yet."))
+
     def render(self) -> str:
         from dicom_node import __version__
 
@@ -230,6 +245,7 @@ class StatusPage:
             + self._last_derived_section(rows)
             + self._series_section(rows, now)
             + self._destinations_section(now)
+            + self._workers_section(now)
             + self._models_section()
             + "</body></html>"
         )

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,20 @@ def test_a_node_stopped_while_a_job_waits_leaves_the_series_to_its_restart(tmp_p
         assert node.remote is not None
         assert wait_until(lambda: uid in node.remote.jobs, timeout=30), "the job was never sent"
         assert wait_state(node, uid, ["processing"], timeout=10) == "processing"
+        # No worker: the job waits in the broker's queue, and the metrics and the status page say so.
+        lane = node.remote.jobs[uid].lane
+        assert node.web_url is not None
+        waiting = f'petnode_broker_queue_depth{{lane="{lane}"}} 1.0'
+
+        def scrape() -> str | None:  # the job is recorded just before it reaches the broker
+            text = urllib.request.urlopen(node.web_url + "metrics", timeout=10).read().decode()
+            return text if waiting in text else None
+
+        metrics = wait_until(scrape, timeout=10)
+        assert metrics is not None, "the broker queue's depth never showed the waiting job"
+        assert 'petnode_remote_jobs{state="sent"} 1.0' in metrics
+        page = urllib.request.urlopen(node.web_url, timeout=10).read().decode()
+        assert "<h2>Workers</h2>" in page and f"{lane}: 1 waiting" in page and uid in page
         stopped = threading.Event()
         threading.Thread(target=lambda: (node.stop(), stopped.set()), daemon=True).start()
         assert stopped.wait(10), "stop() waited for a worker"
