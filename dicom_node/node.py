@@ -819,7 +819,7 @@ class Node:
             retry_at = None if report.ok else self.retry_at(row, attempts, now)
             state = self.db.finish_send(row["id"], ok=report.ok, sent=report.sent,
                                         error=None if report.ok else report.summary(), retry_at=retry_at,
-                                        total=report.total if files else None)
+                                        total=self._attempt_total(kind, row, report.total) if files else None)
             self._log_attempt(uid, dest, state, attempts, report.summary(), retry_at)
         except Exception as exc:  # noqa: BLE001 - the crash path obeys the same retry policy as a failed send
             logger.exception("series=%s dest=%s: send crashed", uid, dest)
@@ -845,6 +845,15 @@ class Node:
                 logger.info("series=%s: delivered to every destination", uid)
         except Exception:  # noqa: BLE001
             logger.exception("series=%s: could not settle the series state", uid)
+
+    @staticmethod
+    def _attempt_total(kind: Payload, row: dict[str, Any], found: int) -> int:
+        """The send's total after an attempt that found ``found`` files. An original forwarded while it arrives
+        grows with it; a derived series followed while it is written was queued with its full count, and an
+        attempt that failed before the writer finished must not shrink it (status would say 1/1 for 1 of 16)."""
+        if kind is Payload.ORIGINAL:
+            return found
+        return max(found, int(row.get("total") or 0))
 
     def _tls_args(self, ae_title: str, host: str, port: int) -> Any:
         """TLS for a send when the destination is a peer configured with ``tls`` (a send row keeps only the

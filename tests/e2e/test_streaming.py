@@ -13,6 +13,7 @@ import pytest
 from pynetdicom import AE, evt
 
 from dicom_node.outputs import derived_pet
+from tests.conftest import wait_until
 from tests.e2e.conftest import pet_rule, send_datasets, wait_state
 from tests.factories import make_pet_series
 
@@ -114,3 +115,23 @@ def test_a_send_queued_by_a_run_that_stopped_waits_for_the_new_run(start_node, r
     (after,) = [s for s in node.db.sends(uid) if s["output_series_uid"] == "2.25.1"]
     assert (after["state"], after["attempts"]) == ("pending", 0)
     assert len(recorder.arrivals) == arrived
+
+
+def test_a_send_that_fails_while_the_writer_runs_keeps_the_series_count(start_node,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination is down: the first attempt fails with one or two files written; status must still say
+    0/16, not 0/1 (the send was queued with the derived series' full count)."""
+    written: list[float] = []
+    _slow_writer(monkeypatch, written, pause_s=0.1)
+    from tests.dicomtools import free_port
+
+    node = start_node([pet_rule([{"ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()}])])
+    datasets = make_pet_series(shape=(16, 16, 16), seed=62)
+    assert send_datasets(datasets, node.port) == [0] * 16
+    uid = str(datasets[0].SeriesInstanceUID)
+    derived = wait_until(lambda: [s for s in node.db.sends(uid) if s["kind"] == "derived" and s["attempts"] >= 1],
+                         timeout=30)
+    assert derived, node.db.sends(uid)
+    assert len(written) < 16, "the writer finished before the first attempt: the test proves nothing"
+    assert [(s["sent"], s["total"]) for s in derived] == [(0, 16)]
+

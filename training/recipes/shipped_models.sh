@@ -77,6 +77,11 @@ train fdg-wb-fo      fo-dcnn     "${FO_WB_EPOCHS:-3}"      "$WT" "${WB[@]}" --ne
 train fdg-wb-gong    gong-resnet "${GONG_WB_EPOCHS:-4}"    "$WT" "${WB[@]}" --net features=32
 VERSION=1.1.0 TRAIN_LEVELS=$WB_TRAIN_LEVELS \
 train fdg-wb-xu      xu-unet     "${XU_WB_EPOCHS:-4}"      "$WT" "${WB_HIGH[@]}" --net features=32
+# The other two architectures at 1.1.0's range too (real standard-dose series are inside it), same data.
+VERSION=1.1.0 TRAIN_LEVELS=$WB_TRAIN_LEVELS \
+train fdg-wb-fo      fo-dcnn     "${FO_WB_EPOCHS:-3}"      "$WT" "${WB_HIGH[@]}" --net features=48
+VERSION=1.1.0 TRAIN_LEVELS=$WB_TRAIN_LEVELS \
+train fdg-wb-gong    gong-resnet "${GONG_WB_EPOCHS:-4}"    "$WT" "${WB_HIGH[@]}" --net features=32
 
 # fdg-bcdpm 1.0.0: BC-DPM's score network (petnode train diffusion), trained on high-count images alone (no pairs):
 # the full-count reconstructions of the six 2 mm brains (10 M counts per slice) and of the five 10x-count
