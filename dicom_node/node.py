@@ -377,6 +377,11 @@ class Node:
                              expect=[SeriesState.RECEIVING, SeriesState.INCOMPLETE]):
             logger.info("series=%s route=%s: complete (%s)", uid, rule.name, decision.reason)
             self._submit(uid)
+        else:
+            # Another node sharing the database completed it first and processes it: what this node decoded of
+            # its own half is never loaded here (it already popped the header and receipt entries above, so the
+            # forgetting in check_completion would not find the series).
+            self.decoded.drop_series(uid)
         return True
 
     # --- priors ----------------------------------------------------------------------------------------------
