@@ -66,7 +66,7 @@ _LIVE: set[subprocess.Popen[bytes]] = set()
 
 def _stop_live_at_exit() -> None:
     for proc in list(_LIVE):
-        _terminate(proc, grace_s=5.0)
+        terminate(proc, grace_s=5.0)
 
 
 atexit.register(_stop_live_at_exit)
@@ -165,11 +165,11 @@ def _tool_env() -> dict[str, str]:
     return env
 
 
-def _terminate(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """SIGTERM, wait up to ``grace_s``, then SIGKILL."""
+def terminate(proc: subprocess.Popen[Any], grace_s: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """``sig`` (SIGTERM), wait up to ``grace_s``, then SIGKILL; nothing when the process has ended."""
     try:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             try:
                 proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
@@ -406,7 +406,7 @@ class StoreSCP:
                 logger.debug("storescp %s listening on %d (pid %d)", self.ae_title, port, proc.pid)
                 return self
             last_log = _tail(self.log_path)
-            _terminate(proc)
+            terminate(proc)
             # Most likely the port was taken between free_port() and storescp's bind; try another one.
         raise ToolError(f"storescp did not start; last log:\n{last_log}")
 
@@ -426,7 +426,7 @@ class StoreSCP:
     def stop(self) -> None:
         """Stop storescp (SIGTERM, then SIGKILL); idempotent."""
         if self._proc is not None:
-            _terminate(self._proc)
+            terminate(self._proc)
             self._proc = None
 
     def __enter__(self) -> StoreSCP:
@@ -632,7 +632,7 @@ class Orthanc:
                     logger.debug("Orthanc up in %.2f s (dicom %d, http %d)", self.startup_s, dicom_port, http_port)
                     return self
                 last_log = _tail(self.log_path)
-                _terminate(proc)
+                terminate(proc)
                 self._dicom_port = self._http_port = None
                 # Usually a port taken between free_port() and Orthanc's bind; try new ones.
             raise ToolError(f"Orthanc did not start; last log:\n{last_log}")
@@ -659,7 +659,7 @@ class Orthanc:
     def stop(self) -> None:
         """Stop Orthanc (SIGTERM, then SIGKILL) and remove its temporary directory; idempotent."""
         if self._proc is not None:
-            _terminate(self._proc, grace_s=15.0)
+            terminate(self._proc, grace_s=15.0)
             self._proc = None
         self._dicom_port = self._http_port = None
         if self._tmpdir is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dicomtools import free_port, in_ci
+from tests.dicomtools import free_port, in_ci, terminate
 
 START_TIMEOUT_S = 60.0
 
@@ -117,13 +117,8 @@ class PostgresServer:
         self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def _terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown: clients are disconnected
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, grace_s=30.0, sig=signal.SIGINT)  # fast shutdown: clients are disconnected
 
     def stop(self) -> None:
         self._terminate()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,13 +16,14 @@ from typing import Any
 import pytest
 import yaml
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicom_node.node import Node
 from dicom_node.rules import load_rules
 from dicom_node.settings import load_settings
 from dicom_node.state import StateDB
 from tests.conftest import wait_until
+from tests.dicomtools import terminate
 
 FAST = {
     "bind_address": "127.0.0.1",
@@ -96,13 +100,8 @@ class NodeProcess:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, grace_s=15.0)
         if hasattr(self, "_log"):
             self._log.close()
 
@@ -134,3 +133,40 @@ def series_state(node_or_db: Node | StateDB, uid: str) -> str | None:
 
 def wait_state(node: Node, uid: str, states: Sequence[str], timeout: float = 60.0) -> str | None:
     return wait_until(lambda: series_state(node, uid) in states and series_state(node, uid), timeout)
+
+
+class RecordingSCP:
+    """A PACS stand-in (pynetdicom, every storage class): when each C-STORE arrived, its SOP Instance UID and the
+    association it came on. ``stored`` and ``counts`` show duplicates (a UID repeated / counted twice)."""
+
+    def __init__(self, ae_title: str = "RECORDER") -> None:
+        self.arrivals: list[tuple[float, str, int]] = []  # (time, SOP Instance UID, association id)
+        self._lock = threading.Lock()
+        ae = AE(ae_title=ae_title)
+        ae.supported_contexts = StoragePresentationContexts
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.port = int(self.server.server_address[1])
+
+    def _store(self, event: Any) -> int:
+        with self._lock:
+            self.arrivals.append((time.monotonic(), str(event.request.AffectedSOPInstanceUID), id(event.assoc)))
+        return 0x0000
+
+    @property
+    def stored(self) -> list[str]:
+        with self._lock:
+            return [uid for _, uid, _ in self.arrivals]
+
+    @property
+    def counts(self) -> collections.Counter[str]:
+        return collections.Counter(self.stored)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def recorder() -> Iterator[RecordingSCP]:
+    scp = RecordingSCP()
+    yield scp
+    scp.stop()

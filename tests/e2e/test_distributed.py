@@ -6,7 +6,6 @@ visibility timeout, and every derived instance still reaches the destination exa
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import subprocess
@@ -19,12 +18,11 @@ from typing import Any
 
 import pytest
 import yaml
-from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicom_node.node import Node
 from tests.conftest import wait_until
-from tests.dicomtools import free_port, require_tool
-from tests.e2e.conftest import FAST, pet_rule, send_datasets, wait_state
+from tests.dicomtools import free_port, require_tool, terminate
+from tests.e2e.conftest import FAST, RecordingSCP, pet_rule, send_datasets, wait_state
 from tests.factories import make_pet_series
 
 pytestmark = pytest.mark.network
@@ -34,31 +32,6 @@ SHAPE = (32, 96, 96)
 # arriving, so that the second job finds the first worker busy; short enough that the SIGKILL test stays short.
 NLM = {"name": "nlm", "params": {"search_vox": 11}}
 VISIBILITY_S = 6.0  # longer than a job here (else a job still running is handed out again: harmless, slower)
-
-
-class CountingSink:
-    """A pynetdicom Storage SCP that counts the C-STOREs it gets per SOP Instance UID (duplicates show)."""
-
-    def __init__(self) -> None:
-        self.counts: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
-        ae = AE(ae_title="SINK")
-        ae.supported_contexts = StoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", 0), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        self.port = int(self.server.server_address[1])
-
-    def _store(self, event: Any) -> int:
-        with self._lock:
-            self.counts[str(event.request.AffectedSOPInstanceUID)] += 1
-        return 0x0000
-
-    def total(self) -> int:
-        with self._lock:
-            return sum(self.counts.values())
-
-    def stop(self) -> None:
-        self.server.shutdown()
 
 
 class Redis:
@@ -88,12 +61,7 @@ class Redis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 class Worker:
@@ -122,32 +90,26 @@ class Worker:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, grace_s=15.0)
         self._log.close()
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, start_node: Callable[..., Node]) -> Iterator[Callable[..., tuple[Node, list[Worker],
-                                                                                             CountingSink]]]:
+                                                                                             RecordingSCP]]]:
     """Factory: ``cluster(denoiser)`` -> (node, [worker w1, worker w2], sink), all on loopback and one shared root.
 
     The workers read the node's data directory through ``distributed.shared_root`` (here a local folder; a
     network file system in production) with their own node.yaml, as on other machines.
     """
     redis_server = Redis(tmp_path / "redis")
-    sink = CountingSink()
+    sink = RecordingSCP(ae_title="SINK")
     workers: list[Worker] = []
     shared = tmp_path / "shared"
     distributed = {"broker_url": redis_server.url, "shared_root": str(shared), "visibility_timeout_s": VISIBILITY_S,
                    "result_timeout_s": 90}
 
-    def _start(denoiser: dict[str, Any]) -> tuple[Node, list[Worker], CountingSink]:
+    def _start(denoiser: dict[str, Any]) -> tuple[Node, list[Worker], RecordingSCP]:
         config = tmp_path / "worker.yaml"
         config.write_text(yaml.safe_dump({**FAST, "data_dir": str(shared), "distributed": distributed,
                                           "log_level": "INFO"}))

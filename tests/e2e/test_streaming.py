@@ -3,46 +3,17 @@ that stops half-way leaves no send marked done (real pynetdicom associations ove
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pynetdicom import AE, evt
 
 from dicom_node.outputs import derived_pet
 from tests.conftest import wait_until
-from tests.e2e.conftest import pet_rule, send_datasets, wait_state
+from tests.e2e.conftest import RecordingSCP, pet_rule, send_datasets, wait_state
 from tests.factories import make_pet_series
 
 pytestmark = pytest.mark.network
-PET = "1.2.840.10008.5.1.4.1.1.128"
-
-
-class RecordingSCP:
-    """A PACS stand-in that notes when each instance arrived and on which association."""
-
-    def __init__(self) -> None:
-        self.arrivals: list[tuple[float, str, int]] = []  # (time, SOP Instance UID, association id)
-        self._lock = threading.Lock()
-        ae = AE(ae_title="RECORDER")
-        ae.add_supported_context(PET, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        self.port = int(self.server.server_address[1])
-
-    def _store(self, event: Any) -> int:
-        with self._lock:
-            self.arrivals.append((time.monotonic(), str(event.request.AffectedSOPInstanceUID), id(event.assoc)))
-        return 0x0000
-
-
-@pytest.fixture
-def recorder() -> Iterator[RecordingSCP]:
-    scp = RecordingSCP()
-    yield scp
-    scp.server.shutdown()
 
 
 def _slow_writer(monkeypatch: pytest.MonkeyPatch, written: list[float], pause_s: float,

@@ -20,35 +20,11 @@ from dicom_node.node import Node
 from dicom_node.rules import load_rules
 from dicom_node.settings import load_settings
 from tests.conftest import wait_until
-from tests.e2e.conftest import FAST, pet_rule, send_datasets
+from tests.e2e.conftest import FAST, RecordingSCP, pet_rule, send_datasets
 from tests.factories import make_ct_series, make_pet_series
 
 pytestmark = pytest.mark.network
 PET = "1.2.840.10008.5.1.4.1.1.128"
-
-
-class RecordingSCP:
-    """The PACS both nodes send to: every C-STORE it got (a duplicate shows as a repeated SOP Instance UID)."""
-
-    def __init__(self) -> None:
-        self.stored: list[str] = []
-        self._lock = threading.Lock()
-        ae = AE(ae_title="RECORDER")
-        ae.add_supported_context(PET, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        self.port = int(self.server.server_address[1])
-
-    def _store(self, event: Any) -> int:
-        with self._lock:
-            self.stored.append(str(event.request.AffectedSOPInstanceUID))
-        return 0x0000
-
-
-@pytest.fixture
-def recorder() -> Iterator[RecordingSCP]:
-    scp = RecordingSCP()
-    yield scp
-    scp.server.shutdown()
 
 
 def _write_node_config(tmp_path: Path, name: str, rules: list[dict[str, Any]], postgres_url: str,
