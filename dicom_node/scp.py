@@ -27,7 +27,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from dicom_node import tls
+from dicom_node import reactor, tls
 from dicom_node.handlers import (
     ReceiveContext,
     _calling_ae_of,
@@ -205,6 +205,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 def make_ae(settings: NodeSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
+    reactor.enable(ae)  # each message handled as it arrives, not on pynetdicom's 1 ms polls (dicom_node/reactor.py)
     # pynetdicom's own limit counts idle connections too; ours (ConnectionGuard) is the one that applies.
     ae.maximum_associations = settings.max_connections + 1
     ae.network_timeout = settings.network_timeout_s

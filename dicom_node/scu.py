@@ -24,6 +24,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
+from dicom_node import reactor
 from dicom_node.errors import SendError
 from dicom_node.handlers import LOSSLESS_COMPRESSED_SYNTAXES, UNCOMPRESSED_SYNTAXES, handle_conn_open
 
@@ -130,6 +131,7 @@ def _make_ae(calling_ae: str, timeout_s: float) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
+    reactor.enable(ae)  # the request goes out and the response is read as they are ready, not on a 1 ms poll
     return ae
 
 
