@@ -114,7 +114,8 @@ def image_index_problem(indices: Sequence[int | None]) -> str | None:
 
 def decide(*, modality: str, received: int, expected: int | None, seconds_quiet: float, quiet_period_s: float,
            positions: Sequence[Sequence[float] | None], orientations: Sequence[Sequence[float] | None],
-           forced: bool = False, tolerance: float = DEFAULT_SPACING_TOLERANCE, image_indices: Sequence[int | None] = ()) -> Decision:
+           forced: bool = False, tolerance: float = DEFAULT_SPACING_TOLERANCE,
+           image_indices: Sequence[int | None] = ()) -> Decision:
     """Decide whether a series is complete now.
 
     Parameters

@@ -20,6 +20,7 @@ from pydicom.uid import UID
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from dicom_node import rawvalues
 from dicom_node.decoded import DecodedCache
 from dicom_node.errors import DiskFullError, StorageError
 from dicom_node.spool import Spool, part10_header
@@ -249,6 +250,9 @@ def handle_echo(event: Event) -> int:
 
 
 def _floats(ds: Dataset, keyword: str) -> tuple[float, ...] | None:
+    fast = rawvalues.decimals(ds, keyword)
+    if fast is not None:
+        return tuple(fast)
     value = ds.get(keyword)
     try:
         return tuple(float(v) for v in value) if value is not None else None
@@ -262,13 +266,15 @@ def _pixel_problem(ds: Dataset, transfer_syntax: UID) -> tuple[Status, str] | No
         return Status.DATASET_MISMATCH, "no Pixel Data"
     if "PixelData" not in ds or transfer_syntax.is_compressed:
         return None  # encapsulated frames are checked when decoded for processing
+    # Read from the raw bytes where they are still raw (dicom_node/rawvalues.py): the same numbers pydicom gives.
+    sizes = {kw: rawvalues.integer(ds, kw) for kw in ("Rows", "Columns", "BitsAllocated")}
+    if any(v is None for v in sizes.values()):
+        missing = [kw for kw, v in sizes.items() if v is None]
+        return Status.DATASET_MISMATCH, f"image pixel attributes unreadable ({', '.join(missing)} missing or invalid)"
+    expected = (sizes["Rows"] * sizes["Columns"] * (rawvalues.integer(ds, "SamplesPerPixel") or 1)  # type: ignore
+                * (rawvalues.integer(ds, "NumberOfFrames") or 1) * sizes["BitsAllocated"]) // 8
     try:
-        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                    * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated)) // 8
-    except (AttributeError, TypeError, ValueError) as exc:
-        return Status.DATASET_MISMATCH, f"image pixel attributes unreadable ({exc})"
-    try:
-        actual = len(ds.PixelData)
+        actual = rawvalues.value_length(ds, "PixelData")
     except Exception as exc:  # noqa: BLE001 - reading the value hit the truncation
         return Status.CANNOT_UNDERSTAND, f"Pixel Data cannot be read ({type(exc).__name__}: {exc})"
     if actual < expected:
@@ -342,8 +348,8 @@ def _check_and_store(event: Event, ctx: ReceiveContext) -> int:
             ds = event.dataset
             problem = _undecodable(ds)
             if problem is None:
-                values = {kw: ds.get(kw) for kw in _REQUIRED_UIDS}
-                modality = str(ds.get("Modality", "") or "")
+                values = {kw: rawvalues.text(ds, kw) for kw in _REQUIRED_UIDS}
+                modality = rawvalues.text(ds, "Modality") or ""
         except Exception as exc:  # noqa: BLE001 - any decoding failure is the sender's dataset
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:
@@ -416,13 +422,6 @@ def returned_from(ctx: ReceiveContext, sop_uid: str, calling_ae: str) -> str | N
     return None
 
 
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
 def _store_checked(event: Event, ctx: ReceiveContext, stats: AssociationStats | None, ds: Dataset, data: bytes,
                    digest: str, study_uid: str, series_uid: str, sop_uid: str, sop_class: str, modality: str) -> int:
     """The duplicate policy, the durable write and the record (under this SOP Instance UID's lock)."""
@@ -455,14 +454,14 @@ def _store_checked(event: Event, ctx: ReceiveContext, stats: AssociationStats | 
         return Status.OUT_OF_RESOURCES
 
     counted = modality == "PT" and "NumberOfFrames" not in ds
-    expected = _int_or_none(ds.get("NumberOfSlices")) if counted else None
+    expected = rawvalues.integer(ds, "NumberOfSlices") if counted else None
     record = InstanceRecord(
         sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, sop_class_uid=sop_class,
         modality=modality, path=path, ipp=_floats(ds, "ImagePositionPatient"),
         iop=_floats(ds, "ImageOrientationPatient"), expected_count=expected,
         calling_ae=assoc.requestor.ae_title, called_ae=called_ae_of(assoc),
         peer_host=str(assoc.requestor.address), sha256=digest,
-        image_index=_int_or_none(ds.get("ImageIndex")) if counted else None,
+        image_index=rawvalues.integer(ds, "ImageIndex") if counted else None,
     )
     outcome, before = ctx.db.store_instance(record, previous_path=previous_path)
     if outcome is StoreOutcome.DUPLICATE:

@@ -1,18 +1,19 @@
 """Event-driven waits for pynetdicom's two polling reactors (issue 10: receive and send latency).
 
 pynetdicom 3.0 runs two threads per association that poll: the DUL thread (socket and outgoing primitives)
-sleeps 1 ms whenever a loop found nothing to do, and the acceptor's association thread (incoming DIMSE messages,
-release, abort) sleeps 1 ms on every loop. On one association, where the sender waits for each C-STORE response
-before it sends the next instance, those sleeps are latency on every message: the request waits for the DUL to
-wake, the complete message for the association thread, the response for the DUL again. Profiles put them at about
-a quarter of the time per instance (docs/bench/data-path.md).
+sleeps 1 ms whenever a loop found nothing to do, and the association thread (incoming DIMSE messages, release,
+abort, and pausing for a ``send_*`` call) sleeps 1 ms on every loop. On one association, where the sender waits
+for each C-STORE response before it sends the next instance, those sleeps are latency on every message: the
+request waits for the DUL to wake, the complete message for the association thread, the response for the DUL
+again; a sender also waits for its own association thread to pause. They were about a quarter of the time per
+instance received and per instance sent (docs/bench/data-path.md).
 
 :func:`enable` keeps pynetdicom's loops as they are and only changes what their short sleeps wait on:
 
 * the DUL thread waits in ``select`` on its socket and on an eventfd that every put into its queues (the
   primitives to send, the state machine's events) writes to;
-* the acceptor's association thread waits on an Event that every put into the DIMSE message queue and the
-  DUL's to-user queue sets.
+* the association thread waits on an Event that every put into the DIMSE message queue and the DUL's to-user
+  queue sets, and so does a request to pause it (each ``send_*`` pauses it before using the association).
 
 Each wait still ends after the delay pynetdicom asked for, so every condition those loops poll (timers, kill
 flags, a dead DUL) is seen at most as late as before; a wait can only end *earlier*, which a polling loop
@@ -20,9 +21,9 @@ tolerates by construction. Sleeps longer than a poll delay (pynetdicom's 0.1 s a
 stopping) stay plain sleeps. An idle association costs less than before: its threads sleep in the kernel instead
 of waking a thousand times a second.
 
-This reaches into pynetdicom's internals (the ``time`` module its reactors call, four queue attributes), which
-is why setup.cfg pins pynetdicom below 4 and :func:`enable` checks those internals first: when they are not
-there it logs a warning once and leaves pynetdicom as it is (correct, only slower).
+This reaches into pynetdicom's internals (the ``time`` module its reactors call, four queues and the reactor
+checkpoint), which is why setup.cfg pins pynetdicom below 4 and :func:`enable` checks those internals first: when
+they are not there it logs a warning once and leaves pynetdicom as it is (correct, only slower).
 """
 
 from __future__ import annotations
@@ -105,6 +106,22 @@ class WakingQueue(queue.Queue):  # type: ignore[type-arg]
         self._wake()
 
 
+class _WakingCheckpoint(threading.Event):
+    """The association's reactor checkpoint: a thread that wants the reactor paused (every ``send_*`` does, to
+    use the association itself) clears it and then polls until the reactor has stopped at it. Clearing it wakes
+    the reactor, which would otherwise notice only after its poll delay: up to 1 ms on every C-STORE sent."""
+
+    def __init__(self, wake: Callable[[], None], is_set: bool) -> None:
+        super().__init__()
+        self._wake = wake
+        if is_set:
+            self.set()
+
+    def clear(self) -> None:
+        super().clear()
+        self._wake()
+
+
 class _DulWaiter:
     """What a DUL thread's poll sleep becomes: wait for its socket or for a put into its queues."""
 
@@ -182,6 +199,9 @@ def attach(assoc: Any) -> None:
     dul.to_provider_queue = WakingQueue(wakeup.set)
     dul.to_user_queue = WakingQueue(assoc_event.set)
     dimse.msg_queue = WakingQueue(assoc_event.set)
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if isinstance(checkpoint, threading.Event):
+        assoc._reactor_checkpoint = _WakingCheckpoint(assoc_event.set, checkpoint.is_set())
     dul._petnode_wait = _DulWaiter(dul, wakeup)
     assoc._petnode_wait = _AssociationWaiter(assoc_event)
 

@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import DA, DT, TM, format_number_as_ds
 
+from dicom_node import rawvalues
 from dicom_node.completion import DEFAULT_SPACING_TOLERANCE, spacing_problem
 from dicom_node.errors import MultiFrameError, SeriesError, SuvError
 
@@ -142,16 +143,7 @@ def _raw_decimals(ds: Dataset, keyword: str) -> list[float] | None:
     """The numbers of a Decimal String element still undecoded, read from its bytes (None when it is decoded,
     absent or anything but plain numbers: pydicom reads it then). Reading them this way leaves the element raw,
     so slices keep sharing it (:class:`ElementSharer`) and the writer copies it as it came."""
-    store = getattr(ds, "_dict", None)
-    tag = _DS_TAGS.get(keyword)
-    elem = store.get(tag) if isinstance(store, dict) and tag is not None else None
-    if not isinstance(elem, RawDataElement) or elem.VR not in ("DS", None) or not isinstance(elem.value, bytes):
-        return None
-    try:
-        numbers = [float(v) for v in elem.value.split(b"\\")]
-    except ValueError:
-        return None
-    return numbers if all(math.isfinite(n) for n in numbers) else None
+    return rawvalues.decimals(ds, keyword) if keyword in _DS_TAGS else None
 
 
 def _floats(ds: Dataset, keyword: str, count: int, label: str | None = None) -> np.ndarray:

@@ -65,6 +65,7 @@ def test_scu_association_is_event_driven() -> None:
             assert isinstance(assoc.dul._petnode_wait, reactor._DulWaiter)
             assert isinstance(assoc.dul.to_provider_queue, reactor.WakingQueue)
             assert isinstance(assoc.dimse.msg_queue, reactor.WakingQueue)
+            assert isinstance(assoc._reactor_checkpoint, reactor._WakingCheckpoint)
             assert assoc.send_c_echo().Status == 0x0000
         finally:
             assoc.release()
@@ -85,6 +86,22 @@ def test_association_waiter_wakes_on_a_put() -> None:
     worker.join(timeout=5)
     assert not worker.is_alive()
     assert messages.get_nowait() == "P-DATA"
+
+
+def test_pausing_the_reactor_wakes_it() -> None:
+    """A send_* call clears the reactor checkpoint and waits for the reactor to stop at it: the clear must end
+    the reactor's wait at once (a 30 s wait here), not after its poll delay."""
+    event = threading.Event()
+    waiter = reactor._AssociationWaiter(event)
+    checkpoint = reactor._WakingCheckpoint(event.set, is_set=True)
+    assert checkpoint.is_set()
+    worker = threading.Thread(target=waiter, args=(30.0,), daemon=True)
+    worker.start()
+    time.sleep(0.05)
+    assert worker.is_alive()
+    checkpoint.clear()
+    worker.join(timeout=5)
+    assert not worker.is_alive() and not checkpoint.is_set()
 
 
 class _FakeDul:
