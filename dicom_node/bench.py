@@ -6,7 +6,8 @@ Four rows, each a ratio to a reference taken in the same run on the same machine
    against a naive pydicom round trip of the same files (read, decode, re-encode, write, fsync each);
 2. ``petnode denoise --method gaussian`` (the command, a process of its own) against the same naive round trip;
 3. receive rate over one association (DCMTK storescu, TCP_NODELAY on) against a minimal pynetdicom SCP that writes
-   ``event.encoded_dataset()`` and fsyncs it, and DCMTK storescp (no fsync); then 1, 4 and 10 senders at once;
+   ``event.encoded_dataset()`` and fsyncs it (pynetdicom as shipped, and with petnode's event-driven reactors), and
+   DCMTK storescp (no fsync); then 1, 4 and 10 senders at once;
 4. NLM in the node's own path against scikit-image's ``denoise_nl_means`` (patch 3, distance 2, fast mode, one
    thread) on the same volume: the denoise step of a running node's NLM route (torch imported once, as a node
    has it), and ``petnode denoise --method nlm`` minus the Gaussian command (which includes importing torch).
@@ -38,6 +39,9 @@ class ReceiveFigures:
     petnode_per_s: list[float]
     latency_s: list[float]  # last instance acknowledged -> last derived instance acknowledged by the destination
     minimal_per_s: list[float] = field(default_factory=list)  # pynetdicom SCP: encoded_dataset() + fsync
+    # The same minimal SCP with petnode's event-driven reactors (dicom_node/reactor.py): what is left between it
+    # and petnode is the handler's own work (checks, directory entry and record made durable, decode kept).
+    minimal_event_driven_per_s: list[float] = field(default_factory=list)
     naive_round_trip_s: list[float] = field(default_factory=list)
     denoise_gaussian_s: list[float] = field(default_factory=list)
     denoise_nlm_s: list[float] = field(default_factory=list)
@@ -122,15 +126,21 @@ def naive_round_trip(files: list[Path], out_dir: Path) -> float:
 
 
 class MinimalScp:
-    """The least a durable pynetdicom storage SCP can do: write ``event.encoded_dataset()`` and fsync it."""
+    """The least a durable pynetdicom storage SCP can do: write ``event.encoded_dataset()`` and fsync it.
 
-    def __init__(self, directory: Path) -> None:
+    ``event_driven``: with petnode's reactors (dicom_node/reactor.py) instead of pynetdicom's as shipped."""
+
+    def __init__(self, directory: Path, *, event_driven: bool = False) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._count = 0
         ae = AE(ae_title="MINIMAL")
+        if event_driven:
+            from dicom_node import reactor
+
+            reactor.enable(ae)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
@@ -273,12 +283,13 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
             _node_nlm(figures, series_dir, tmpdir, sink_port, repeats)
             for _ in range(repeats):  # the latency's floor: only sending, the same way, to the same sink
                 figures.send_only_s.append(_send_only(sorted(files), sink_port))
-            minimal = MinimalScp(tmpdir / "minimal")
-            try:
-                for _ in range(repeats):
-                    figures.minimal_per_s.append(len(files) / _storescu(series_dir, minimal.port, "MINIMAL"))
-            finally:
-                minimal.stop()
+            for event_driven, table in ((False, figures.minimal_per_s), (True, figures.minimal_event_driven_per_s)):
+                minimal = MinimalScp(tmpdir / f"minimal-{event_driven}", event_driven=event_driven)
+                try:
+                    for _ in range(repeats):
+                        table.append(len(files) / _storescu(series_dir, minimal.port, "MINIMAL"))
+                finally:
+                    minimal.stop()
             _concurrent(figures, files, tmpdir, repeats)
             _offline(figures, series_dir, files, tmpdir, repeats)
         finally:

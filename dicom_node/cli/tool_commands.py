@@ -365,6 +365,7 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
 
     f = bench_receive(args.series_dir, repeats=args.repeats)
     ref, ours, minimal = (median(x) for x in (f.storescp_per_s, f.petnode_per_s, f.minimal_per_s))
+    minimal_ed = median(f.minimal_event_driven_per_s)
     lat, naive = median(f.latency_s), median(f.naive_round_trip_s)
     gauss, nlm, sk = median(f.denoise_gaussian_s), median(f.denoise_nlm_s), median(f.skimage_nlm_s)
     print(f"series {args.series_dir}: {f.instances} instances; DCMTK storescu with TCP_NODELAY=1; {args.repeats} "
@@ -376,6 +377,8 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
         ("petnode denoise --method gaussian (s)", gauss, naive, gauss / naive, "naive pydicom round trip (s)"),
         ("receive, one association (instances/s)", ours, minimal, ours / minimal,
          "minimal pynetdicom SCP, fsync (/s)"),
+        ("receive, one association (instances/s)", ours, minimal_ed, ours / minimal_ed,
+         "the same, with petnode's reactors (/s)"),
         ("receive, one association (instances/s)", ours, ref, ours / ref, "DCMTK storescp, no fsync (/s)"),
         (f"NLM in a running node (its denoise step, torch {f.torch_threads} threads) (s)", median(f.node_nlm_s), sk,
          sk / max(median(f.node_nlm_s), 1e-9), "scikit-image fast NLM, 1 thread (s); ratio = speed-up"),
