@@ -142,8 +142,11 @@ def add_subparsers(sub: Any) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = t.add_argument_group("diffusion (petnode train diffusion)")
     d.add_argument("--steps", type=_positive_int, default=20_000, help="optimiser steps (default 20000)")
-    d.add_argument("--target", choices=["recon", "truth"], default="recon",
-                   help="train on the cases' reconstructions at --level (default) or their truth")
+    t.add_argument("--target", choices=["recon", "truth"], default="recon",
+                   help="what the network learns to give (--sim cases): cnn: the full-count reconstruction of the "
+                        "same acquisition (recon, default: what real pairs offer) or the noise-free activity "
+                        "(truth: denoising and the scanner's blur); diffusion: the high-count images at --level "
+                        "(recon) or the truth")
     d.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     d.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (default 0.999)")
     d.add_argument("--focus-t", type=_positive_int, default=None,
@@ -248,16 +251,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not arch:
             raise TrainingError("give --arch (gong-resnet, xu-unet or fo-dcnn) or --fine-tune NAME")
         train_set, val_set = [], []
+        target = "truth" if args.target == "truth" else "full"
         for directory in args.sim:
             case = load_case(directory)
             ks = list(range(case.realizations))
             held = ks[-1:] if not args.val and directory == args.sim[-1] and len(ks) > 1 else []
             for level in args.level:
-                train_set += from_simulation(directory, level, realizations=[k for k in ks if k not in held])
-                val_set += from_simulation(directory, level, realizations=held) if held else []
+                train_set += from_simulation(directory, level, target=target,
+                                             realizations=[k for k in ks if k not in held])
+                val_set += from_simulation(directory, level, target=target, realizations=held) if held else []
         for directory in args.val:
             for level in args.level:
-                val_set += from_simulation(directory, level)
+                val_set += from_simulation(directory, level, target=target)
         real = [(low, full, "train") for low, full in args.pair]
         real += [(low, full, "val") for low, full in args.val_pair]
         for csv_file in args.pairs_csv:
@@ -285,7 +290,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             vgg_weights=str(args.vgg) if args.vgg else None, vgg_sha256=args.vgg_sha256)
         levels = ", ".join(f"{level:g}" for level in args.level)
         described = (f"{len(train_set)} pair(s): simulated {', '.join(str(d) for d in args.sim) or '-'} at count "
-                     f"level(s) {levels}; real pairs {len(real)}"
+                     f"level(s) {levels}"
+                     + (", target the noise-free activity" if target == "truth" and args.sim else
+                        ", target the full-count reconstruction" if args.sim else "")
+                     + f"; real pairs {len(real)}"
                      + (f"; fine-tuned from {args.fine_tune}" if args.fine_tune else ""))
         result = train(config, train_set, val_set, args.out, init_from=init, progress=not args.no_progress,
                        max_seconds=args.max_minutes * 60 if args.max_minutes else None, description=described)

@@ -201,3 +201,23 @@ def test_fine_tuning_on_real_pairs_made_from_the_sarcoma_series(tmp_path: Path, 
     capsys.readouterr()
     assert main([*tune, "--pairs-csv", str(sim / "bad.csv"), "--out", str(tmp_path / "ft3")]) == 1
     assert "split must be train or val" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_against_the_truth_needs_no_full_count_level(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """--target truth trains on the noise-free activity of simulated cases: a case simulated without its
+    full-count level trains that way, and the default (the full-count reconstruction) says what is missing."""
+    from dicom_node.cli import main
+
+    sim = tmp_path / "sim"
+    assert main(["simulate", "brain", "--out", str(sim), "--count-levels", "0.1", "--realizations", "2",
+                 "--size", "ci", "--iterations", "10", "--no-progress"]) == 0
+    base = ["train", "--arch", "fo-dcnn", "--net", "features=8", "--net", "layers=4", "--sim", str(sim), "--level",
+            "0.1", "--epochs", "1", "--batch", "8", "--patch", "32", "--no-progress"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "recon")]) == 1
+    assert "no full-count level 1" in capsys.readouterr().err
+    assert main([*base, "--target", "truth", "--out", str(tmp_path / "truth")]) == 0
+    card = json.loads((tmp_path / "truth" / "card.json").read_text())
+    assert "target the noise-free activity" in card["training_data"]
