@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from denoisers import metrics
+from denoisers.errors import DenoiserError
 from training import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -279,7 +280,10 @@ def run_quality_bench(
         if ref is not None:
             if models is None:
                 raise TrainingError(f"{method}: no model registry given (petnode bench quality --data-dir DIR)")
-            resolved[method] = models.resolve(ref)
+            try:
+                resolved[method] = models.resolve(ref)
+            except DenoiserError as exc:  # not installed, no active version, weights missing: say so, no trace
+                raise TrainingError(f"{method}: {exc}") from None
             sweeps[method] = ("model", (0.0,))
     for method in methods:
         if method in FIXED_METHODS:

@@ -94,6 +94,11 @@ def test_a_registered_cnn_model_is_scored_beside_the_sweeps(tmp_path: Path) -> N
     with pytest.raises(TrainingError, match="no model registry"):
         run_quality_bench("brain", [0.1], ["cnn:fo-bench"], tmp_path / "r", size="ci", realizations=1,
                           progress=False)
+    store.add(weights, {"denoiser": "cnn", "architecture": "fo-dcnn", "normalisation": "mean",
+                        "extra": {"net": {"features": 4, "layers": 3}}}, name="fo-inactive", version="1")
+    with pytest.raises(TrainingError, match="cnn:fo-inactive: .*no active version"):  # before any simulation
+        run_quality_bench("brain", [0.1], ["cnn:fo-inactive"], tmp_path / "s", size="ci", realizations=1,
+                          progress=False, models=store)
 
 
 def test_the_held_out_real_anatomy_is_scored(tmp_path: Path, realdata: Path) -> None:
