@@ -68,7 +68,11 @@ def integer(ds: Dataset, keyword: str) -> int | None:
                 return int(value.strip(b"\0 ")) if value.strip(b"\0 ") else None
             except ValueError:
                 pass  # "267.0" and the like: pydicom's IS decides
-    return _int_or_none(ds.get(keyword))
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - an element pydicom cannot decode is not an integer either
+        return None
+    return _int_or_none(value)
 
 
 def decimals(ds: Dataset, keyword: str) -> list[float] | None:

@@ -71,3 +71,12 @@ def test_raw_text_strips_padding_like_pydicom() -> None:
     ds._dict[0x00080060] = RawDataElement(0x00080060, "CS", 4, b"PT  ", 0, False, True)
     assert rawvalues.text(ds, "SOPInstanceUID") == "1.2.345" == str(Dataset.__getitem__(ds.copy(), 0x00080018).value)
     assert rawvalues.text(ds, "Modality") == "PT"
+
+
+def test_an_undecodable_integer_is_none_not_an_exception() -> None:
+    """The handler answers 0xA900 for image attributes it cannot read: the reader must not raise on them."""
+    ds = Dataset()
+    ds._dict[0x00280010] = RawDataElement(0x00280010, "US", 3, b"\x01\x02\x03", 0, False, True)  # odd length
+    ds._dict[0x00280011] = RawDataElement(0x00280011, "IS", 3, b"abc", 0, False, True)  # not even a number
+    assert rawvalues.integer(ds, "Rows") is None
+    assert rawvalues.integer(ds, "Columns") is None
