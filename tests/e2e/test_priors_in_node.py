@@ -92,7 +92,8 @@ def test_pet_and_mr_in_either_order_give_derived_pet_and_both_maps(start_node, s
     assert "mr_prior" in derived[0].ContributingEquipmentSequence[0].ContributionDescription
     # The two map series: the SC one image per PET slice, the PM one multi-frame instance.
     classes = {uid: {str(d.SOPClassUID) for d in ds} for uid, ds in received.items()}
-    assert sorted(classes.values(), key=str) == sorted([{SC_STORAGE}, {PM_STORAGE}], key=str), classes
+    assert sorted(classes.values(), key=str) == sorted([{SC_STORAGE}, {PM_STORAGE}], key=str), (
+        classes, [f.name for f in storescp_sink.files()], node.db.sends(pet_uid), storescp_sink.log_text()[-3000:])
     sc = next(ds for ds in received.values() if str(ds[0].SOPClassUID) == SC_STORAGE)
     pm = next(ds for ds in received.values() if str(ds[0].SOPClassUID) == PM_STORAGE)
     assert len(sc) == SHAPE[0] and len(pm) == 1 and int(pm[0].NumberOfFrames) == SHAPE[0]
