@@ -267,12 +267,12 @@ def _pixel_problem(ds: Dataset, transfer_syntax: UID) -> tuple[Status, str] | No
     if "PixelData" not in ds or transfer_syntax.is_compressed:
         return None  # encapsulated frames are checked when decoded for processing
     # Read from the raw bytes where they are still raw (dicom_node/rawvalues.py): the same numbers pydicom gives.
-    sizes = {kw: rawvalues.integer(ds, kw) for kw in ("Rows", "Columns", "BitsAllocated")}
-    if any(v is None for v in sizes.values()):
-        missing = [kw for kw, v in sizes.items() if v is None]
+    rows, cols, bits = (rawvalues.integer(ds, kw) for kw in ("Rows", "Columns", "BitsAllocated"))
+    if rows is None or cols is None or bits is None:
+        missing = [kw for kw, v in (("Rows", rows), ("Columns", cols), ("BitsAllocated", bits)) if v is None]
         return Status.DATASET_MISMATCH, f"image pixel attributes unreadable ({', '.join(missing)} missing or invalid)"
-    expected = (sizes["Rows"] * sizes["Columns"] * (rawvalues.integer(ds, "SamplesPerPixel") or 1)  # type: ignore
-                * (rawvalues.integer(ds, "NumberOfFrames") or 1) * sizes["BitsAllocated"]) // 8
+    expected = (rows * cols * (rawvalues.integer(ds, "SamplesPerPixel") or 1)
+                * (rawvalues.integer(ds, "NumberOfFrames") or 1) * bits) // 8
     try:
         actual = rawvalues.value_length(ds, "PixelData")
     except Exception as exc:  # noqa: BLE001 - reading the value hit the truncation

@@ -134,20 +134,8 @@ class _Geometry:
     positions: list[tuple[float, float, float]]
 
 
-_DS_TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
-    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness", "RescaleSlope",
-    "RescaleIntercept")}
-
-
-def _raw_decimals(ds: Dataset, keyword: str) -> list[float] | None:
-    """The numbers of a Decimal String element still undecoded, read from its bytes (None when it is decoded,
-    absent or anything but plain numbers: pydicom reads it then). Reading them this way leaves the element raw,
-    so slices keep sharing it (:class:`ElementSharer`) and the writer copies it as it came."""
-    return rawvalues.decimals(ds, keyword) if keyword in _DS_TAGS else None
-
-
 def _floats(ds: Dataset, keyword: str, count: int, label: str | None = None) -> np.ndarray:
-    fast = _raw_decimals(ds, keyword)
+    fast = rawvalues.decimals(ds, keyword)  # leaves the element raw, shared
     if fast is not None and len(fast) == count:
         return np.array(fast, dtype=float)
     label = label or str(ds.get("SOPInstanceUID", "?"))
@@ -944,7 +932,7 @@ def _load_multiframe(datasets: list[Dataset], paths: list[Path], spacing_toleran
 
 
 def _number(ds: Dataset, keyword: str, default: float, path: Path) -> float:
-    fast = _raw_decimals(ds, keyword)
+    fast = rawvalues.decimals(ds, keyword)  # leaves the element raw, shared
     if fast is not None and len(fast) == 1:
         return fast[0]
     value = ds.get(keyword)
