@@ -106,7 +106,8 @@ class Node:
         self._receipt: dict[str, Rule | None] = {}
         self._fresh: set[str] = set()
         self.timings: dict[str, dict[str, float]] = {}  # the last series processed: seconds per step
-        self._writing: dict[str, WriteProgress] = {}  # derived series being written: their sends follow the writer
+        # Derived series being written, by source series: (output series UID, progress); their sends follow it.
+        self._writing: dict[str, tuple[str, WriteProgress]] = {}
         self._futures: set[Future[Any]] = set()
         self._futures_lock = threading.Lock()  # its own: futures are tracked while self._lock is held
         self._evict_lock = threading.Lock()
@@ -615,7 +616,7 @@ class Node:
                     return None
                 progress = WriteProgress()
                 with self._lock:
-                    self._writing[uid] = progress
+                    self._writing[uid] = (output_uid, progress)
                 self.db.set_outputs(uid, output_uid, out_dir)
                 self._queue_sends(uid, rule, row, Payload.DERIVED, output_uid, total)
                 self.dispatch_sends()
@@ -784,7 +785,12 @@ class Node:
                 forwarded_to = row["ae_title"]
             else:
                 with self._lock:
-                    progress = self._writing.get(uid)
+                    writing = self._writing.get(uid)
+                # Only the derived series' own send follows its writer. A map series' send claimed before the run
+                # let go of the writer (maps are queued just before) would otherwise follow the derived files,
+                # find them all confirmed and be marked done without one map instance sent.
+                if writing is not None and kind is Payload.DERIVED and writing[0] == row["output_series_uid"]:
+                    progress = writing[1]
                 forwarded_to = None
                 if progress is not None:  # still being written: send what is there, then follow the writer
                     files = progress.wait_beyond(0, self._stopped)

@@ -13,6 +13,7 @@ from pydicom import dcmread
 
 from denoisers.diffusion import BETA_END, BETA_START, NORMALISATION, SCALE, T_STEPS, build_network
 from denoisers.models import ModelStore
+from tests.conftest import wait_until
 from tests.dicomtools import StoreSCP, run_dciodvfy
 from tests.e2e.conftest import send_datasets, wait_state
 from tests.factories import make_pet_series
@@ -79,3 +80,31 @@ def test_a_bcdpm_route_returns_the_denoised_series_and_the_uncertainty_maps(star
         assert errors == [], (sop_class, errors)
     outputs = node.db.outputs(uid)
     assert {(o["payload"], o["format"]) for o in outputs} == {("derived", "pet"), ("maps", "sc"), ("maps", "pm")}
+
+
+def test_a_map_send_claimed_while_the_run_still_holds_the_writer_sends_the_maps(
+        start_node, storescp_sink: StoreSCP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The map sends are queued just before the run lets go of the derived series' writer. A sender that claims
+    one in that moment (CI saw it under load) must send the map files, not follow the derived writer: that found
+    every derived file confirmed, marked the map send done and the series delivered without its Parametric Map."""
+    node = start_node(_rule(storescp_sink.port))
+    _register(node.models, tmp_path)
+    pet = make_pet_series(shape=SHAPE, spacing=SPACING, seed=5)
+    uid = str(pet[0].SeriesInstanceUID)
+    queue_map_sends = node._queue_map_sends
+
+    def queue_and_race(*args: Any, **kwargs: Any) -> int:
+        queued = queue_map_sends(*args, **kwargs)
+        # Widen the window deterministically: the derived send done, the map sends claimed and looked at by the
+        # sender while this run still holds the writer.
+        assert wait_until(lambda: all(s["state"] == "done" for s in node.db.sends(uid) if s["kind"] == "derived"))
+        node.dispatch_sends()
+        assert wait_until(lambda: not node._sending, timeout=30)
+        return queued
+
+    monkeypatch.setattr(node, "_queue_map_sends", queue_and_race)
+    assert send_datasets(pet, node.port) == [0] * SHAPE[0]
+    assert wait_state(node, uid, ["delivered", "failed", "refused"], timeout=120) == "delivered", node.db.series(uid)
+    classes = sorted(str(dcmread(f).SOPClassUID) for f in storescp_sink.files())
+    assert classes.count(PM_STORAGE) == 1 and classes.count(SC_STORAGE) == SHAPE[0], (classes, node.db.sends(uid))
+    assert classes.count(PET_STORAGE) == SHAPE[0]
