@@ -606,7 +606,8 @@ class Node:
             out_dir = self.spool.output_dir(uid, rule.name if not revision else f"{rule.name}.r{revision}")
             t0 = time.perf_counter()
             plan = dataclasses.replace(Plan.from_rule(rule), device=device, source_revision=revision,
-                                       spacing_tolerance=self.settings.completion.spacing_tolerance)
+                                       spacing_tolerance=self.settings.completion.spacing_tolerance,
+                                       write_processes=self.settings.workers.write_processes)
             # Sends start as the files are written (held ones wait for their study anyway).
             streams = not rule.hold_study and any("derived" in d.payloads(True) for d in rule.destinations)
 

@@ -59,6 +59,7 @@ class Plan:
     model: str | None = None  # model registry ref: "name" (its active version) or "name@version"
     source_revision: int = 0  # the series' revision (changed instances re-sent): part of the output UIDs
     spacing_tolerance: float = 0.1  # completion.spacing_tolerance: the loader checks what completion checked
+    write_processes: int = 1  # forked processes writing the derived series (workers.write_processes)
 
     @classmethod
     def from_rule(cls, rule: Rule) -> Plan:
@@ -348,7 +349,8 @@ def write_series(volume: PetVolume, plan: Plan, denoised: Denoised, out_dir: Pat
     output_uid = derived_series_uid(volume.series_uid, provenance)
     on_written = on_write(output_uid, len(volume.headers)) if on_write is not None else None
     t0 = time.perf_counter()
-    files = write_derived_pet(volume, result.denoised, out_dir, provenance, on_written=on_written)
+    files = write_derived_pet(volume, result.denoised, out_dir, provenance, on_written=on_written,
+                              processes=plan.write_processes)
     maps = _save_maps(result, out_dir)
     map_series = (write_maps(volume, result, output_uid, provenance, maps_dir or out_dir / "maps", map_formats)
                   if map_formats else [])

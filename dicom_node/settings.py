@@ -188,6 +188,9 @@ class WorkerSettings(_Frozen):
     # PET instances stay decoded in memory from receipt until their series is processed (not read and decoded
     # again), up to this many MB; oldest series out first; 0 turns it off (dicom_node/decoded.py).
     decoded_cache_mb: float = Field(512.0, ge=0)
+    # Forked processes that write a derived series (dicom_node/forked.py): the encoding then leaves the node's
+    # interpreter to the send that follows the writer; 1 writes in the processing thread.
+    write_processes: int = Field(2, ge=1, le=64)
     # Work left in processing/sending with no worker holding it this long is put back (see Node.sweep_stuck).
     stuck_after_s: float = Field(300.0, gt=0)
 

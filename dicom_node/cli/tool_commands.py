@@ -75,6 +75,8 @@ def add_subparsers(sub: Any) -> None:
                    help="DICOM forms of the method's maps: sc (Secondary Capture), pm (Parametric Map), both "
                         "(default sc,pm) or none. A method with maps writes every series in its own folder: "
                         "OUT_DIR/pet and OUT_DIR/<map>/<form>")
+    p.add_argument("--write-processes", type=int, default=2, metavar="N",
+                   help="forked processes writing the derived series (default 2; 1 writes in this process)")
     p.set_defaults(func=cmd_denoise)
 
     p = sub.add_parser("denoisers", help="denoiser plugins")
@@ -257,7 +259,6 @@ def _model_for_series(folder: Path, rule: Any, settings: Any) -> None:
     """For a rule that names a model: the model this series would get, whether its card fits, and the series'
     count level estimated from its images (as the cnn plugin records it)."""
     from dicom_node.cli.model_commands import open_store
-    from dicom_node.errors import DicomNodeError
     from dicom_node.pipeline import Plan, resolve_model
     from dicom_node.series import SeriesError, load_pet_series
 
@@ -297,6 +298,8 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     from denoisers.errors import DenoiserError
     from dicom_node.pipeline import Plan, process_series
 
+    if args.write_processes < 1:
+        raise ConfigError(f"--write-processes must be at least 1, not {args.write_processes}")
     params = parse_key_values(args.param)
     if args.fwhm_mm is not None:
         params["fwhm_mm"] = args.fwhm_mm
@@ -307,7 +310,8 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     plan = Plan(route="offline", denoiser=args.method, params=params,
                 non_quantitative="refuse" if args.refuse_non_quantitative else "process",
                 series_description_suffix=args.suffix if args.suffix is not None else f" [petnode {args.method}]",
-                series_number_offset=args.series_number_offset, model=args.model)
+                series_number_offset=args.series_number_offset, model=args.model,
+                write_processes=args.write_processes)
     store = None
     if args.model:
         from dicom_node.cli.model_commands import open_store

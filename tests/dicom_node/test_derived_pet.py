@@ -562,3 +562,37 @@ def test_template_writer_matches_on_real_series(tmp_path: Path, realdata: Path) 
         vol = load_pet_series(sorted((realdata / folder / "PT_AC").glob("*.dcm")))
         full, fast = _both_paths(vol, tmp_path / folder)
         assert all(a.read_bytes() == b.read_bytes() for a, b in zip(full, fast)), folder
+
+
+def test_forked_writers_write_the_same_bytes_and_report_every_file(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from dicom_node.outputs.derived_pet import FORK_MIN_SLICES
+
+    vol = _volume(tmp_path, shape=(FORK_MIN_SLICES + 3, 8, 8))
+    created = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    one = write_derived_pet(vol, _smooth(vol), tmp_path / "one", PROV, created=created)
+    reported: list[Path] = []
+    three = write_derived_pet(vol, _smooth(vol), tmp_path / "three", PROV, created=created, processes=3,
+                              on_written=reported.append)
+    assert [p.name for p in three] == [p.name for p in one]
+    assert [p.read_bytes() for p in three] == [p.read_bytes() for p in one]
+    assert sorted(reported) == three  # each file once, as its writer finished it
+    assert not list((tmp_path / "three").glob(".*.tmp"))
+
+
+def test_a_forked_writer_that_fails_fails_the_write_with_its_reason(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.outputs import derived_pet
+
+    vol = _volume(tmp_path, shape=(derived_pet.FORK_MIN_SLICES, 8, 8))
+    original = derived_pet.write_durable
+
+    def full_disk_at_seven(path: Path, data: bytes, *, fsync: bool = True) -> None:
+        if path.name == "0007.dcm":
+            raise OSError(28, "No space left on device")
+        original(path, data, fsync=fsync)
+
+    monkeypatch.setattr(derived_pet, "write_durable", full_disk_at_seven)
+    with pytest.raises(OutputWriteError, match=r"0007\.dcm.*No space left on device"):
+        write_derived_pet(vol, vol.array, tmp_path / "out", PROV, processes=2)

@@ -160,6 +160,8 @@ def test_offline_denoise_writes_valid_derived_series(tmp_path: Path, capsys: pyt
     assert run_dciodvfy(out[0])[0] == []
     assert main(["denoise", str(tmp_path / "in"), str(tmp_path / "o2"), "--param", "fwhm_mn=3"]) == 2
     assert "fwhm_mm" in capsys.readouterr().err
+    assert main(["denoise", str(tmp_path / "in"), str(tmp_path / "o3"), "--write-processes", "0"]) == 2
+    assert "--write-processes must be at least 1" in capsys.readouterr().err
 
 
 def test_serve_on_embedded_defaults_subprocess(tmp_path: Path):
