@@ -73,7 +73,9 @@ class Database:
     # Appended to a SELECT whose rows the transaction then updates: other nodes skip rows already taken.
     lock_rows: str = ""
 
-    def transaction(self, lock: str | None = None) -> AbstractContextManager[Any]:
+    def transaction(self, lock: str | None = None, *, durable: bool = True) -> AbstractContextManager[Any]:
+        """A write transaction. ``durable=False``: its commit survives the process (kill -9) but not the machine
+        (a power cut may lose it); for records whose loss costs a repeat, never data (a send's confirmations)."""
         raise NotImplementedError
 
     def reading(self) -> AbstractContextManager[Any]:
@@ -123,16 +125,24 @@ class SQLiteDatabase(Database):
             self.conn.execute("PRAGMA busy_timeout=30000")
 
     @contextmanager
-    def transaction(self, lock: str | None = None) -> Iterator[sqlite3.Connection]:
+    def transaction(self, lock: str | None = None, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         # BEGIN IMMEDIATE takes the write lock at once: every transaction is serialised, ``lock`` is implied.
         with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                # WAL with synchronous=NORMAL: the commit is in the WAL (the OS has it, a killed process loses
+                # nothing) without an fsync; the next FULL commit's fsync of the same WAL makes it durable too.
+                self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+                self.conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    self.conn.execute("PRAGMA synchronous=FULL")
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
@@ -291,8 +301,10 @@ class PostgresDatabase(Database):
             self._checkin(conn)
 
     @contextmanager
-    def transaction(self, lock: str | None = None) -> Iterator[_PgConnection]:
+    def transaction(self, lock: str | None = None, *, durable: bool = True) -> Iterator[_PgConnection]:
         with self._connection() as conn, conn.transaction():
+            if not durable:  # the server answers the commit before its WAL flush (this transaction only)
+                conn.execute("SET LOCAL synchronous_commit = off")
             if lock is not None:
                 # Released at commit/rollback; another node's transaction on the same key waits here.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(lock),))

@@ -375,3 +375,27 @@ def test_a_dropped_series_can_be_routed_again(db: StateDB):
     assert db.reprocess("1.2.3")
     row = db.series("1.2.3")
     assert row["state"] == "receiving" and row["force_complete"] == 1 and row["error"] is None
+
+
+def test_a_non_durable_transaction_commits_and_leaves_the_next_one_durable(db: StateDB):
+    """Send confirmations commit without waiting for the disk; every other commit still does (SQLite:
+    synchronous back to FULL after it, also when it failed; PostgreSQL: SET LOCAL ends with the transaction)."""
+
+    def synchronous() -> str:
+        with db._read() as c:
+            if db._db.dialect == "sqlite":
+                return {0: "off", 1: "normal", 2: "full", 3: "extra"}[c.execute("PRAGMA synchronous").fetchone()[0]]
+            return str(c.execute("SHOW synchronous_commit").fetchone()[0])
+
+    durable = synchronous()
+    assert durable in ("full", "on")
+    with db._tx(durable=False) as c:
+        inside = (c.execute("PRAGMA synchronous").fetchone()[0] if db._db.dialect == "sqlite"
+                  else c.execute("SHOW synchronous_commit").fetchone()[0])
+        assert str(inside) in ("1", "off")
+    db.confirm_sent("A@h:1", "1.2.3", ["5.1"])
+    assert db.confirmed_for("A@h:1", "1.2.3") == {"5.1"} and synchronous() == durable
+    with pytest.raises(RuntimeError), db._tx(durable=False) as c:
+        c.execute("INSERT INTO sent_instances VALUES (?, ?, ?, ?)", ("A@h:1", "5.2", "1.2.3", 0.0))
+        raise RuntimeError("rolled back")
+    assert db.confirmed_for("A@h:1", "1.2.3") == {"5.1"} and synchronous() == durable
