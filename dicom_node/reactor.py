@@ -38,6 +38,8 @@ import time
 import types
 from typing import Any, Callable
 
+from dicom_node import fastdimse
+
 logger = logging.getLogger(__name__)
 
 # pynetdicom's poll delays are 1 ms (DUL: _run_loop_delay; association: the reactor's sleep) and 0.1 ms (send_*
@@ -51,6 +53,7 @@ _IMMEDIATE_S = 20e-6
 ENABLED_ATTR = "_petnode_event_driven"
 _install_lock = threading.Lock()
 _installed: bool | None = None
+_fast_dimse = False  # set by _install: pynetdicom has what dicom_node.fastdimse relies on
 
 
 class _Wakeup:
@@ -204,6 +207,8 @@ def attach(assoc: Any) -> None:
         assoc._reactor_checkpoint = _WakingCheckpoint(assoc_event.set, checkpoint.is_set())
     dul._petnode_wait = _DulWaiter(dul, wakeup)
     assoc._petnode_wait = _AssociationWaiter(assoc_event)
+    if _fast_dimse:  # the same AEs get the byte-level C-STORE messages (dicom_node/fastdimse.py)
+        fastdimse.attach(assoc)
 
 
 def _internals_problem() -> str | None:
@@ -243,6 +248,11 @@ def _install() -> bool:
             if getattr(ae, ENABLED_ATTR, False):
                 attach(self)
 
+        global _fast_dimse
+        fast_problem = fastdimse.internals_problem()
+        if fast_problem is not None:
+            logger.warning("C-STORE messages left to pynetdicom's pydicom encoding: %s", fast_problem)
+        _fast_dimse = fast_problem is None
         init.__wrapped__ = original_init  # type: ignore[attr-defined]
         association.Association.__init__ = init  # type: ignore[method-assign]
         shim = _TimeModule()

@@ -24,7 +24,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
-from dicom_node import reactor
+from dicom_node import fastdimse, reactor
 from dicom_node.errors import SendError
 from dicom_node.handlers import LOSSLESS_COMPRESSED_SYNTAXES, UNCOMPRESSED_SYNTAXES, handle_conn_open
 
@@ -70,6 +70,13 @@ def _metas(paths: Sequence[Path]) -> list[tuple[str, str, str]]:
     """(SOP class, transfer syntax, SOP Instance UID) of each file, from its file meta information."""
     out = []
     for path in paths:
+        try:
+            uids = fastdimse.file_meta_uids(path)  # the bytes read directly; pydicom for anything unusual
+        except OSError as exc:
+            raise SendError(f"{str(path)!r} cannot be read: {exc}") from exc
+        if uids is not None and all(uids):
+            out.append(uids)
+            continue
         try:
             meta = read_file_meta_info(path)
         except Exception as exc:  # noqa: BLE001 - pydicom raises several types for unreadable files
