@@ -370,7 +370,7 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
     f = bench_receive(args.series_dir, repeats=args.repeats)
     ref, ours, minimal = (median(x) for x in (f.storescp_per_s, f.petnode_per_s, f.minimal_per_s))
     minimal_ed = median(f.minimal_event_driven_per_s)
-    lat, naive = median(f.latency_s), median(f.naive_round_trip_s)
+    lat, naive, naive_command = median(f.latency_s), median(f.naive_round_trip_s), median(f.naive_command_s)
     gauss, nlm, sk = median(f.denoise_gaussian_s), median(f.denoise_nlm_s), median(f.skimage_nlm_s)
     print(f"series {args.series_dir}: {f.instances} instances; DCMTK storescu with TCP_NODELAY=1; {args.repeats} "
           f"repeat(s), medians; {os.cpu_count()} CPUs")
@@ -379,6 +379,8 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
         ("latency: last instance acked -> last derived stored at storescp", lat, naive, lat / naive,
          "naive pydicom round trip (s)"),
         ("petnode denoise --method gaussian (s)", gauss, naive, gauss / naive, "naive pydicom round trip (s)"),
+        ("petnode denoise --method gaussian (s)", gauss, naive_command, gauss / naive_command,
+         "the same round trip as a program (start, imports) (s)"),
         ("receive, one association (instances/s)", ours, minimal, ours / minimal,
          "minimal pynetdicom SCP, fsync (/s)"),
         ("receive, one association (instances/s)", ours, minimal_ed, ours / minimal_ed,
