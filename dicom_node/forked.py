@@ -69,6 +69,14 @@ def _child(items: range, work: Callable[[int], None], out: int, prctl: Callable[
         os._exit(code)
 
 
+def _wait(pid: int) -> int:
+    """The child's wait status; 0 when something else in the process reaped it (its items' reports decide)."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return 0
+
+
 def run_forked(count: int, work: Callable[[int], None], processes: int,
                on_done: Callable[[int], None] | None = None) -> None:
     """Run ``work(k)`` for k in 0..count-1 in ``processes`` forked children (child i takes i, i+processes, ...).
@@ -118,7 +126,7 @@ def run_forked(count: int, work: Callable[[int], None], processes: int,
         for key in list(selector.get_map().values()):
             os.close(key.fd)
         selector.close()
-        statuses = [os.waitpid(pid, 0)[1] for pid in pids]
+        statuses = [_wait(pid) for pid in pids]
     failed = [os.waitstatus_to_exitcode(s) for s in statuses if s != 0]
     if errors or failed or len(done) != count:
         why = errors[0] if errors else (f"a writer process ended with status {failed[0]}" if failed
