@@ -39,8 +39,9 @@ class ReceiveFigures:
     petnode_per_s: list[float]
     latency_s: list[float]  # last instance acknowledged -> last derived instance acknowledged by the destination
     minimal_per_s: list[float] = field(default_factory=list)  # pynetdicom SCP: encoded_dataset() + fsync
-    # The same minimal SCP with petnode's event-driven reactors (dicom_node/reactor.py): what is left between it
-    # and petnode is the handler's own work (checks, directory entry and record made durable, decode kept).
+    # The same minimal SCP with petnode's event-driven reactors (dicom_node/reactor.py) and C-STORE messages
+    # (dicom_node/fastdimse.py): what is left between it and petnode is the handler's own work (checks,
+    # directory entry and record made durable, decode kept).
     minimal_event_driven_per_s: list[float] = field(default_factory=list)
     naive_round_trip_s: list[float] = field(default_factory=list)
     # The same round trip as a program of its own (start, imports, work): the like-for-like reference of a command.
@@ -145,7 +146,8 @@ def naive_command_s(files: list[Path], out_dir: Path) -> float:
 class MinimalScp:
     """The least a durable pynetdicom storage SCP can do: write ``event.encoded_dataset()`` and fsync it.
 
-    ``event_driven``: with petnode's reactors (dicom_node/reactor.py) instead of pynetdicom's as shipped."""
+    ``event_driven``: with petnode's reactors (dicom_node/reactor.py) and byte-level C-STORE messages
+    (dicom_node/fastdimse.py, which come with them) instead of pynetdicom's as shipped."""
 
     def __init__(self, directory: Path, *, event_driven: bool = False) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt

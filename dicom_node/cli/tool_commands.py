@@ -384,7 +384,7 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
         ("receive, one association (instances/s)", ours, minimal, ours / minimal,
          "minimal pynetdicom SCP, fsync (/s)"),
         ("receive, one association (instances/s)", ours, minimal_ed, ours / minimal_ed,
-         "the same, with petnode's reactors (/s)"),
+         "the same, with petnode's reactors and C-STORE messages (/s)"),
         ("receive, one association (instances/s)", ours, ref, ours / ref, "DCMTK storescp, no fsync (/s)"),
         (f"NLM in a running node (its denoise step, torch {f.torch_threads} threads) (s)", median(f.node_nlm_s), sk,
          sk / max(median(f.node_nlm_s), 1e-9), "scikit-image fast NLM, 1 thread (s); ratio = speed-up"),
