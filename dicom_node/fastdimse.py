@@ -178,7 +178,7 @@ def encode_pdus(primitive: Any, context_id: int, max_pdu: int) -> list[Any] | No
     """The P-DATA primitives for a C-STORE request (from a file) or plain response, or None for anything else."""
     from pynetdicom.dimse_primitives import C_STORE
 
-    if type(primitive) is not C_STORE:
+    if type(primitive) is not C_STORE or 0 < max_pdu < 7:  # a PDU too small for any value: pynetdicom says so
         return None
     if primitive.MessageIDBeingRespondedTo is None:
         return _store_rq_pdus(primitive, context_id, max_pdu)

@@ -91,6 +91,7 @@ def test_anything_else_is_left_to_pynetdicom(pet_file: Path) -> None:
     commented = _response("1.2.3", 0xA700)
     commented.ErrorComment = "out of resources"
     assert fastdimse.encode_pdus(commented, 1, 16382) is None
+    assert fastdimse.encode_pdus(_request(pet_file, "1.2.3"), 1, 6) is None  # no room for a value: pynetdicom's error
     echo = C_ECHO()
     echo.MessageIDBeingRespondedTo, echo.Status = 1, 0
     assert fastdimse.encode_pdus(echo, 1, 16382) is None
