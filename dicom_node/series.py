@@ -34,6 +34,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import DA, DT, TM, format_number_as_ds
 
 from dicom_node import rawvalues
+from dicom_node.rawread import read_plain
 from dicom_node.completion import DEFAULT_SPACING_TOLERANCE, spacing_problem
 from dicom_node.errors import MultiFrameError, SeriesError, SuvError
 
@@ -784,7 +785,9 @@ being held from the first read to the last decode (9 MB for the 267-slice real s
 
 
 def _read_deferring_pixels(path: Path) -> Dataset:
-    return dcmread(path, defer_size=DEFER_BYTES)
+    # Sequences left raw until read (dicom_node/rawread.py: 0.07 s instead of 0.24 s for 267 slices); pydicom
+    # for anything but a plain little endian file.
+    return read_plain(path, DEFER_BYTES) or dcmread(path, defer_size=DEFER_BYTES)
 
 
 _NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # Implicit and Explicit VR Little Endian
