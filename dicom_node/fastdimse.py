@@ -30,7 +30,10 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+
 
 _US = struct.Struct("<H")
 _HEADER = struct.Struct("<HHI")  # group, element, value length (Implicit VR Little Endian)
@@ -64,7 +67,7 @@ def unbind_standard_handlers(assoc: Any) -> None:
     """
     if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         return
-    from pynetdicom import _handlers, evt
+    from pynetdicom import _handlers  # private: internals_problem checks it has these
 
     for event, handler in ((evt.EVT_DIMSE_RECV, _handlers.standard_dimse_recv_handler),
                            (evt.EVT_DIMSE_SENT, _handlers.standard_dimse_sent_handler),
@@ -107,19 +110,17 @@ def parse_command_set(data: bytes) -> dict[int, bytes] | None:
     return out
 
 
-def _fragments(control_more: bytes, control_last: bytes, data: bytes, max_pdu: int) -> list[bytes]:
-    """PDV values as pynetdicom fragments a byte string (its ``_generate_pdv_fragments``)."""
+def _command_pdus(context_id: int, command: bytes, max_pdu: int) -> list[Any]:
+    """A command set as P-DATA, fragmented as pynetdicom does (``_generate_pdv_fragments``): 0x01 before each
+    fragment but the last, 0x03 before the last."""
     if max_pdu == 0:
-        return [control_last + data]
+        return [_p_data(context_id, b"\x03" + command)]
     size = max_pdu - 6
-    count = math.ceil(len(data) / size)
-    pieces = [data[i * size:(i + 1) * size] for i in range(count)]
-    return [control_more + p for p in pieces[:-1]] + [control_last + pieces[-1]]
+    pieces = [command[i:i + size] for i in range(0, len(command), size)]
+    return [_p_data(context_id, b"\x01" + p) for p in pieces[:-1]] + [_p_data(context_id, b"\x03" + pieces[-1])]
 
 
 def _p_data(context_id: int, value: bytes) -> Any:
-    from pynetdicom.pdu_primitives import P_DATA
-
     pdata = P_DATA()
     pdata.presentation_data_value_list.append((context_id, value))
     return pdata
@@ -141,7 +142,7 @@ def _store_rq_pdus(primitive: Any, context_id: int, max_pdu: int) -> list[Any] |
         (_DATA_SET_TYPE, _US.pack(_DATA_SET_PRESENT)),
         (_AFFECTED_SOP_INSTANCE, _uid(primitive.AffectedSOPInstanceUID)),
     ])
-    pdus = [_p_data(context_id, v) for v in _fragments(b"\x01", b"\x03", command, max_pdu)]
+    pdus = _command_pdus(context_id, command, max_pdu)
     file_path, offset = path
     with open(file_path, "rb") as f:  # as pynetdicom reads it: from the data set's offset, PDU-sized pieces
         end = f.seek(0, 2)
@@ -171,59 +172,16 @@ def _store_rsp_pdus(primitive: Any, context_id: int, max_pdu: int) -> list[Any] 
                  (_STATUS, _US.pack(primitive.Status))]
     if primitive.AffectedSOPInstanceUID is not None:
         elements.append((_AFFECTED_SOP_INSTANCE, _uid(primitive.AffectedSOPInstanceUID)))
-    return [_p_data(context_id, v) for v in _fragments(b"\x01", b"\x03", command_set(elements), max_pdu)]
+    return _command_pdus(context_id, command_set(elements), max_pdu)
 
 
 def encode_pdus(primitive: Any, context_id: int, max_pdu: int) -> list[Any] | None:
     """The P-DATA primitives for a C-STORE request (from a file) or plain response, or None for anything else."""
-    from pynetdicom.dimse_primitives import C_STORE
-
     if type(primitive) is not C_STORE or 0 < max_pdu < 7:  # a PDU too small for any value: pynetdicom says so
         return None
     if primitive.MessageIDBeingRespondedTo is None:
         return _store_rq_pdus(primitive, context_id, max_pdu)
     return _store_rsp_pdus(primitive, context_id, max_pdu)
-
-
-# Explicit VR Little Endian: these VRs have a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_META_READ = 4096  # a file meta group is a few hundred bytes; a longer one is read by pydicom
-_MEDIA_SOP_CLASS, _MEDIA_SOP_INSTANCE, _TRANSFER_SYNTAX = 0x00020002, 0x00020003, 0x00020010
-
-
-def file_meta_uids(path: Any) -> tuple[str, str, str] | None:
-    """(Media Storage SOP Class, Transfer Syntax, Media Storage SOP Instance) UIDs from a Part 10 file's meta
-    group, read from its bytes; None when the file is not the plain case (no preamble, a meta group longer than
-    a few KB, a UID missing): the caller then asks pydicom, which also says what is wrong."""
-    with open(path, "rb") as f:
-        head = f.read(_META_READ)
-    if head[128:132] != b"DICM":
-        return None
-    found: dict[int, bytes] = {}
-    offset, end = 132, len(head)
-    while offset + 8 <= end:
-        group, element = struct.unpack_from("<HH", head, offset)
-        if group != 2:
-            break
-        vr = head[offset + 4:offset + 6]
-        if vr in _LONG_VRS:
-            if offset + 12 > end:
-                return None
-            length = struct.unpack_from("<I", head, offset + 8)[0]
-            offset += 12
-        else:
-            length = struct.unpack_from("<H", head, offset + 6)[0]
-            offset += 8
-        if offset + length > end:
-            return None
-        found[(group << 16) | element] = head[offset:offset + length]
-        offset += length
-    else:
-        return None  # the meta group runs past what was read
-    try:
-        return (_text(found[_MEDIA_SOP_CLASS]), _text(found[_TRANSFER_SYNTAX]), _text(found[_MEDIA_SOP_INSTANCE]))
-    except (KeyError, UnicodeDecodeError):
-        return None
 
 
 def _text(value: bytes) -> str:
@@ -244,8 +202,6 @@ def decode_store_rsp(pdata: Any) -> Any | None:
             _C_STORE_RSP) or elements.get(_DATA_SET_TYPE) != _US.pack(_NO_DATA_SET)
             or len(elements.get(_RESPONDED_TO, b"")) != 2 or len(elements.get(_STATUS, b"")) != 2):
         return None
-    from pynetdicom.dimse_primitives import C_STORE
-
     try:
         rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = _US.unpack(elements[_RESPONDED_TO])[0]
@@ -262,8 +218,6 @@ def decode_store_rsp(pdata: Any) -> Any | None:
 
 def attach(assoc: Any) -> None:
     """Send and receive this association's plain C-STORE messages through this module (see the module doc)."""
-    from pynetdicom import evt
-
     unbind_standard_handlers(assoc)
     dimse = assoc.dimse
     stock_send: Callable[[Any, int], None] = dimse.send_msg
@@ -305,10 +259,8 @@ def attach(assoc: Any) -> None:
 def internals_problem() -> str | None:
     """What of pynetdicom this module relies on is missing (None when all is there)."""
     try:
-        from pynetdicom import _handlers, dimse, evt
+        from pynetdicom import _handlers, dimse
         from pynetdicom.association import Association
-        from pynetdicom.dimse_primitives import C_STORE
-        from pynetdicom.pdu_primitives import P_DATA
     except ImportError as exc:
         return f"pynetdicom cannot be imported ({exc})"
     for cls, attr in ((dimse.DIMSEServiceProvider, "send_msg"), (dimse.DIMSEServiceProvider, "receive_primitive"),

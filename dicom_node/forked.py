@@ -129,6 +129,6 @@ def run_forked(count: int, work: Callable[[int], None], processes: int,
         statuses = [_wait(pid) for pid in pids]
     failed = [os.waitstatus_to_exitcode(s) for s in statuses if s != 0]
     if errors or failed or len(done) != count:
-        why = errors[0] if errors else (f"a writer process ended with status {failed[0]}" if failed
+        why = errors[0] if errors else (f"a child process ended with status {failed[0]}" if failed
                                         else f"{count - len(done)} item(s) not reported")
         raise ForkedWorkError(why)

@@ -21,8 +21,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.tag import BaseTag
 
@@ -100,18 +101,57 @@ def _is_sequence(tag: int, vr: str | None) -> bool:
         return False
 
 
-def _meta(data: bytes) -> tuple[FileMetaDataset, int]:
-    """The file meta group (always Explicit VR Little Endian) and where the data set starts."""
-    elements: dict[BaseTag, RawDataElement] = {}
+def _meta_elements(data: bytes) -> tuple[dict[int, tuple[str | None, int, int]], int]:
+    """The file meta group (always Explicit VR Little Endian) of a Part 10 file's bytes: {tag: (VR, where its
+    value starts, its length)}, and where the group ends. Stops where the bytes do (a caller that read only the
+    file's head checks it saw the group end)."""
+    found: dict[int, tuple[str | None, int, int]] = {}
     pos = 132
     while pos + 8 <= len(data) and _HEAD.unpack_from(data, pos)[0] == 2:
         tag, vr, length, head = _element_header(data, pos, False)
         if length == _UNDEFINED or pos + head + length > len(data):
             raise _NotPlain
-        key = BaseTag(tag)
-        elements[key] = RawDataElement(key, vr, length, data[pos + head:pos + head + length], pos + head, False, True)
+        found[tag] = (vr, pos + head, length)
         pos += head + length
+    return found, pos
+
+
+def _meta(data: bytes) -> tuple[FileMetaDataset, int]:
+    """The file meta group as pydicom reads it, and where the data set starts."""
+    found, pos = _meta_elements(data)
+    elements = {BaseTag(tag): RawDataElement(BaseTag(tag), vr, length, data[start:start + length], start, False,
+                                             True) for tag, (vr, start, length) in found.items()}
     return FileMetaDataset(elements), pos
+
+
+_META_HEAD = 4096  # a file meta group is a few hundred bytes; a longer one is left to pydicom
+_MEDIA_SOP_CLASS, _MEDIA_SOP_INSTANCE, _TRANSFER_SYNTAX = 0x00020002, 0x00020003, 0x00020010
+
+
+def file_meta_uids(path: Path | str) -> tuple[str, str, str] | None:
+    """(Media Storage SOP Class, Transfer Syntax, Media Storage SOP Instance) UIDs from a Part 10 file's meta
+    group, read from the file's first bytes; None when it is not the plain case (no preamble, a meta group longer
+    than a few KB, a UID missing): the caller then asks pydicom, which also says what is wrong."""
+    with open(path, "rb") as f:
+        head = f.read(_META_HEAD)
+    if head[128:132] != b"DICM":
+        return None
+    try:
+        found, end = _meta_elements(head)
+    except (_NotPlain, struct.error):
+        return None
+    if end + 8 > len(head):  # the group may go on past what was read
+        return None
+    uids: list[str] = []
+    for tag in (_MEDIA_SOP_CLASS, _TRANSFER_SYNTAX, _MEDIA_SOP_INSTANCE):
+        if tag not in found:
+            return None
+        _, start, length = found[tag]
+        try:
+            uids.append(head[start:start + length].decode("ascii").rstrip("\0 "))
+        except UnicodeDecodeError:
+            return None
+    return uids[0], uids[1], uids[2]
 
 
 def read_plain(path: Path | str, defer_size: int | None = None) -> FileDataset | None:
@@ -150,11 +190,8 @@ def read_plain(path: Path | str, defer_size: int | None = None) -> FileDataset |
     except (_NotPlain, struct.error):
         return None
     dataset = Dataset(elements)
-    encoding: Any = "iso8859"
+    encoding: Any = default_encoding
     if _CHARSET in elements:
-        from pydicom.charset import convert_encodings
-        from pydicom.dataelem import convert_raw_data_element
-
         encoding = convert_encodings(convert_raw_data_element(elements[BaseTag(_CHARSET)]).value)
     dataset.set_original_encoding(implicit, True, encoding)
     ds = FileDataset(str(path), dataset, data[:128], meta, implicit, True)

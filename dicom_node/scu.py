@@ -24,7 +24,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
-from dicom_node import fastdimse, reactor
+from dicom_node import rawread, reactor
 from dicom_node.errors import SendError
 from dicom_node.handlers import LOSSLESS_COMPRESSED_SYNTAXES, UNCOMPRESSED_SYNTAXES, handle_conn_open
 
@@ -71,7 +71,7 @@ def _metas(paths: Sequence[Path]) -> list[tuple[str, str, str]]:
     out = []
     for path in paths:
         try:
-            uids = fastdimse.file_meta_uids(path)  # the bytes read directly; pydicom for anything unusual
+            uids = rawread.file_meta_uids(path)  # the bytes read directly; pydicom for anything unusual
         except OSError as exc:
             raise SendError(f"{str(path)!r} cannot be read: {exc}") from exc
         if uids is not None and all(uids):

@@ -699,7 +699,8 @@ def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_S
         One file per slice of a classic PET series, or the Enhanced PET / Legacy Converted Enhanced PET instances
         of a multi-frame series (one or several), in any order.
     reader
-        Reads one file into a data set (default ``pydicom.dcmread``); the node passes one that takes the data sets
+        Reads one file into a data set (default: :func:`dicom_node.rawread.read_plain`, pydicom's ``dcmread`` for
+        anything it does not take; Pixel Data deferred either way); the node passes one that takes the data sets
         the C-STORE handler already decoded (:mod:`dicom_node.decoded`) and reads the rest from disk.
 
     Returns

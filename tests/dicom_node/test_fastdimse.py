@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 from pydicom import Dataset
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
@@ -117,18 +116,6 @@ def test_command_sets_that_do_not_parse_whole_are_refused() -> None:
     assert fastdimse.parse_command_set(good + b"\0\0\0\0\0\0\0\0") is None  # group length no longer matches
     wrong_group = good[:12] + struct.pack("<HHI", 8, 0x100, 2) + good[20:]
     assert fastdimse.parse_command_set(wrong_group) is None
-
-
-@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-def test_file_meta_uids_match_pydicom(tmp_path: Path, syntax: str) -> None:
-    files = write_series(make_pet_series(shape=(2, 8, 8), seed=4, transfer_syntax=syntax), tmp_path / "s")
-    for path in files:
-        meta = read_file_meta_info(path)
-        assert fastdimse.file_meta_uids(path) == (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID),
-                                                  str(meta.MediaStorageSOPInstanceUID))
-    bare = tmp_path / "bare.dcm"
-    bare.write_bytes(files[0].read_bytes()[128:])  # no preamble: pydicom's case
-    assert fastdimse.file_meta_uids(bare) is None
 
 
 class _Server:

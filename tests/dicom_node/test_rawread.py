@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 import dicom_node.series as series_module
 from dicom_node.outputs.derived_pet import Provenance, write_derived_pet
-from dicom_node.rawread import read_plain
+from dicom_node.rawread import file_meta_uids, read_plain
 from dicom_node.series import DEFER_BYTES, load_pet_series
 from tests.factories import make_pet_series, write_series
 
@@ -117,3 +118,15 @@ def _check_loader(files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyP
     b = write_derived_pet(theirs, theirs.array, tmp_path / "b", prov, created=created)
     assert [p.name for p in a] == [p.name for p in b]
     assert all(filecmp.cmp(x, y, shallow=False) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_file_meta_uids_match_pydicom(tmp_path: Path, syntax: str) -> None:
+    files = write_series(make_pet_series(shape=(2, 8, 8), seed=4, transfer_syntax=syntax), tmp_path / "s")
+    for path in files:
+        meta = read_file_meta_info(path)
+        assert file_meta_uids(path) == (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID),
+                                        str(meta.MediaStorageSOPInstanceUID))
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(files[0].read_bytes()[128:])  # no preamble: pydicom's case
+    assert file_meta_uids(bare) is None
