@@ -36,7 +36,7 @@ from dicom_node.pipeline import Destination, Plan, PriorRequest, ProcessResult, 
 from dicom_node.pipeline import resolve_destinations
 from dicom_node.rules import MatchContext, PriorSpec, Rule, RuleSet, evaluate_match, map_formats, select_rule
 from dicom_node.scp import start_scp
-from dicom_node.series import MULTIFRAME_PET_STORAGE
+from dicom_node.series import MULTIFRAME_PET_STORAGE, read_instance
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
 from dicom_node.state import Payload, SeriesState, SendState, default_node_id, open_state
@@ -649,7 +649,8 @@ class Node:
                         return
                     plan = fallback
             wanted_maps = sorted({f for d in rule.destinations for f in map_formats(d.payloads(True))})
-            reader = self.decoded.reader(dcmread)
+            # Past the cache (after a restart, or an evicted series): the loader's own reader, Pixel Data deferred.
+            reader = self.decoded.reader(read_instance)
             # In-process, or denoised on a Celery worker and written here (the same steps: pipeline.py).
             pipeline = process_series if self.remote is None else self.remote.process_series
             try:

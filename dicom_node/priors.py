@@ -43,8 +43,8 @@ from dicom_node.series import (
     PetVolume,
     _geometry,
     _number,
-    _read_deferring_pixels,
     native_pixels,
+    read_instance,
 )
 
 __all__ = [
@@ -230,7 +230,7 @@ def read_prior_series(paths: Sequence[Path], *, series_uid: str | None = None,
     paths = [Path(p) for p in paths]
     if not paths:
         raise PriorError("prior series: no files given")
-    read = reader or _read_deferring_pixels
+    read = reader or read_instance
     datasets: list[Dataset] = []
     kept: list[Path] = []
     for path in paths:

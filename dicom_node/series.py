@@ -48,6 +48,7 @@ __all__ = [
     "compute_suv_bw_factor",
     "frame_headers",
     "load_pet_series",
+    "read_instance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -721,7 +722,7 @@ def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_S
     paths = [Path(p) for p in paths]
     if not paths:
         raise SeriesError("no files given")
-    read = reader or _read_deferring_pixels
+    read = reader or read_instance
     sharer = ElementSharer()
     datasets: list[Dataset] = []
     for path in paths:
@@ -785,9 +786,10 @@ DEFER_BYTES = 16 * 1024
 being held from the first read to the last decode (9 MB for the 267-slice real series)."""
 
 
-def _read_deferring_pixels(path: Path) -> Dataset:
-    # Sequences left raw until read (dicom_node/rawread.py: 0.07 s instead of 0.24 s for 267 slices); pydicom
-    # for anything but a plain little endian file.
+def read_instance(path: Path) -> Dataset:
+    """One stored instance as :func:`load_pet_series` reads it by default: Pixel Data deferred (``DEFER_BYTES``),
+    sequences left raw until read (dicom_node/rawread.py: 0.07 s instead of 0.24 s for 267 slices); pydicom's
+    ``dcmread`` for anything but a plain little endian file. The node's reads past its decoded cache use it too."""
     return read_plain(path, DEFER_BYTES) or dcmread(path, defer_size=DEFER_BYTES)
 
 

@@ -14,7 +14,7 @@ from pynetdicom.dsutils import decode
 
 from dicom_node.decoded import DecodedCache
 from dicom_node.outputs import Provenance, write_derived_pet
-from dicom_node.series import load_pet_series
+from dicom_node.series import load_pet_series, read_instance
 from training.dicom_export import make_pet_series, write_series
 
 PROV = Provenance(method="gaussian", params={"fwhm_mm": 4.0}, route="r")
@@ -70,8 +70,16 @@ def test_missing_entries_are_read_from_disk_and_the_cache_stays_bounded(tmp_path
     ds, ts, size = _as_received(other[0])
     cache.put("series-b", other[0], ds, ts, size)  # the oldest series goes out as a whole
     assert cache.take(paths[0]) is None and cache.take(other[0]) is not None
-    volume = load_pet_series(paths, reader=cache.reader(dcmread))
-    assert volume.array.shape == (4, 16, 16)
+    # Past the cache the node reads as the loader does by default (Pixel Data deferred, sequences raw): the
+    # volume and the derived files are those of a read from disk alone.
+    hits = cache.hits
+    volume = load_pet_series(paths, reader=cache.reader(read_instance))
+    assert volume.array.shape == (4, 16, 16) and cache.hits == hits  # series-a went out whole: all from disk
+    disk = load_pet_series(paths, reader=dcmread)
+    np.testing.assert_array_equal(volume.array, disk.array)
+    a = write_derived_pet(volume, volume.array, tmp_path / "a", PROV, created=WHEN)
+    b = write_derived_pet(disk, disk.array, tmp_path / "b", PROV, created=WHEN)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
 
     cache.put("series-c", other[1], *_as_received(other[1]))
     cache.drop_series("series-c")

@@ -108,7 +108,7 @@ def _check_loader(files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyP
     prov = Provenance("gaussian", {"fwhm_mm": 4.0}, "pet-gaussian")
     created = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
     ours = load_pet_series(files)
-    monkeypatch.setattr(series_module, "_read_deferring_pixels", lambda p: dcmread(p, defer_size=DEFER_BYTES))
+    monkeypatch.setattr(series_module, "read_instance", lambda p: dcmread(p, defer_size=DEFER_BYTES))
     theirs = load_pet_series(files)
     monkeypatch.undo()
     assert np.array_equal(ours.array, theirs.array)
