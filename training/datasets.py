@@ -114,7 +114,7 @@ def from_simulation(
     directory: Path,
     level: float,
     *,
-    target: Literal["full", "truth"] = "full",
+    target: Literal["full", "noiseless", "truth"] = "full",
     realizations: Sequence[int] | None = None,
 ) -> list[PairedVolume]:
     """Pairs from a saved simulated case: the reconstruction at ``level`` of every realization as input.
@@ -125,9 +125,10 @@ def from_simulation(
         Written by ``training.simulate.save_case``.
     level : float
         Input count level (e.g. 0.1).
-    target : {"full", "truth"}
-        The full-count (level 1) reconstruction of the same realization (what real data offers, Gong 2018), or
-        the noise-free phantom activity.
+    target : {"full", "noiseless", "truth"}
+        The full-count (level 1) reconstruction of the same realization (what real data offers, Gong 2018); the
+        reconstruction of the expected, noise-free prompts (``simulate --noiseless``: the same image without the
+        target's own noise, so the regional means stay the reconstruction's); or the noise-free phantom activity.
     realizations : sequence of int, optional
         Which realizations (default all).
     """
@@ -142,8 +143,11 @@ def from_simulation(
     name = format_level(level)
     if name not in names:
         raise DatasetError(f"{str(directory)!r} has no count level {name} (levels {names})")
-    if target not in ("full", "truth"):
-        raise DatasetError(f"target must be 'full' or 'truth', got {target!r}")
+    if target not in ("full", "noiseless", "truth"):
+        raise DatasetError(f"target must be 'full', 'noiseless' or 'truth', got {target!r}")
+    if target == "noiseless" and case.noiseless is None:
+        raise DatasetError(f"{str(directory)!r} has no noise-free reconstruction: simulate it with --noiseless, or "
+                           "use another target")
     if target == "full":
         if "1" not in names:
             raise DatasetError(f"{str(directory)!r} has no full-count level 1 (levels {names}): "
@@ -159,7 +163,8 @@ def from_simulation(
     for k in ks:
         pairs.append(PairedVolume(
             case.recon(level, k),
-            case.recon(1.0, k) if target == "full" else case.truth,
+            {"full": lambda: case.recon(1.0, k), "noiseless": lambda: case.noiseless,
+             "truth": lambda: case.truth}[target](),
             case.prior,
             spacing=case.spacing,
             source=f"{directory}/{recon_name(name, k)}",

@@ -91,16 +91,20 @@ class DiffusionResult:
     finished: bool
 
 
-def load_high_count(directory: Path, *, target: Literal["recon", "truth"] = "recon", level: float = 1.0
-                    ) -> list[HighCountVolume]:
+def load_high_count(directory: Path, *, target: Literal["recon", "noiseless", "truth"] = "recon",
+                    level: float = 1.0) -> list[HighCountVolume]:
     """The high-count volumes of a simulated case: its reconstructions at ``level`` (default the full counts,
-    every realization), or its truth."""
+    every realization), its noise-free reconstruction (``simulate --noiseless``), or its truth."""
     from denoisers.diffusion import activity_reference, to_latent
     from training.simulate import format_level, load_case
 
     case = load_case(Path(directory))
     if target == "truth":
         volumes = [case.truth]
+    elif target == "noiseless":
+        if case.noiseless is None:
+            raise TrainingError(f"{directory} has no noise-free reconstruction: simulate it with --noiseless")
+        volumes = [case.noiseless]
     else:
         key = next((lv for lv in case.recons if format_level(lv) == format_level(level)), None)
         if key is None:
@@ -114,7 +118,7 @@ def load_high_count(directory: Path, *, target: Literal["recon", "truth"] = "rec
         if not ref > 0:
             raise TrainingError(f"{directory}: volume {k} has no activity")
         out.append(HighCountVolume(to_latent(vol, ref).astype(np.float32), tuple(case.spacing),
-                                   f"{directory}:{target}{'' if target == 'truth' else f'@{level:g}#{k}'}"))
+                                   f"{directory}:{target}{'' if target != 'recon' else f'@{level:g}#{k}'}"))
     return out
 
 

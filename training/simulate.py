@@ -80,6 +80,7 @@ __all__ = [
 ]
 
 FORMAT = "petnode-simulation/1"
+NOISELESS_FILE = "recon_noiseless.npy"
 PHANTOMS = ("brain", "torso", "real")
 SIZES = ("ci", "full")
 
@@ -208,6 +209,9 @@ class SimulatedCase:
         JSON-able: parameters, counts per level and realization, timings, seed, lesions, activity scale.
     iterates : dict
         Level -> iteration -> one volume per realization, for the ``keep_iterations`` asked (else empty).
+    noiseless : ndarray or None
+        The reconstruction of the full acquisition's expected prompts (``simulate_case(noiseless=True)``), in
+        the truth's units: what every level's reconstruction would be without counting noise.
     """
 
     truth: np.ndarray
@@ -219,6 +223,7 @@ class SimulatedCase:
     labels: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     iterates: dict[float, dict[int, list[np.ndarray]]] = field(default_factory=dict)
+    noiseless: np.ndarray | None = None
 
     @property
     def levels(self) -> list[float]:
@@ -352,6 +357,7 @@ def simulate_case(
     post_filter_fwhm_mm: float | None = None,
     counts_per: Literal["volume", "slice"] = "volume",
     keep_iterations: Sequence[int] = (),
+    noiseless: bool = False,
     device: str = "cpu",
     threads: int | None = None,
     progress: bool = True,
@@ -389,6 +395,11 @@ def simulate_case(
     keep_iterations : sequence of int
         Also keep these intermediate iterates (in ``SimulatedCase.iterates``, post-filtered like the final
         images): an iteration sweep ("early stopping" as a smoothing knob, Gong 2018 figs 7 and 9) from one run.
+    noiseless : bool
+        Also reconstruct the full acquisition's expected prompts (no Poisson noise), with the same algorithm and
+        iterations (``SimulatedCase.noiseless``): the image the reconstruction converges to as the counts grow,
+        with its PSF, partial volume and positivity. A training target without the target's own noise, and the
+        ceiling of any method trained to reproduce the reconstruction (``petnode bench quality``).
     device : str
         "cpu", "cuda", "cuda:N" or "auto" (CUDA when present).
     threads : int, optional
@@ -415,7 +426,7 @@ def simulate_case(
             iterations=iterations, subsets=subsets, psf_fwhm_mm=psf_fwhm_mm, randoms_fraction=randoms_fraction,
             scatter_fraction=scatter_fraction, radial_bins=radial_bins, angles=angles,
             post_filter_fwhm_mm=post_filter_fwhm_mm, counts_per=counts_per, keep_iterations=keep_iterations,
-            device=device, progress=progress)
+            noiseless=noiseless, device=device, progress=progress)
     finally:
         torch.set_num_threads(previous)
 
@@ -437,6 +448,7 @@ def _simulate(
     post_filter_fwhm_mm: float | None,
     counts_per: Literal["volume", "slice"],
     keep_iterations: Sequence[int],
+    noiseless: bool,
     device: str,
     progress: bool,
 ) -> SimulatedCase:
@@ -509,7 +521,8 @@ def _simulate(
         from denoisers.registry import create
 
         post = create("gaussian", {"fwhm_mm": float(post_filter_fwhm_mm)})
-    total_iterations = realizations * len(levels) * iterations
+    total_iterations = (realizations * len(levels) + int(bool(noiseless))) * iterations
+    noise_free: np.ndarray | None = None
     algorithm = "MLEM" if subsets == 1 else f"OSEM {subsets} subsets"
     with tqdm(total=total_iterations, disable=not progress, unit="it", desc="simulate", leave=False) as bar:
         for k in range(realizations):
@@ -554,6 +567,19 @@ def _simulate(
                 timings["reconstruct_s"] += time.perf_counter() - t0
                 logger.info("realization %d, level %s: %.4g prompts, %d %s iterations", k, name,
                             counts[name][-1]["prompts"], iterations, algorithm)
+            if noiseless and k == 0:
+                # The expected prompts are the same for every realization: one reconstruction serves them all.
+                t0 = time.perf_counter()
+                bar.set_description("noiseless")
+                image = osem(full.expected, system, full.additive, n_iter=int(iterations), n_subsets=int(subsets),
+                             callback=lambda it, image: bar.update(1))
+                volume = _unsquare(full.to_activity(image).cpu().numpy().astype(np.float32), ny, nx)
+                if post is not None:
+                    from denoisers.base import DenoiseInputs
+
+                    volume = post.denoise(DenoiseInputs(pet=volume, spacing=spacing)).denoised  # type: ignore[arg-type]
+                noise_free = np.ascontiguousarray(volume, dtype=np.float32)
+                timings["reconstruct_s"] += time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
 
     lesions = getattr(phantom, "lesions", None) or []
@@ -591,6 +617,7 @@ def _simulate(
             "image_pixels": n,
             "post_filter_fwhm_mm": float(post_filter_fwhm_mm) if post_filter_fwhm_mm else None,
             "kept_iterations": keep,
+            "noiseless": bool(noiseless),
             "device": dev,
             "threads": torch.get_num_threads() if dev == "cpu" else None,
         },
@@ -610,6 +637,7 @@ def _simulate(
         labels=None if labels is None else np.asarray(labels),
         meta=meta,
         iterates=iterates if keep else {},
+        noiseless=noise_free,
     )
 
 
@@ -630,7 +658,8 @@ def pet_series_name(level: float | str, realization: int) -> str:
 
 def save_case(case: SimulatedCase, directory: Path, *, dicom: bool = False) -> Path:
     """Write a case: ``truth.npy``, ``mu.npy``, ``prior.npy``, ``labels.npy`` (when present),
-    ``recon_L{level}_r{k}.npy`` (and ``recon_L{level}_r{k}_it{n}.npy`` for kept iterates), ``meta.json``; with
+    ``recon_L{level}_r{k}.npy`` (and ``recon_L{level}_r{k}_it{n}.npy`` for kept iterates), ``recon_noiseless.npy``
+    (when simulated), ``meta.json``; with
     ``dicom`` also ``dicom/PET_L{level}_r{k}/`` and
     ``dicom/MR/`` or ``dicom/CT/`` (see :func:`export_dicom`).
 
@@ -654,6 +683,8 @@ def save_case(case: SimulatedCase, directory: Path, *, dicom: bool = False) -> P
         for iteration, volumes in by_iteration.items():
             for k, volume in enumerate(volumes):
                 np.save(directory / recon_name(level, k, iteration), np.asarray(volume, dtype=np.float32))
+    if case.noiseless is not None:
+        np.save(directory / NOISELESS_FILE, np.asarray(case.noiseless, dtype=np.float32))
     meta = dict(case.meta)
     meta.setdefault("format", FORMAT)
     meta["shape"] = list(case.truth.shape)
@@ -661,6 +692,7 @@ def save_case(case: SimulatedCase, directory: Path, *, dicom: bool = False) -> P
     meta["levels"] = [format_level(v) for v in case.recons]
     meta["realizations"] = case.realizations
     meta["prior_kind"] = case.prior_kind
+    meta["noiseless"] = case.noiseless is not None
     if dicom:
         meta["dicom"] = export_dicom(case, directory / "dicom")
     tmp = directory / "meta.json.tmp"
@@ -706,6 +738,7 @@ def load_case(directory: Path) -> SimulatedCase:
         labels=read("labels.npy", required=False),
         meta=meta,
         iterates=iterates,  # type: ignore[arg-type]
+        noiseless=read(NOISELESS_FILE) if meta.get("noiseless") else None,
     )
 
 

@@ -73,6 +73,9 @@ def add_subparsers(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default torch's; 1 is steadier on a machine shared with other jobs)")
+    p.add_argument("--noiseless", action="store_true",
+                   help="also reconstruct the expected (noise-free) prompts of the full acquisition: a training "
+                        "target without counting noise (petnode train --target noiseless)")
     p.add_argument("--dicom", action="store_true",
                    help="also write DICOM series (one study: a PET series per level and realization, and the prior)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -142,11 +145,12 @@ def add_subparsers(sub: Any) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = t.add_argument_group("diffusion (petnode train diffusion)")
     d.add_argument("--steps", type=_positive_int, default=20_000, help="optimiser steps (default 20000)")
-    t.add_argument("--target", choices=["recon", "truth"], default="recon",
+    t.add_argument("--target", choices=["recon", "noiseless", "truth"], default="recon",
                    help="what the network learns to give (--sim cases): cnn: the full-count reconstruction of the "
-                        "same acquisition (recon, default: what real pairs offer) or the noise-free activity "
-                        "(truth: denoising and the scanner's blur); diffusion: the high-count images at --level "
-                        "(recon) or the truth")
+                        "same acquisition (recon, default: what real pairs offer), the reconstruction of the "
+                        "expected prompts (noiseless: the same image without its own noise; simulate --noiseless) "
+                        "or the noise-free activity (truth: denoising and the scanner's blur); diffusion: the "
+                        "high-count images at --level (recon), the noise-free reconstruction or the truth")
     d.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     d.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (default 0.999)")
     d.add_argument("--focus-t", type=_positive_int, default=None,
@@ -186,7 +190,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         t_phantom = time.perf_counter() - t0
         case = simulate_case(phantom, count_levels=args.count_levels, realizations=args.realizations,
                              seed=args.seed, subsets=args.subsets, post_filter_fwhm_mm=args.post_filter_fwhm_mm,
-                             device=args.device, threads=args.threads, progress=not args.no_progress, **sim)
+                             noiseless=args.noiseless, device=args.device, threads=args.threads, progress=not args.no_progress, **sim)
         out = save_case(case, args.out, dicom=args.dicom)
     except (TrainingError, DenoiserError) as exc:
         print(f"petnode simulate: {exc}", file=sys.stderr)
@@ -251,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not arch:
             raise TrainingError("give --arch (gong-resnet, xu-unet or fo-dcnn) or --fine-tune NAME")
         train_set, val_set = [], []
-        target = "truth" if args.target == "truth" else "full"
+        target = {"recon": "full", "noiseless": "noiseless", "truth": "truth"}[args.target]
         for directory in args.sim:
             case = load_case(directory)
             ks = list(range(case.realizations))
@@ -291,8 +295,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         levels = ", ".join(f"{level:g}" for level in args.level)
         described = (f"{len(train_set)} pair(s): simulated {', '.join(str(d) for d in args.sim) or '-'} at count "
                      f"level(s) {levels}"
-                     + (", target the noise-free activity" if target == "truth" and args.sim else
-                        ", target the full-count reconstruction" if args.sim else "")
+                     + ({"truth": ", target the noise-free activity",
+                         "noiseless": ", target the noise-free reconstruction (expected prompts)",
+                         "full": ", target the full-count reconstruction"}[target] if args.sim else "")
                      + f"; real pairs {len(real)}"
                      + (f"; fine-tuned from {args.fine_tune}" if args.fine_tune else ""))
         result = train(config, train_set, val_set, args.out, init_from=init, progress=not args.no_progress,
@@ -385,7 +390,8 @@ def cmd_train_diffusion(args: argparse.Namespace) -> int:
                                  learning_rate=args.lr or 1e-4, weight_decay=args.weight_decay, ema_decay=args.ema,
                                  focus_t=args.focus_t, focus_fraction=args.focus_fraction, seed=args.seed,
                                  device=args.device, validate_every=args.validate_every)
-        what = "truth" if args.target == "truth" else f"reconstructions at count level {levels[0]:g}"
+        what = {"truth": "truth", "noiseless": "noise-free reconstructions"}.get(
+            args.target, f"reconstructions at count level {levels[0]:g}")
         described = (f"{len(train_set)} high-count volume(s), {what}: simulated "
                      f"{', '.join(str(d) for d in args.sim)}; validation {', '.join(str(d) for d in args.val) or '-'}")
         result = train_diffusion(config, train_set, val_set, args.out, progress=not args.no_progress,

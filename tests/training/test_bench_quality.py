@@ -41,6 +41,13 @@ def test_quality_bench_ci_brain(tmp_path: Path):
     g = {(r["level"], r["value"]): r for r in report.rows if r["method"] == "gaussian"}
     assert g[(0.5, 10.0)]["suvmean_change_pct:grey matter"] < g[(0.5, 2.0)]["suvmean_change_pct:grey matter"] < 0
     assert g[(0.5, 10.0)]["suvmean_change_max_pct"] > g[(0.5, 2.0)]["suvmean_change_max_pct"] > 0
+    # The ceiling of a method that keeps the reconstruction's resolution: the noise-free reconstruction, above
+    # the full-count one and above every smoothing of a noisy one.
+    c = report.ceiling
+    assert c["noiseless_psnr_db"] > c["full_psnr_db"] > max(r["psnr_db"] for r in report.rows if r["level"] == 0.1)
+    assert c["noiseless_psnr_db"] > max(r["psnr_db"] for r in report.rows)
+    assert 0 < c["noiseless_ssim"] <= 1 and f"scores {c['noiseless_psnr_db']:.2f} dB" in table
+    assert "| 0.1 |" in table.split("Ceiling:")[1] and "| nlm |" in table.split("Ceiling:")[1]
 
 
 def test_regional_change_is_the_relative_change_of_each_regions_mean() -> None:

@@ -89,6 +89,25 @@ def test_from_simulation_without_full_level(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no full-count level"):
         from_simulation(out, 0.5)
     assert len(from_simulation(out, 0.5, target="truth")) == 1
+    with pytest.raises(DatasetError, match="--noiseless"):
+        from_simulation(out, 0.5, target="noiseless")
+    with pytest.raises(DatasetError, match="target must be"):
+        from_simulation(out, 0.5, target="expected")  # type: ignore[arg-type]
+
+
+def test_from_simulation_noiseless_target(tmp_path: Path) -> None:
+    """target="noiseless": every realization's input paired with the one noise-free reconstruction; the
+    full-count level may be an input too (no level 1 needed)."""
+    ph = disk_phantom((2, 16, 16))
+    case = simulate_case(ph, count_levels=(1.0, 0.5), realizations=2, seed=0, noiseless=True,
+                         **dict(SIM, iterations=2, full_counts=1e5))
+    out = save_case(case, tmp_path / "c")
+    pairs = from_simulation(out, 0.5, target="noiseless")
+    assert len(pairs) == 2
+    for k, pair in enumerate(pairs):
+        np.testing.assert_array_equal(pair.full, np.load(out / "recon_noiseless.npy"))
+        np.testing.assert_array_equal(pair.low, np.load(out / f"recon_L0.5_r{k}.npy"))
+    assert len(from_simulation(out, 1.0, target="noiseless")) == 2
 
 
 # ------------------------------------------------------------------------------------------------ real DICOM

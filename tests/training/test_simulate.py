@@ -341,6 +341,29 @@ def test_kept_iterates(phantom: DiskPhantom, tmp_path: Path) -> None:
         simulate_case(phantom, seed=0, keep_iterations=(13,), **kw)
 
 
+def test_noiseless_reconstruction(phantom: DiskPhantom, tmp_path: Path) -> None:
+    """The reconstruction of the expected prompts: the same for every seed (no counting noise in it), near the
+    full-count images' mean, far smoother than any of them; saved and loaded with the case, absent unless asked."""
+    kw = dict(SIM, iterations=20)
+    case = simulate_case(phantom, count_levels=(1.0, 0.1), realizations=2, seed=11, noiseless=True, **kw)
+    other = simulate_case(phantom, count_levels=(1.0,), realizations=1, seed=12, noiseless=True, **kw)
+    assert case.noiseless is not None and other.noiseless is not None
+    assert case.noiseless.shape == phantom.activity.shape and case.noiseless.dtype == np.float32
+    assert np.isfinite(case.noiseless).all() and (case.noiseless >= 0).all()
+    np.testing.assert_allclose(other.noiseless, case.noiseless, rtol=1e-4, atol=1e-5)  # the seed draws only noise
+    assert not np.allclose(other.recon(1.0), case.recon(1.0), rtol=1e-3)
+    roi = uniform_roi(phantom)
+    full = [case.recon(1.0, k)[roi] for k in range(2)]
+    assert float(case.noiseless[roi].mean()) == pytest.approx(float(np.mean(full)), rel=0.02)
+    assert float(case.noiseless[roi].std()) < 0.5 * min(float(f.std()) for f in full)
+    assert case.meta["parameters"]["noiseless"] is True
+    back = load_case(save_case(case, tmp_path / "c"))
+    np.testing.assert_array_equal(back.noiseless, case.noiseless)
+    plain = simulate_case(phantom, count_levels=(1.0,), seed=11, **kw)
+    assert plain.noiseless is None and load_case(save_case(plain, tmp_path / "p")).noiseless is None
+    assert not (tmp_path / "p" / "recon_noiseless.npy").exists()
+
+
 # ------------------------------------------------------------------------------ with training.phantoms, and the CLI
 
 

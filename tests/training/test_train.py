@@ -207,7 +207,8 @@ def test_fine_tuning_on_real_pairs_made_from_the_sarcoma_series(tmp_path: Path, 
 def test_train_against_the_truth_needs_no_full_count_level(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """--target truth trains on the noise-free activity of simulated cases: a case simulated without its
-    full-count level trains that way, and the default (the full-count reconstruction) says what is missing."""
+    full-count level trains that way, and the default (the full-count reconstruction) says what is missing;
+    --target noiseless needs a case simulated with --noiseless and says so otherwise."""
     from dicom_node.cli import main
 
     sim = tmp_path / "sim"
@@ -221,3 +222,13 @@ def test_train_against_the_truth_needs_no_full_count_level(tmp_path: Path,
     assert main([*base, "--target", "truth", "--out", str(tmp_path / "truth")]) == 0
     card = json.loads((tmp_path / "truth" / "card.json").read_text())
     assert "target the noise-free activity" in card["training_data"]
+    assert main([*base, "--target", "noiseless", "--out", str(tmp_path / "noiseless")]) == 1
+    assert "simulate it with --noiseless" in capsys.readouterr().err
+    noiseless = tmp_path / "sim-noiseless"
+    assert main(["simulate", "brain", "--out", str(noiseless), "--count-levels", "0.1", "--size", "ci",
+                 "--iterations", "10", "--noiseless", "--no-progress"]) == 0
+    assert (noiseless / "recon_noiseless.npy").is_file()
+    base[base.index(str(sim))] = str(noiseless)
+    assert main([*base, "--target", "noiseless", "--out", str(tmp_path / "noiseless")]) == 0
+    card = json.loads((tmp_path / "noiseless" / "card.json").read_text())
+    assert "target the noise-free reconstruction" in card["training_data"]
