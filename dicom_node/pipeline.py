@@ -18,13 +18,15 @@ import numpy as np
 
 from dicom_node.errors import DicomNodeError, RoutingError
 from dicom_node.outputs.derived_pet import Provenance, derived_series_uid, write_derived_pet
-from dicom_node.rules import Address, PeerRef, ReturnToSender, Rule
 from dicom_node.series import PetVolume, load_pet_series
-from dicom_node.settings import NodeSettings
 
 if TYPE_CHECKING:
     from denoisers.base import DenoiseInputs, DenoiseResult
     from denoisers.models import ModelStore, ResolvedModel
+    # Types only: the rules and settings models (pydantic, YAML) are imported where they are used, so
+    # `petnode denoise` (which has neither) does not pay for building them at every start.
+    from dicom_node.rules import Rule
+    from dicom_node.settings import NodeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,8 @@ def series_seed(series_uid: str, route: str, revision: int = 0) -> int:
 
 def resolve_destination(dest: Any, settings: NodeSettings, calling_ae: str | None) -> Destination | Unresolved:
     """One destination of a rule as an address; a sender we cannot return to is reported, not guessed."""
+    from dicom_node.rules import Address, PeerRef, ReturnToSender
+
     if isinstance(dest, ReturnToSender):
         peer = settings.peer_by_ae(calling_ae) if calling_ae else None
         if peer is None:

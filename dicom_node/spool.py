@@ -24,10 +24,12 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.errors import DiskFullError, StorageError
-from dicom_node.settings import DiskSettings
+
+if TYPE_CHECKING:  # an annotation only: the derived-series writer uses this module without the node's settings
+    from dicom_node.settings import DiskSettings
 
 logger = logging.getLogger(__name__)
 

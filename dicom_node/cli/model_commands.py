@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.errors import ConfigError
-from dicom_node.settings import NodeSettings, load_settings
 
-if TYPE_CHECKING:  # the model store pulls in pydantic/yaml only when a models verb runs
+if TYPE_CHECKING:  # the model store and the settings pull in pydantic/yaml only when a verb needs them
     from denoisers.models import ModelCard, ModelStore
+    from dicom_node.settings import NodeSettings
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -179,6 +179,8 @@ def _handles_model_errors(func: Callable[[argparse.Namespace], int]) -> Callable
 
 
 def _settings(args: argparse.Namespace) -> NodeSettings:
+    from dicom_node.settings import load_settings
+
     return load_settings(args.config, data_dir=args.data_dir)
 
 

@@ -9,10 +9,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.errors import DicomNodeError
-from dicom_node.settings import NodeSettings, load_settings
+
+if TYPE_CHECKING:  # the settings (pydantic, YAML) are built when a node verb runs, not for every command
+    from dicom_node.settings import NodeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ def add_subparsers(sub: Any) -> None:
 
 
 def settings_from(args: argparse.Namespace, **overrides: Any) -> NodeSettings:
+    from dicom_node.settings import load_settings
+
     return load_settings(args.config, **overrides)
 
 

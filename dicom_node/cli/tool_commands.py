@@ -11,8 +11,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dicom_node.errors import ConfigError, DicomNodeError
 
 _ADDRESS_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -284,6 +282,10 @@ def _model_for_series(folder: Path, rule: Any, settings: Any) -> None:
 
 def parse_key_values(items: list[str], option: str = "--param") -> dict[str, Any]:
     """``KEY=VALUE`` options (repeatable) as a dict; VALUE is read as YAML (4.0, true, a word)."""
+    if not items:
+        return {}
+    import yaml  # here, not at the top: most commands never parse a parameter
+
     params: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
