@@ -176,3 +176,28 @@ def test_resampling_keeps_a_small_hot_spots_maximum(tmp_path: Path) -> None:
     out = registry.create("cnn", {"resample": True}, model=model).denoise(DenoiseInputs(pet=pet, spacing=spacing))
     assert float(out.denoised.max()) > 0.9 * float(pet.max())
     assert float(out.denoised.min()) >= 0.0
+
+
+def test_the_shipped_models_register_cleanly_cover_every_architecture_and_fit_40_mb(tmp_path: Path) -> None:
+    """models/ as a fresh node registers it: no problems, every weights file matches its card, the newest version
+    of each model active; for FDG brain (2 mm) and FDG whole body (4 mm) one dose-aware network of each
+    architecture; all weights together under the issue's 40 MB."""
+    from denoisers.models import ModelStore
+
+    shipped = Path(__file__).resolve().parents[2] / "models"
+    weights = sorted(shipped.glob("*/*/weights.pt"))
+    total = sum(p.stat().st_size for p in weights)
+    print(f"{len(weights)} shipped weights files, {total / 1e6:.2f} MB")
+    assert weights and total < 40e6
+    store = ModelStore(tmp_path / "store")
+    result = store.register_shipped(shipped)
+    assert result.problems == () and store.verify() == []
+    covered: set[tuple[str, float]] = set()
+    for info in store.list():
+        newest = max(info.versions, key=lambda v: tuple(int(p) for p in v.version.split("."))).version
+        assert info.active == newest, info
+        card = store.resolve(info.name).card
+        if card.denoiser == "cnn":
+            assert (card.extra.get("net") or {}).get("level_input") is True and "FDG" in card.tracers
+            covered.add((card.architecture, card.expected_voxel_mm[0]))
+    assert covered == {(arch, mm) for arch in ("gong-resnet", "xu-unet", "fo-dcnn") for mm in (2.0, 4.0)}

@@ -102,4 +102,27 @@ if [ ! -f "$MODELS/fdg-bcdpm/1.0.0/card.yaml" ]; then
   rm -f "$MODELS/fdg-bcdpm/1.0.0/RETIRED"
   cp runs/fdg-bcdpm-1.0.0/loss.png "$MODELS/fdg-bcdpm/1.0.0/loss.png"
 fi
+
+# The brain models 1.1.0 (fdg-brain-xu: the default brain rule's model): each 1.0.0 continued with every layer
+# trained (--fine-tune with --last past the network's depth; gong-resnet keeps its first convolution) on twice the
+# brains (seeds 1-12, validation 13; the bench's 90001 and up never) against their noise-free reconstructions
+# (simulate --noiseless: the same reconstruction and PSF without the target's own counting noise, so regional
+# means stay the reconstruction's), at half the learning rate of a fresh run.
+for s in $(seq 1 13); do LEVELS=0.3,0.1,0.03,0.01 sim "nl-brain-$s" brain "$s" --noiseless; done
+NL_BRAIN=(); for s in $(seq 1 12); do NL_BRAIN+=(--sim "sim/nl-brain-$s"); done
+continue_brain() {  # continue_brain NAME EPOCHS LEARNING_RATE
+  local name=$1 epochs=$2 lr=$3
+  if [ -f "$MODELS/$name/1.1.0/card.yaml" ]; then echo "$name@1.1.0 already in $MODELS"; return; fi
+  [ -f "store/models/$name/1.1.0/card.yaml" ] || petnode train --fine-tune "$name@1.0.0" --last 99 \
+    "${NL_BRAIN[@]}" --val sim/nl-brain-13 --target noiseless --level "$TRAIN_LEVELS" --epochs "$epochs" \
+    --lr "$lr" --batch 16 --patch 64 --device "$DEVICE" --tracer FDG --description "$BT" \
+    --out "runs/$name-1.1.0" --register "$name@1.1.0" --data-dir store
+  mkdir -p "$MODELS/$name"
+  cp -r "store/models/$name/1.1.0" "$MODELS/$name/1.1.0"
+  rm -f "$MODELS/$name/1.1.0/RETIRED"
+  cp "runs/$name-1.1.0/loss.png" "$MODELS/$name/1.1.0/loss.png"
+}
+continue_brain fdg-brain-xu   "${XU_BRAIN_NL_EPOCHS:-12}"   5e-4
+continue_brain fdg-brain-fo   "${FO_BRAIN_NL_EPOCHS:-6}"    5e-4
+continue_brain fdg-brain-gong "${GONG_BRAIN_NL_EPOCHS:-6}"  5e-4
 du -sh "$MODELS"
