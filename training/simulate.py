@@ -522,6 +522,16 @@ def _simulate(
 
         post = create("gaussian", {"fwhm_mm": float(post_filter_fwhm_mm)})
     total_iterations = (realizations * len(levels) + int(bool(noiseless))) * iterations
+
+    def as_volume(image: torch.Tensor, sino: Any) -> np.ndarray:
+        """A reconstruction of ``sino`` in activity units on the phantom's grid, post-filtered like every image."""
+        volume = _unsquare(sino.to_activity(image).cpu().numpy().astype(np.float32), ny, nx)
+        if post is not None:
+            from denoisers.base import DenoiseInputs
+
+            volume = post.denoise(DenoiseInputs(pet=volume, spacing=spacing)).denoised  # type: ignore[arg-type]
+        return np.ascontiguousarray(volume, dtype=np.float32)
+
     noise_free: np.ndarray | None = None
     algorithm = "MLEM" if subsets == 1 else f"OSEM {subsets} subsets"
     with tqdm(total=total_iterations, disable=not progress, unit="it", desc="simulate", leave=False) as bar:
@@ -539,22 +549,14 @@ def _simulate(
                 sino = full if level == 1.0 else full.thin(level, make_generator(_seed_int(seed, k, i + 1), dev))
                 bar.set_description(f"L{name} r{k}")
 
-                def to_volume(image: torch.Tensor, sino: Any = sino) -> np.ndarray:
-                    volume = _unsquare(sino.to_activity(image).cpu().numpy().astype(np.float32), ny, nx)
-                    if post is not None:
-                        from denoisers.base import DenoiseInputs
-
-                        volume = post.denoise(DenoiseInputs(pet=volume, spacing=spacing)).denoised  # type: ignore[arg-type]
-                    return np.ascontiguousarray(volume, dtype=np.float32)
-
-                def callback(it: int, image: torch.Tensor, level: float = level) -> None:
+                def callback(it: int, image: torch.Tensor, level: float = level, sino: Any = sino) -> None:
                     bar.update(1)
                     if it in keep and it != iterations:
-                        iterates[level][it].append(to_volume(image))
+                        iterates[level][it].append(as_volume(image, sino))
 
                 image = osem(sino.prompts, system, sino.additive, n_iter=int(iterations), n_subsets=int(subsets),
                              callback=callback)
-                recons[level].append(to_volume(image))
+                recons[level].append(as_volume(image, sino))
                 if iterations in keep:
                     iterates[level][int(iterations)].append(recons[level][-1])
                 counts[name].append({
@@ -573,12 +575,7 @@ def _simulate(
                 bar.set_description("noiseless")
                 image = osem(full.expected, system, full.additive, n_iter=int(iterations), n_subsets=int(subsets),
                              callback=lambda it, image: bar.update(1))
-                volume = _unsquare(full.to_activity(image).cpu().numpy().astype(np.float32), ny, nx)
-                if post is not None:
-                    from denoisers.base import DenoiseInputs
-
-                    volume = post.denoise(DenoiseInputs(pet=volume, spacing=spacing)).denoised  # type: ignore[arg-type]
-                noise_free = np.ascontiguousarray(volume, dtype=np.float32)
+                noise_free = as_volume(image, full)
                 timings["reconstruct_s"] += time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
 

@@ -190,7 +190,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         t_phantom = time.perf_counter() - t0
         case = simulate_case(phantom, count_levels=args.count_levels, realizations=args.realizations,
                              seed=args.seed, subsets=args.subsets, post_filter_fwhm_mm=args.post_filter_fwhm_mm,
-                             noiseless=args.noiseless, device=args.device, threads=args.threads, progress=not args.no_progress, **sim)
+                             noiseless=args.noiseless, device=args.device, threads=args.threads,
+                             progress=not args.no_progress, **sim)
         out = save_case(case, args.out, dicom=args.dicom)
     except (TrainingError, DenoiserError) as exc:
         print(f"petnode simulate: {exc}", file=sys.stderr)
