@@ -34,9 +34,9 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import DA, DT, TM, format_number_as_ds
 
 from dicom_node import rawvalues
-from dicom_node.rawread import read_plain
 from dicom_node.completion import DEFAULT_SPACING_TOLERANCE, spacing_problem
 from dicom_node.errors import MultiFrameError, SeriesError, SuvError
+from dicom_node.rawread import read_plain
 
 __all__ = [
     "ENHANCED_PET_IMAGE_STORAGE",
@@ -700,9 +700,9 @@ def load_pet_series(paths: Sequence[Path], *, spacing_tolerance: float = SLICE_S
         One file per slice of a classic PET series, or the Enhanced PET / Legacy Converted Enhanced PET instances
         of a multi-frame series (one or several), in any order.
     reader
-        Reads one file into a data set (default: :func:`dicom_node.rawread.read_plain`, pydicom's ``dcmread`` for
-        anything it does not take; Pixel Data deferred either way); the node passes one that takes the data sets
-        the C-STORE handler already decoded (:mod:`dicom_node.decoded`) and reads the rest from disk.
+        Reads one file into a data set (default :func:`read_instance`); the node passes one that takes the data
+        sets the C-STORE handler already decoded (:mod:`dicom_node.decoded`) and reads the rest with
+        :func:`read_instance`.
 
     Returns
     -------

@@ -163,8 +163,7 @@ def from_simulation(
     for k in ks:
         pairs.append(PairedVolume(
             case.recon(level, k),
-            {"full": lambda: case.recon(1.0, k), "noiseless": lambda: case.noiseless,
-             "truth": lambda: case.truth}[target](),
+            case.recon(1.0, k) if target == "full" else case.noiseless if target == "noiseless" else case.truth,
             case.prior,
             spacing=case.spacing,
             source=f"{directory}/{recon_name(name, k)}",

@@ -4,6 +4,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -381,18 +382,19 @@ def test_a_non_durable_transaction_commits_and_leaves_the_next_one_durable(db: S
     """Send confirmations commit without waiting for the disk; every other commit still does (SQLite:
     synchronous back to FULL after it, also when it failed; PostgreSQL: SET LOCAL ends with the transaction)."""
 
+    def setting(c: Any) -> str:
+        if db._db.dialect == "sqlite":
+            return {0: "off", 1: "normal", 2: "full", 3: "extra"}[c.execute("PRAGMA synchronous").fetchone()[0]]
+        return str(c.execute("SHOW synchronous_commit").fetchone()[0])
+
     def synchronous() -> str:
         with db._read() as c:
-            if db._db.dialect == "sqlite":
-                return {0: "off", 1: "normal", 2: "full", 3: "extra"}[c.execute("PRAGMA synchronous").fetchone()[0]]
-            return str(c.execute("SHOW synchronous_commit").fetchone()[0])
+            return setting(c)
 
     durable = synchronous()
     assert durable in ("full", "on")
     with db._tx(durable=False) as c:
-        inside = (c.execute("PRAGMA synchronous").fetchone()[0] if db._db.dialect == "sqlite"
-                  else c.execute("SHOW synchronous_commit").fetchone()[0])
-        assert str(inside) in ("1", "off")
+        assert setting(c) in ("normal", "off")
     db.confirm_sent("A@h:1", "1.2.3", ["5.1"])
     assert db.confirmed_for("A@h:1", "1.2.3") == {"5.1"} and synchronous() == durable
     with pytest.raises(RuntimeError), db._tx(durable=False) as c:
