@@ -6,7 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from pydantic import ValidationError
-from scipy import ndimage
+from scipy import ndimage, special
 
 from denoisers.base import DenoiseInputs
 from denoisers import gaussian
@@ -130,9 +130,37 @@ def test_slab_wise_in_plane_passes_equal_three_whole_volume_passes(monkeypatch: 
     pet = rng.gamma(2.0, 1000.0, size=(11, 24, 40)).astype(np.float32)
     spacing = (3.27, 2.0, 4.0)
     out = GaussianDenoiser(GaussianParams(fwhm_mm=6.0)).denoise(DenoiseInputs(pet=pet, spacing=spacing)).denoised
-    expected = pet
+    expected, scipy_passes = pet, pet
     for axis, step in enumerate(spacing):
         kernel = gaussian.discrete_gaussian_kernel(6.0 / gaussian.FWHM_PER_SIGMA / step)
-        expected = ndimage.correlate1d(expected, kernel, axis=axis, output=np.float32, mode="reflect")
+        whole = np.empty(pet.shape, np.float32)
+        gaussian.correlate_reflect(expected, kernel, axis, whole)
+        expected = whole
+        scipy_passes = ndimage.correlate1d(scipy_passes, kernel, axis=axis, output=np.float32, mode="reflect")
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, expected)
+    # and the numpy correlation is scipy's (which sums in double) to float32 rounding
+    np.testing.assert_allclose(out, scipy_passes, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("sigma", [0.2, 0.4247, 0.85, 2.0, 6.0])
+def test_discrete_kernel_is_the_bessel_kernel(sigma: float) -> None:
+    """The FFT-computed kernel equals exp(-t) I_n(t) (scipy's scaled Bessel function), truncated and normalised."""
+    kernel = discrete_gaussian_kernel(sigma)
+    radius = kernel.size // 2
+    bessel = special.ive(np.arange(-radius, radius + 1), sigma * sigma)
+    np.testing.assert_allclose(kernel, bessel / bessel.sum(), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2), (2, 5, 4), (7, 1, 9)])
+def test_axes_shorter_than_the_kernel_reflect_as_scipy(shape: tuple[int, int, int]) -> None:
+    """A kernel longer than its axis (a single slice, a 1-pixel-wide image) folds the reflection again, as
+    scipy does, so such inputs stay mass-preserving and equal to the reference."""
+    pet = np.random.default_rng(3).gamma(2.0, 10.0, size=shape).astype(np.float32)
+    kernel = discrete_gaussian_kernel(3.0)  # radius 14: longer than every axis here
+    for axis in range(3):
+        out = np.empty(shape, np.float32)
+        gaussian.correlate_reflect(pet, kernel, axis, out)
+        ref = ndimage.correlate1d(pet, kernel, axis=axis, output=np.float32, mode="reflect")
+        np.testing.assert_allclose(out, ref, rtol=2e-6)
+        assert out.sum(dtype=np.float64) == pytest.approx(pet.sum(dtype=np.float64), rel=1e-6)
