@@ -55,7 +55,7 @@ class ReceiveFigures:
     receive_processes: int = 1
     peak_rss_mb: float = 0.0  # the Gaussian command
     baseline_rss_mb: float = 0.0  # the same interpreter with petnode's CLI imported, doing nothing
-    libraries_rss_mb: float = 0.0  # ... and the libraries the Gaussian command loads (numpy, scipy, pydicom)
+    libraries_rss_mb: float = 0.0  # ... and the libraries the Gaussian command loads (numpy, pydicom, pydantic)
     volume_mb: float = 0.0  # the series as float32
     torch_threads: int = 0
     send_only_s: list[float] = field(default_factory=list)  # petnode's SCU sending the series to the same sink
@@ -206,7 +206,7 @@ def _run_measured(args: list[str]) -> tuple[float, float]:
 
 
 _LIBRARIES = (
-    "import dicom_node.cli, dicom_node.pipeline, denoisers.gaussian, scipy.ndimage, pydicom.pixels\n"
+    "import dicom_node.cli, dicom_node.pipeline, denoisers.gaussian, pydicom.pixels\n"
     "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])\n"
 )
 

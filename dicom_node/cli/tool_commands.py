@@ -405,7 +405,7 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
         multi = ", ".join(f"{n} sender(s) {median(r):.1f}/s" for n, r in sorted(f.concurrent_multi_per_s.items()))
         print(f"... with receive_processes={f.receive_processes} (SO_REUSEPORT receivers): {multi}")
     for label, base in (("interpreter with petnode's CLI", f.baseline_rss_mb),
-                        ("interpreter with the command's libraries (numpy, scipy, pydicom)", f.libraries_rss_mb)):
+                        ("interpreter with the command's libraries (numpy, pydicom, pydantic)", f.libraries_rss_mb)):
         print(f"peak memory of the gaussian command: {f.peak_rss_mb:.0f} MB = {label} {base:.0f} MB + "
               f"{f.peak_rss_mb - base:.0f} MB ({(f.peak_rss_mb - base) / max(f.volume_mb, 1e-9):.1f}x the volume "
               f"in float32, {f.volume_mb:.1f} MB)")
