@@ -131,6 +131,13 @@ class DenoiserParams(BaseModel):
     """Base of every plugin's hyper-parameters (validated from the rules file)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # Options added after a denoiser first shipped, left out of ``dump`` while they are None (off): a route that
+    # does not use them keeps the parameters, and so the derived series UIDs, it had before they existed.
+    omit_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    def dump(self) -> dict[str, Any]:
+        """The parameters as JSON-ready values, less the ``omit_when_none`` options that are off."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if not (v is None and k in self.omit_when_none)}
 
 
 ParamsT = TypeVar("ParamsT", bound=DenoiserParams)

@@ -638,7 +638,7 @@ class DenoiserRef(_Strict):
             raise _error("denoiser", str(exc), subpath=("name",)) from None
         except DenoiserError as exc:
             raise _error("denoiser", str(exc), subpath=("params",)) from None
-        return {**data, "params": validated.model_dump(mode="json")}
+        return {**data, "params": validated.dump()}
 
     def describe(self) -> str:
         """``gaussian(fwhm_mm=4.0, fwhm_mm_z=None)`` (plus `` model unet-fdg@1.0.0`` when a model is named)."""

@@ -215,6 +215,7 @@ def _run(method: str, params: dict[str, Any], volume: np.ndarray, spacing: Seque
 # DDPM steps; ``bcdpm-paper`` the paper's (white noise, 100 respaced DDPM steps, the last l conditioned, lambda 0.2).
 MODEL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cnn": ("cnn", {}),
+    "cnn-keep6": ("cnn", {"keep_means_fwhm_mm": 6.0}),  # the input's local means given back above 6 mm
     "bcdpm": ("bcdpm", {}),
     "bcdpm-ddpm": ("bcdpm", {"eta": 1.0, "steps": 20}),
     "bcdpm-paper": ("bcdpm", {"mode": "paper"}),

@@ -115,6 +115,7 @@ def add_subparsers(sub: Any) -> None:
                         "hours, for cdip and bcdpm on a CPU")
     q.add_argument("--methods", default="gaussian,nlm,mlem",
                    help="comma-separated (mlem = ML-EM iterations; cnn:NAME[@VERSION] = a registered model; "
+                        "cnn-keep6:NAME = the same with the input's local means kept above 6 mm; "
                         "bcdpm:NAME (10 DDIM steps), bcdpm-ddpm:NAME (20 DDPM steps), bcdpm-paper:NAME (white "
                         "noise, 100 steps) = a diffusion model; cdip = conditional DIP with the case's MR prior)")
     q.add_argument("--data-dir", type=Path, default=None, help="node data directory whose models cnn:NAME uses")
