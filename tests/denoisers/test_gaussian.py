@@ -164,3 +164,34 @@ def test_axes_shorter_than_the_kernel_reflect_as_scipy(shape: tuple[int, int, in
         ref = ndimage.correlate1d(pet, kernel, axis=axis, output=np.float32, mode="reflect")
         np.testing.assert_allclose(out, ref, rtol=2e-6)
         assert out.sum(dtype=np.float64) == pytest.approx(pet.sum(dtype=np.float64), rel=1e-6)
+
+
+def test_slabs_shared_over_threads_give_the_same_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(11)
+    pet = rng.gamma(2.0, 1000.0, size=(40, 24, 20)).astype(np.float32)
+    monkeypatch.setattr(gaussian, "SLAB_VOXELS", 24 * 20 * 3)  # 14 slabs
+    monkeypatch.setattr(gaussian.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(gaussian, "MAX_THREADS", 1)
+    one = GaussianDenoiser(GaussianParams(fwhm_mm=8.0)).denoise(DenoiseInputs(pet, (2.0, 2.0, 2.0))).denoised
+    monkeypatch.setattr(gaussian, "MAX_THREADS", 3)
+    three = GaussianDenoiser(GaussianParams(fwhm_mm=8.0)).denoise(DenoiseInputs(pet, (2.0, 2.0, 2.0))).denoised
+    np.testing.assert_array_equal(one, three)
+
+
+def test_a_failing_slab_thread_fails_the_whole_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in one worker thread (here: out of memory in its third slab) is raised, not a partly filtered
+    volume returned."""
+    monkeypatch.setattr(gaussian, "SLAB_VOXELS", 8 * 8 * 2)
+    monkeypatch.setattr(gaussian.os, "sched_getaffinity", lambda pid: {0, 1})
+    real = gaussian.correlate_reflect
+    calls = []
+
+    def flaky(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 7:
+            raise MemoryError("no room for the slab")
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gaussian, "correlate_reflect", flaky)
+    with pytest.raises(Exception, match="no room for the slab"):
+        GaussianDenoiser(GaussianParams()).denoise(DenoiseInputs(np.ones((10, 8, 8), np.float32), (2.0, 2.0, 2.0)))
