@@ -260,10 +260,11 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
     with tempfile.TemporaryDirectory(prefix="petnode-bench-") as tmp:
         tmpdir = Path(tmp)
         ref_port, sink_port = free_port(), free_port()
-        ref = subprocess.Popen([_tool("storescp"), "-aet", "REF", "-od", str(tmpdir / "ref"), "-uf", str(ref_port)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The output folders first: storescp checks its -od folder at start and exits when it is missing.
         (tmpdir / "ref").mkdir()
         (tmpdir / "sink").mkdir()
+        ref = subprocess.Popen([_tool("storescp"), "-aet", "REF", "-od", str(tmpdir / "ref"), "-uf", str(ref_port)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sink = subprocess.Popen([_tool("storescp"), "-aet", "SINK", "-od", str(tmpdir / "sink"), "-uf",
                                  str(sink_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
