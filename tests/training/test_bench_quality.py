@@ -70,6 +70,32 @@ def test_rois_and_matched_noise():
     assert matched_noise_row(rows, 10.0)["value"] == 2
 
 
+def test_torso_lesions_are_measured_against_their_own_host_tissue() -> None:
+    """CRC compares each lesion with the tissue it sits in: a lung nodule with lung, a liver lesion with liver.
+    Against the liver alone (as before), a blurred lung nodule reads colder than the liver: every method's CRC on
+    the held-out torso came out negative."""
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    from training.bench_quality import score
+    from training.phantoms import torso_phantom
+
+    ph = torso_phantom((150, 128, 128), (4.0, 4.0, 4.0), seed=90001)  # the bench's held-out torso
+    rois = rois_for(ph.activity, ph.labels, ph.legend, "torso")
+    assert rois.hot_backgrounds is not None and len(rois.hot_backgrounds) == len(rois.hot) >= 2
+    lung = ph.labels == ph.legend["lung"]
+    in_lung = [i for i, h in enumerate(rois.hot) if (binary_dilation(h, iterations=2) & lung).sum() > 10]
+    assert in_lung, "the held-out torso has lung nodules"
+    for i in in_lung:
+        assert all(np.all(lung[m]) for m in rois.hot_backgrounds[i])
+    truth = ph.activity
+    assert score([truth, truth], truth, rois, ph.voxel_mm)["crc"] == pytest.approx(1.0)
+    blurred = gaussian_filter(truth, 6.0 / 2.355 / 4.0)
+    crc = score([blurred, blurred], truth, rois, ph.voxel_mm)["crc"]
+    assert 0.2 < crc < 0.9  # a 6 mm blur keeps part of the contrast, positive
+    more = score([gaussian_filter(truth, 1.0)] * 2, truth, rois, ph.voxel_mm)["crc"]
+    assert more < crc  # and more blur keeps less
+
+
 def test_mlem_sweep_uses_iterates_of_one_reconstruction(tmp_path: Path):
     report = run_quality_bench("torso", [0.5], ["mlem"], tmp_path, size="ci", realizations=2, progress=False,
                                sweeps={"mlem": ("iterations", (100.0, 10.0))})
