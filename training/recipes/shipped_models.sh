@@ -73,8 +73,8 @@ train fdg-brain-xu   xu-unet     "${XU_BRAIN_EPOCHS:-8}"   "$BT" "${BRAIN[@]}" -
 train fdg-brain-fo   fo-dcnn     "${FO_BRAIN_EPOCHS:-6}"   "$BT" "${BRAIN[@]}" --net features=48
 train fdg-brain-gong gong-resnet "${GONG_BRAIN_EPOCHS:-6}" "$BT" "${BRAIN[@]}" --net features=32
 train fdg-wb-xu      xu-unet     "${XU_WB_EPOCHS:-4}"      "$WT" "${WB[@]}" --net features=32
-train fdg-wb-fo      fo-dcnn     "${FO_WB_EPOCHS:-3}"      "$WT" "${WB[@]}" --net features=48
-train fdg-wb-gong    gong-resnet "${GONG_WB_EPOCHS:-4}"    "$WT" "${WB[@]}" --net features=32
+# (fdg-wb-fo and fdg-wb-gong 1.0.0, trained here on WB too, are no longer shipped: 1.1.0 and 1.2.0 superseded them,
+# gong 1.0.0 halved the hottest lesion of real standard-dose series, and models/ keeps under 40 MB.)
 VERSION=1.1.0 TRAIN_LEVELS=$WB_TRAIN_LEVELS \
 train fdg-wb-xu      xu-unet     "${XU_WB_EPOCHS:-4}"      "$WT" "${WB_HIGH[@]}" --net features=32
 # The other two architectures at 1.1.0's range too (real standard-dose series are inside it), same data.
@@ -125,4 +125,22 @@ continue_brain() {  # continue_brain NAME EPOCHS LEARNING_RATE
 continue_brain fdg-brain-xu   "${XU_BRAIN_NL_EPOCHS:-12}"   5e-4
 continue_brain fdg-brain-fo   "${FO_BRAIN_NL_EPOCHS:-6}"    5e-4
 continue_brain fdg-brain-gong "${GONG_BRAIN_NL_EPOCHS:-6}"  5e-4
+# fdg-wb-gong and fdg-wb-fo 1.2.0: each 1.1.0 continued with every layer (gong-resnet keeps its first convolution)
+# on two more parametric torsos at 10x the counts (seeds 2 and 3; the bench's 90001 and up never), so the small
+# lesions in lung and liver are a larger part of the data, at half the learning rate of a fresh run.
+for s in 2 3; do LEVELS=$WB_LEVELS sim "wb-torso-$s" torso "$s" --full-counts "$WB_FULL_COUNTS"; done
+WB_MORE=("${WB_HIGH[@]}" --sim sim/wb-torso-2 --sim sim/wb-torso-3)
+continue_wb() {  # continue_wb NAME EPOCHS
+  local name=$1 epochs=$2
+  if [ -f "$MODELS/$name/1.2.0/card.yaml" ]; then echo "$name@1.2.0 already in $MODELS"; return; fi
+  [ -f "store/models/$name/1.2.0/card.yaml" ] || petnode train --fine-tune "$name@1.1.0" --last 99 "${WB_MORE[@]}" \
+    --level "$WB_TRAIN_LEVELS" --epochs "$epochs" --lr 5e-4 --batch 16 --patch 64 --device "$DEVICE" --tracer FDG \
+    --description "$WT" --out "runs/$name-1.2.0" --register "$name@1.2.0" --data-dir store
+  mkdir -p "$MODELS/$name"
+  cp -r "store/models/$name/1.2.0" "$MODELS/$name/1.2.0"
+  rm -f "$MODELS/$name/1.2.0/RETIRED"
+  cp "runs/$name-1.2.0/loss.png" "$MODELS/$name/1.2.0/loss.png"
+}
+continue_wb fdg-wb-gong "${GONG_WB_MORE_EPOCHS:-5}"
+continue_wb fdg-wb-fo   "${FO_WB_MORE_EPOCHS:-3}"
 du -sh "$MODELS"
