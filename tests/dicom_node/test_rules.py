@@ -110,7 +110,7 @@ def test_shipped_rules_route_fdg_to_the_shipped_networks_and_other_pet_to_gaussi
                                          "pet-gaussian"]
     wb = select_rule(ruleset, _ctx())  # FDG, "PET WB AC"
     assert wb is not None and wb.name == "fdg-whole-body-cnn"
-    assert wb.denoiser.name == "cnn" and wb.denoiser.model == "fdg-wb-xu" and wb.denoiser.params["resample"]
+    assert wb.denoiser.name == "cnn" and wb.denoiser.model == "fdg-wb-fo" and wb.denoiser.params["resample"]
     assert wb.destinations == (ReturnToSender(),) and wb.non_quantitative == "process"
     brain = select_rule(ruleset, _ctx(_header(SeriesDescription="Brain FDG 3D")))
     assert brain is not None and brain.name == "fdg-brain-cnn" and brain.denoiser.model == "fdg-brain-xu"

@@ -31,7 +31,7 @@ def test_config_check_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["config", "check", "--rules", str(REPO / "config" / "rules.yaml"), "--data-dir",
                  str(tmp_path / "var")]) == 0
     out = capsys.readouterr().out
-    assert "rules ok" in out and "model ok: rule 'fdg-whole-body-cnn' -> fdg-wb-xu@" in out
+    assert "rules ok" in out and "model ok: rule 'fdg-whole-body-cnn' -> fdg-wb-fo@" in out
     config = write_config(tmp_path, [pet_rule(["return_to_sender"], denoiser={"name": "gausian"})])
     assert main(["-c", str(config), "config", "check"]) == 2
     err = capsys.readouterr().err
