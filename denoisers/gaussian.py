@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -157,20 +157,7 @@ class GaussianDenoiser(Denoiser[GaussianParams]):
         if threads <= 1:
             run(starts)
         else:
-            failed: list[BaseException] = []
-
-            def guarded(mine: list[int]) -> None:
-                try:
-                    run(mine)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread below
-                    failed.append(exc)
-
-            workers = [threading.Thread(target=guarded, args=(starts[i::threads],), daemon=True)
-                       for i in range(threads)]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            if failed:  # a slab left unfinished: never return a half-filtered volume
-                raise failed[0]
+            # map() re-raises a worker's error here: a slab left unfinished never returns a half-filtered volume.
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(run, [starts[i::threads] for i in range(threads)]))
         return DenoiseResult(denoised=out, info={"fwhm_mm": list(fwhm), "sigma_vox": sigma})

@@ -122,14 +122,14 @@ def rois_for(truth: np.ndarray, labels: np.ndarray | None, legend: dict[str, Any
     else:
         uniform = _legend_mask(labels, legend, "liver")
         peak = valley = None
+    if not uniform.any():
+        raise TrainingError(f"no uniform region (white matter / liver) in the {kind} phantom's legend {legend}")
+    background = _spheres_in(uniform, lesion_mask, radius_vox=1, count=12, seed=0)
     hot_backgrounds = None
     if kind == "torso":
         # The torso's lesions sit in liver, lung, bone...: against the liver alone, a lung nodule's blurred mean
         # (its host at ~1/9 of liver) came out below the liver's and every method's CRC was negative.
         hot_backgrounds = [_host_background(labels, h, lesion_mask, uniform, seed=i) for i, h in enumerate(hot)]
-    if not uniform.any():
-        raise TrainingError(f"no uniform region (white matter / liver) in the {kind} phantom's legend {legend}")
-    background = _spheres_in(uniform, lesion_mask, radius_vox=1, count=12, seed=0)
     if not hot or not background:
         raise TrainingError(f"could not place ROIs: {len(hot)} hot, {len(background)} background")
     # Noise is measured away from tissue edges: partial volume at a 4:1 grey/white edge is structure, not noise.
