@@ -15,11 +15,14 @@ instance received and per instance sent (docs/bench/data-path.md).
 * the association thread waits on an Event that every put into the DIMSE message queue and the DUL's to-user
   queue sets, and so does a request to pause it (each ``send_*`` pauses it before using the association).
 
-Each wait still ends after the delay pynetdicom asked for, so every condition those loops poll (timers, kill
-flags, a dead DUL) is seen at most as late as before; a wait can only end *earlier*, which a polling loop
-tolerates by construction. Sleeps longer than a poll delay (pynetdicom's 0.1 s after an abort, its 10 ms while
-stopping) stay plain sleeps. An idle association costs less than before: its threads sleep in the kernel instead
-of waking a thousand times a second.
+A polling loop tolerates a wait that ends *earlier* by construction. The 1 ms reactor delays become waits of
+:data:`IDLE_WAIT_S` (20 ms): everything those loops act on wakes them (a PDU on the socket, a primitive or event
+put into a queue, a pause request, a kill or stop of the DUL), and what does not (the ARTIM and network timers,
+seconds each; a DUL thread that died) is seen at most 20 ms later. Waking every millisecond cost each idle thread
+a GIL round a millisecond: with 10 associations receiving at once, 20 threads did so, and receive throughput fell
+from about 340 to 190 instances/s on two cores (docs/bench/data-path.md). pynetdicom's 0.1 ms polls (a send_*
+waiting for the reactor to pause) stay 0.1 ms waits; sleeps longer than a poll delay (0.1 s after an abort, 10 ms
+while stopping) stay plain sleeps.
 
 This reaches into pynetdicom's internals (the ``time`` module its reactors call, four queues and the reactor
 checkpoint), which is why setup.cfg pins pynetdicom below 4 and :func:`enable` checks those internals first: when
@@ -45,6 +48,8 @@ logger = logging.getLogger(__name__)
 # pynetdicom's poll delays are 1 ms (DUL: _run_loop_delay; association: the reactor's sleep) and 0.1 ms (send_*
 # waiting for the reactor to pause). Anything longer is a deliberate pause and stays a sleep.
 POLL_DELAY_MAX_S = 0.001
+# What a reactor's 1 ms poll delay becomes: the longest a condition that does not wake the reactor goes unseen.
+IDLE_WAIT_S = 0.02
 # A socket that select reports readable while the DUL finds nothing to read (a half-closed TLS socket, a peer
 # gone) would turn the wait into a spin: after this many immediate socket wake-ups in a row, poll instead.
 _SPIN_LIMIT = 8
@@ -177,7 +182,7 @@ def _sleep(seconds: float) -> None:
     if 0 < seconds <= POLL_DELAY_MAX_S:
         waiter = getattr(threading.current_thread(), "_petnode_wait", None)
         if waiter is not None:
-            waiter(seconds)
+            waiter(IDLE_WAIT_S if seconds >= POLL_DELAY_MAX_S else seconds)
             return
     time.sleep(seconds)
 
@@ -207,8 +212,40 @@ def attach(assoc: Any) -> None:
         assoc._reactor_checkpoint = _WakingCheckpoint(assoc_event.set, checkpoint.is_set())
     dul._petnode_wait = _DulWaiter(dul, wakeup)
     assoc._petnode_wait = _AssociationWaiter(assoc_event)
+    _wake_on_stop(assoc, dul, wakeup, assoc_event)
     if _fast_dimse:  # the same AEs get the byte-level C-STORE messages (dicom_node/fastdimse.py)
         fastdimse.attach(assoc)
+
+
+def _wake_on_stop(assoc: Any, dul: Any, wakeup: _Wakeup, assoc_event: threading.Event) -> None:
+    """Stopping or killing the DUL, or killing the association, wakes the thread concerned: it would otherwise
+    see its kill flag only after its wait.
+
+    pynetdicom's ``stop_dul`` sets the flag and then polls until the thread has gone; here the flag is set and the
+    thread woken first, so that poll finds it gone (the same condition, Sta1, decides both).
+    """
+    stop_dul, kill_dul = dul.stop_dul, dul.kill_dul
+
+    def stop() -> bool:
+        if dul.state_machine.current_state == "Sta1":
+            dul._kill_thread = True
+            wakeup.set()
+            if dul.is_alive() and dul is not threading.current_thread():
+                dul.join(timeout=1.0)
+        return bool(stop_dul())
+
+    def kill() -> None:
+        kill_dul()
+        wakeup.set()
+
+    assoc_kill = assoc.kill
+
+    def kill_association() -> None:
+        assoc._kill = True  # what pynetdicom's kill sets first thing, set before the wake it must be seen by
+        assoc_event.set()
+        assoc_kill()
+
+    dul.stop_dul, dul.kill_dul, assoc.kill = stop, kill, kill_association
 
 
 def _internals_problem() -> str | None:
@@ -222,7 +259,8 @@ def _internals_problem() -> str | None:
         if getattr(getattr(module, "time", None), "sleep", None) not in (time.sleep, _sleep):
             return "pynetdicom's reactors no longer call the time module"
     for cls, attr in ((dul.DULServiceProvider, "run_reactor"), (association.Association, "_run_reactor"),
-                      (dimse.DIMSEServiceProvider, "get_msg")):
+                      (dimse.DIMSEServiceProvider, "get_msg"), (dul.DULServiceProvider, "stop_dul"),
+                      (dul.DULServiceProvider, "kill_dul"), (association.Association, "kill")):
         if not hasattr(cls, attr):
             return f"pynetdicom {pynetdicom.__version__} has no {cls.__name__}.{attr}"
     return None

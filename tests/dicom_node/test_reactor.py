@@ -152,8 +152,9 @@ def test_dul_waiter_does_not_spin_on_a_socket_nobody_reads() -> None:
 
 
 def test_only_poll_delays_become_waits() -> None:
-    """pynetdicom's 1 ms and 0.1 ms polls wait on events; its deliberate pauses (0.1 s after an abort, 10 ms
-    while stopping) stay sleeps, and threads that are not reactors sleep as before."""
+    """pynetdicom's 1 ms and 0.1 ms polls wait on events, the 1 ms reactor delay for IDLE_WAIT_S; its deliberate
+    pauses (0.1 s after an abort, 10 ms while stopping) stay sleeps, and threads that are not reactors sleep as
+    before."""
     calls: list[float] = []
 
     class Reactor(threading.Thread):
@@ -165,7 +166,7 @@ def test_only_poll_delays_become_waits() -> None:
     worker._petnode_wait = calls.append  # type: ignore[attr-defined]
     worker.start()
     worker.join(timeout=5)
-    assert calls == [0.0001, 0.001]
+    assert calls == [0.0001, reactor.IDLE_WAIT_S] and reactor.IDLE_WAIT_S > 0.001
     t0 = time.perf_counter()
     reactor._sleep(0.02)  # this thread has no waiter
     assert time.perf_counter() - t0 >= 0.015
@@ -185,3 +186,99 @@ def test_unknown_pynetdicom_internals_leave_it_polling(monkeypatch: pytest.Monke
 def test_the_installed_pynetdicom_has_what_the_reactor_needs() -> None:
     """Fails when a pynetdicom upgrade moves the internals (setup.cfg pins <4; this says what changed)."""
     assert reactor._internals_problem() is None
+
+
+def test_an_idle_association_does_not_wake_every_millisecond() -> None:
+    """Both reactor threads of an established, idle association (requestor and acceptor side) wake about once per
+    IDLE_WAIT_S, not a thousand times a second: with ten associations at once, waking each millisecond was a GIL
+    round per thread per millisecond and halved receive throughput."""
+    server = _Server(True)
+    ae = scu._make_ae("PETNODE", 5.0)
+    ae.add_requested_context(Verification)
+    try:
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="REACTOR")
+        assert assoc.is_established
+        try:
+            counts = {"assoc": 0, "dul": 0}
+            for name, owner in (("assoc", assoc), ("dul", assoc.dul)):
+                inner = owner._petnode_wait
+
+                def counting(seconds: float, inner: Any = inner, name: str = name) -> None:
+                    counts[name] += 1
+                    inner(seconds)
+
+                owner._petnode_wait = counting
+            time.sleep(0.5)
+            per_thread_max = 100  # once per 5 ms at most (pynetdicom's polling: about 500 here)
+            assert 0 < counts["assoc"] <= per_thread_max and 0 < counts["dul"] <= per_thread_max, counts
+            assert assoc.send_c_echo().Status == 0x0000  # and it still answers at once
+        finally:
+            assoc.release()
+        assert not assoc.is_established
+    finally:
+        server.server.shutdown()
+
+
+class _LoopingDul(threading.Thread):
+    """A DUL that waits as long as it is let (30 s) and checks only its kill flag, as pynetdicom's loop does."""
+
+    def __init__(self, wakeup: reactor._Wakeup) -> None:
+        super().__init__(daemon=True)
+        self.state_machine = type("StateMachine", (), {"current_state": "Sta1"})()
+        self._kill_thread = False
+        self._petnode_wait = reactor._DulWaiter(_FakeDul(None), wakeup)
+
+    def run(self) -> None:
+        while not self._kill_thread:
+            self._petnode_wait(30.0)
+
+    def stop_dul(self) -> bool:  # pynetdicom's: set the flag, then poll until the thread has gone
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            while self.is_alive():
+                time.sleep(0.001)
+            return True
+        return False
+
+    def kill_dul(self) -> None:
+        self._kill_thread = True
+
+
+class _LoopingAssociation(threading.Thread):
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self._kill = False
+        self._petnode_wait = reactor._AssociationWaiter(event)
+
+    def run(self) -> None:
+        while not self._kill:
+            self._petnode_wait(30.0)
+
+    def kill(self) -> None:
+        self._kill = True
+
+
+@pytest.mark.parametrize("how", ["stop_dul", "kill_dul", "kill_association"])
+def test_stopping_wakes_the_thread_it_stops(how: str) -> None:
+    """Waits are longer than pynetdicom's polls, so a stop or kill must wake the thread it stops: here each
+    thread would otherwise sleep 30 s."""
+    wakeup, event = reactor._Wakeup(), threading.Event()
+    dul, assoc = _LoopingDul(wakeup), _LoopingAssociation(event)
+    reactor._wake_on_stop(assoc, dul, wakeup, event)
+    dul.start()
+    assoc.start()
+    time.sleep(0.05)
+    stopped = assoc if how == "kill_association" else dul
+    t0 = time.perf_counter()
+    if how == "stop_dul":
+        assert dul.stop_dul() is True
+    elif how == "kill_dul":
+        dul.kill_dul()
+    else:
+        assoc.kill()
+    stopped.join(timeout=10)
+    assert not stopped.is_alive() and time.perf_counter() - t0 < 10
+    for thread in (dul, assoc):  # the other one, woken the same way, so the test leaves no thread behind
+        thread._kill_thread = thread._kill = True
+    wakeup.set()
+    event.set()
