@@ -12,7 +12,8 @@ samples (:class:`training.datasets.SlabDataset`) and writes into ``out_dir``:
   normalisation, loss, epochs, validation metrics, training data, voxel size).
 
 Losses (``training.losses``): ``mse``, ``l1`` (Xu 2017's choice), ``ssim``, ``ms-ssim``, ``lesion-mse`` (the
-feature-oriented paper's weighted L2) and ``perceptual`` (Gong 2018's VGG19 features; needs a local weights file).
+feature-oriented paper's weighted L2), ``lesion-mse+ssim`` (that plus ``ssim_weight`` x (1 - SSIM); no paper's)
+and ``perceptual`` (Gong 2018's VGG19 features; needs a local weights file).
 Optimisers: ``adam`` (Gong 2018, the feature-oriented study) or ``rmsprop`` (Xu 2017).
 
 Fine-tuning (Gong 2018): ``config.init_from`` (a state dict) starts from a trained network and
@@ -42,7 +43,7 @@ from training.datasets import PairedVolume, SlabDataset
 
 logger = logging.getLogger(__name__)
 
-Loss = Literal["mse", "l1", "ssim", "ms-ssim", "lesion-mse", "perceptual"]
+Loss = Literal["mse", "l1", "ssim", "ms-ssim", "lesion-mse", "lesion-mse+ssim", "perceptual"]
 
 
 @dataclass
@@ -68,6 +69,8 @@ class TrainConfig:
     # "step": the learning rate divided by 10 after 7/9 and again after 8/9 of the epochs (the feature-oriented
     # study's 350/50/50 of 450 epochs; Xu 2017 also decays its rate); "constant": as given (Gong 2018's default).
     lr_schedule: Literal["constant", "step"] = "step"
+    # "lesion-mse+ssim": the weight of (1 - SSIM) beside the lesion-weighted MSE (see _loss_fn).
+    ssim_weight: float = 1.0
 
     def learning_rate_at(self, epoch: int) -> float:
         """The learning rate of ``epoch`` (0-based)."""
@@ -79,6 +82,8 @@ class TrainConfig:
     def key(self) -> str:
         """What a checkpoint must match to be continued (everything but where and how long it runs)."""
         fields = {k: v for k, v in asdict(self).items() if k not in ("device", "checkpoint_every_s", "epochs")}
+        if self.loss != "lesion-mse+ssim":
+            del fields["ssim_weight"]  # unused: runs checkpointed before it existed continue
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -129,6 +134,13 @@ def _loss_fn(config: TrainConfig, data_range: float) -> Any:
         return lambda p, t: 1.0 - losses.ms_ssim(p, t, data_range)
     if config.loss == "lesion-mse":
         return lambda p, t: losses.weighted_mse_loss(p, t, losses.lesion_weight_map(t))
+    if config.loss == "lesion-mse+ssim":
+        # Not in the feature-oriented paper: its lesion-weighted MSE plus ssim_weight x (1 - SSIM). The MSE alone
+        # averages a low-count input's uncertain texture into flat regions, which SSIM (local contrast and
+        # structure) counts against it; the term keeps that structure where the MSE would give it up.
+        weight = config.ssim_weight
+        return lambda p, t: (losses.weighted_mse_loss(p, t, losses.lesion_weight_map(t))
+                             + weight * (1.0 - losses.ssim(p, t, data_range)))
     if config.loss == "perceptual":
         perceptual = losses.PerceptualLoss(config.vgg_weights, config.vgg_sha256, scale=data_range)
         return lambda p, t: perceptual.to(p.device)(p, t)
@@ -316,6 +328,7 @@ def train(config: TrainConfig, train_volumes: Sequence[PairedVolume], val_volume
         "extra": {"net": dict(config.net), "seed": config.seed, "optimizer": config.optimizer,
                   "learning_rate": config.learning_rate, "lr_schedule": config.lr_schedule, "patch": config.patch,
                   "fine_tune_last": config.fine_tune_last, "trained_parameters": sum(p.numel() for p in trained),
+                  **({"ssim_weight": config.ssim_weight} if config.loss == "lesion-mse+ssim" else {}),
                   "noise_index_range": [round(min(levels), 4), round(max(levels), 4)] if levels else None},
     }
     (out_dir / "card.json").write_text(json.dumps(card, indent=2))

@@ -116,9 +116,11 @@ def add_subparsers(sub: Any) -> None:
     t.add_argument("--val", type=Path, action="append", default=[], metavar="DIR",
                    help="a simulated case kept for validation (else the last realization of the last --sim)")
     t.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder (checkpoint, weights, curve)")
-    t.add_argument("--loss", choices=["mse", "l1", "ssim", "ms-ssim", "lesion-mse", "perceptual"], default=None,
-                   help="default: the architecture's paper (gong: perceptual when --vgg is given else mse; xu: l1; "
-                        "fo: lesion-mse)")
+    t.add_argument("--loss", choices=["mse", "l1", "ssim", "ms-ssim", "lesion-mse", "lesion-mse+ssim", "perceptual"],
+                   default=None, help="default: the architecture's paper (gong: perceptual when --vgg is given else "
+                                      "mse; xu: l1; fo: lesion-mse); lesion-mse+ssim adds --ssim-weight x (1 - SSIM)")
+    t.add_argument("--ssim-weight", type=_positive_float, default=1.0,
+                   help="with --loss lesion-mse+ssim: the weight of (1 - SSIM) (default 1)")
     t.add_argument("--epochs", type=_positive_int, default=10)
     t.add_argument("--batch", type=_positive_int, default=None, help="default 16 (diffusion 8)")
     t.add_argument("--lr", type=_positive_float, default=None, help="default 1e-3 (diffusion 1e-4, the paper's)")
@@ -291,7 +293,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr,
             optimizer="rmsprop" if arch == "xu-unet" else "adam", patch=args.patch, normalise=args.normalise,
             seed=args.seed, device=args.device, fine_tune_last=args.last if args.fine_tune else None,
-            lr_schedule=args.lr_schedule,
+            lr_schedule=args.lr_schedule, ssim_weight=args.ssim_weight,
             vgg_weights=str(args.vgg) if args.vgg else None, vgg_sha256=args.vgg_sha256)
         levels = ", ".join(f"{level:g}" for level in args.level)
         described = (f"{len(train_set)} pair(s): simulated {', '.join(str(d) for d in args.sim) or '-'} at count "

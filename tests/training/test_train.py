@@ -232,3 +232,34 @@ def test_train_against_the_truth_needs_no_full_count_level(tmp_path: Path,
     assert main([*base, "--target", "noiseless", "--out", str(tmp_path / "noiseless")]) == 0
     card = json.loads((tmp_path / "noiseless" / "card.json").read_text())
     assert "target the noise-free reconstruction" in card["training_data"]
+
+
+def test_lesion_mse_plus_ssim_is_the_sum_of_its_terms() -> None:
+    """The combined loss is the lesion-weighted MSE plus ssim_weight x (1 - SSIM), each as training.losses has it;
+    a config that does not use the weight keeps the checkpoint key it had before the weight existed."""
+    import hashlib
+    from dataclasses import asdict
+
+    from training import losses
+    from training.train import _loss_fn
+
+    gen = torch.Generator().manual_seed(3)
+    target = torch.rand(2, 1, 32, 32, generator=gen) + 0.5
+    target[:, :, 10:13, 10:13] += 4.0  # a lesion for the weight map
+    pred = target + 0.2 * torch.randn(2, 1, 32, 32, generator=gen)
+    data_range = 5.0
+    config = TrainConfig(architecture="fo-dcnn", loss="lesion-mse+ssim", ssim_weight=0.25)
+    got = float(_loss_fn(config, data_range)(pred, target))
+    mse_term = float(losses.weighted_mse_loss(pred, target, losses.lesion_weight_map(target)))
+    ssim_term = 1.0 - float(losses.ssim(pred, target, data_range))
+    assert mse_term > 0 and 0 < ssim_term < 1
+    assert got == pytest.approx(mse_term + 0.25 * ssim_term, rel=1e-6)
+    assert float(_loss_fn(replace(config, ssim_weight=1.0), data_range)(pred, target)) == pytest.approx(
+        mse_term + ssim_term, rel=1e-6)
+    assert float(_loss_fn(config, data_range)(target, target)) == pytest.approx(0.0, abs=1e-6)
+
+    plain = TrainConfig(architecture="fo-dcnn", loss="lesion-mse")
+    fields = {k: v for k, v in asdict(plain).items()
+              if k not in ("device", "checkpoint_every_s", "epochs", "ssim_weight")}
+    assert plain.key() == hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    assert config.key() != replace(config, ssim_weight=0.5).key()
