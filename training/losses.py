@@ -40,6 +40,7 @@ __all__ = [
     "mse_loss",
     "ssim",
     "weighted_mse_loss",
+    "weighted_ssim",
 ]
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli, Bovik 2003
@@ -85,6 +86,13 @@ def _fitting_window(height: int, width: int, size: int) -> int:
 def _ssim_terms(x: torch.Tensor, y: torch.Tensor, data_range: float, window: int, sigma: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image mean SSIM and mean contrast-structure term (valid convolution, no padding)."""
+    full, cs = _ssim_maps(x, y, data_range, window, sigma)
+    return full.flatten(1).mean(1), cs.flatten(1).mean(1)
+
+
+def _ssim_maps(x: torch.Tensor, y: torch.Tensor, data_range: float, window: int, sigma: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSIM and contrast-structure maps (valid convolution: each side shorter by the window less one)."""
     channels = x.shape[1]
     size = _fitting_window(x.shape[-2], x.shape[-1], window)
     w = _gaussian_window(size, sigma * size / window, channels, x)
@@ -95,7 +103,7 @@ def _ssim_terms(x: torch.Tensor, y: torch.Tensor, data_range: float, window: int
     sxy = F.conv2d(x * y, w, groups=channels) - mu_x * mu_y
     cs = (2 * sxy + c2) / (sxx + syy + c2)
     lum = (2 * mu_x * mu_y + c1) / (mu_x.square() + mu_y.square() + c1)
-    return (lum * cs).flatten(1).mean(1), cs.flatten(1).mean(1)
+    return lum * cs, cs
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, *, window: int = 11, sigma: float = 1.5
@@ -103,6 +111,19 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, *, window: int = 1
     """Mean SSIM over the batch (1 for identical images)."""
     _check(x, y, data_range)
     return _ssim_terms(x, y, data_range, window, sigma)[0].mean()
+
+
+def weighted_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, weights: torch.Tensor, *, window: int = 11,
+                  sigma: float = 1.5) -> torch.Tensor:
+    """Mean over the batch of each image's SSIM map averaged with ``weights`` (same shape as the images; the map
+    is the valid part, so the weights are cropped to it around the centre)."""
+    _check(x, y, data_range)
+    if weights.shape != x.shape:
+        raise LossError(f"weights of shape {tuple(weights.shape)} for images of shape {tuple(x.shape)}")
+    full, _ = _ssim_maps(x, y, data_range, window, sigma)
+    top, left = (x.shape[-2] - full.shape[-2]) // 2, (x.shape[-1] - full.shape[-1]) // 2
+    w = weights[..., top:top + full.shape[-2], left:left + full.shape[-1]]
+    return ((full * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)).mean()
 
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, *, window: int = 11, sigma: float = 1.5,

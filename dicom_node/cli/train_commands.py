@@ -116,11 +116,13 @@ def add_subparsers(sub: Any) -> None:
     t.add_argument("--val", type=Path, action="append", default=[], metavar="DIR",
                    help="a simulated case kept for validation (else the last realization of the last --sim)")
     t.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder (checkpoint, weights, curve)")
-    t.add_argument("--loss", choices=["mse", "l1", "ssim", "ms-ssim", "lesion-mse", "lesion-mse+ssim", "perceptual"],
+    t.add_argument("--loss", choices=["mse", "l1", "ssim", "ms-ssim", "lesion-mse", "lesion-mse+ssim",
+                                      "lesion-mse+bg-ssim", "perceptual"],
                    default=None, help="default: the architecture's paper (gong: perceptual when --vgg is given else "
-                                      "mse; xu: l1; fo: lesion-mse); lesion-mse+ssim adds --ssim-weight x (1 - SSIM)")
+                                      "mse; xu: l1; fo: lesion-mse); lesion-mse+ssim adds --ssim-weight x (1 - SSIM), "
+                                      "lesion-mse+bg-ssim the same with SSIM weighted off the lesions")
     t.add_argument("--ssim-weight", type=_positive_float, default=1.0,
-                   help="with --loss lesion-mse+ssim: the weight of (1 - SSIM) (default 1)")
+                   help="with --loss lesion-mse+ssim or +bg-ssim: the weight of (1 - SSIM) (default 1)")
     t.add_argument("--epochs", type=_positive_int, default=10)
     t.add_argument("--batch", type=_positive_int, default=None, help="default 16 (diffusion 8)")
     t.add_argument("--lr", type=_positive_float, default=None, help="default 1e-3 (diffusion 1e-4, the paper's)")

@@ -20,6 +20,7 @@ from training.losses import (
     mse_loss,
     ssim,
     weighted_mse_loss,
+    weighted_ssim,
 )
 
 
@@ -130,3 +131,20 @@ def test_perceptual_loss_refuses_a_missing_or_altered_weights_file(tmp_path: Pat
     torch.save({VGG_KEYS[0]: torch.zeros(64, 3, 3, 3)}, partial)
     with pytest.raises(LossError, match="lack features.0.bias"):
         PerceptualLoss(partial, hashlib.sha256(partial.read_bytes()).hexdigest())
+
+
+def test_weighted_ssim_is_ssim_with_uniform_weights_and_ignores_what_weighs_nothing() -> None:
+    gen = torch.Generator().manual_seed(5)
+    y = torch.rand(2, 1, 40, 40, generator=gen)
+    x = y + 0.05 * torch.randn(2, 1, 40, 40, generator=gen)
+    assert float(weighted_ssim(x, y, 1.0, torch.ones_like(x))) == pytest.approx(float(ssim(x, y, 1.0)), rel=1e-6)
+    # Ruin the left half of x: with weights that leave it out, the SSIM is that of the right half alone.
+    spoiled = x.clone()
+    spoiled[..., :20] = torch.rand(2, 1, 40, 20, generator=gen)
+    right = torch.zeros_like(x)
+    right[..., 30:] = 1.0  # far enough from the ruined half that no 11-pixel window reaches it
+    assert float(weighted_ssim(spoiled, y, 1.0, right)) == pytest.approx(float(weighted_ssim(x, y, 1.0, right)),
+                                                                         rel=1e-6)
+    assert float(ssim(spoiled, y, 1.0)) < float(ssim(x, y, 1.0)) - 0.1
+    with pytest.raises(LossError):
+        weighted_ssim(x, y, 1.0, torch.ones(2, 1, 40, 39))

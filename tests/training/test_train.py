@@ -258,6 +258,14 @@ def test_lesion_mse_plus_ssim_is_the_sum_of_its_terms() -> None:
         mse_term + ssim_term, rel=1e-6)
     assert float(_loss_fn(config, data_range)(target, target)) == pytest.approx(0.0, abs=1e-6)
 
+    # The lesion-sparing variant: SSIM averaged with the inverse of the lesion weights.
+    bg = replace(config, loss="lesion-mse+bg-ssim")
+    lesion = losses.lesion_weight_map(target)
+    assert float(lesion.max()) > 5  # the lesion is in the map, so the weighting matters
+    bg_ssim_term = 1.0 - float(losses.weighted_ssim(pred, target, data_range, 1.0 / lesion))
+    assert float(_loss_fn(bg, data_range)(pred, target)) == pytest.approx(mse_term + 0.25 * bg_ssim_term, rel=1e-6)
+    assert bg_ssim_term != pytest.approx(ssim_term, rel=1e-4)
+
     plain = TrainConfig(architecture="fo-dcnn", loss="lesion-mse")
     fields = {k: v for k, v in asdict(plain).items()
               if k not in ("device", "checkpoint_every_s", "epochs", "ssim_weight")}
