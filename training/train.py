@@ -13,7 +13,8 @@ samples (:class:`training.datasets.SlabDataset`) and writes into ``out_dir``:
 
 Losses (``training.losses``): ``mse``, ``l1`` (Xu 2017's choice), ``ssim``, ``ms-ssim``, ``lesion-mse`` (the
 feature-oriented paper's weighted L2), ``lesion-mse+ssim`` (that plus ``ssim_weight`` x (1 - SSIM); no paper's),
-``lesion-mse+bg-ssim`` (the same with SSIM averaged with the inverse lesion weights, sparing the lesions) and ``perceptual`` (Gong 2018's VGG19 features; needs a local weights file).
+``lesion-mse+bg-ssim`` (the same with SSIM averaged with the inverse lesion weights, sparing the lesions) and
+``perceptual`` (Gong 2018's VGG19 features; needs a local weights file).
 Optimisers: ``adam`` (Gong 2018, the feature-oriented study) or ``rmsprop`` (Xu 2017).
 
 Fine-tuning (Gong 2018): ``config.init_from`` (a state dict) starts from a trained network and
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 Loss = Literal["mse", "l1", "ssim", "ms-ssim", "lesion-mse", "lesion-mse+ssim", "lesion-mse+bg-ssim",
               "perceptual"]
+# The losses that weigh an SSIM term with TrainConfig.ssim_weight.
+SSIM_WEIGHTED_LOSSES = ("lesion-mse+ssim", "lesion-mse+bg-ssim")
 
 
 @dataclass
@@ -70,7 +73,7 @@ class TrainConfig:
     # "step": the learning rate divided by 10 after 7/9 and again after 8/9 of the epochs (the feature-oriented
     # study's 350/50/50 of 450 epochs; Xu 2017 also decays its rate); "constant": as given (Gong 2018's default).
     lr_schedule: Literal["constant", "step"] = "step"
-    # "lesion-mse+ssim": the weight of (1 - SSIM) beside the lesion-weighted MSE (see _loss_fn).
+    # SSIM_WEIGHTED_LOSSES: the weight of (1 - SSIM) beside the lesion-weighted MSE (see _loss_fn).
     ssim_weight: float = 1.0
 
     def learning_rate_at(self, epoch: int) -> float:
@@ -83,7 +86,7 @@ class TrainConfig:
     def key(self) -> str:
         """What a checkpoint must match to be continued (everything but where and how long it runs)."""
         fields = {k: v for k, v in asdict(self).items() if k not in ("device", "checkpoint_every_s", "epochs")}
-        if self.loss not in ("lesion-mse+ssim", "lesion-mse+bg-ssim"):
+        if self.loss not in SSIM_WEIGHTED_LOSSES:
             del fields["ssim_weight"]  # unused: runs checkpointed before it existed continue
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -135,23 +138,19 @@ def _loss_fn(config: TrainConfig, data_range: float) -> Any:
         return lambda p, t: 1.0 - losses.ms_ssim(p, t, data_range)
     if config.loss == "lesion-mse":
         return lambda p, t: losses.weighted_mse_loss(p, t, losses.lesion_weight_map(t))
-    if config.loss == "lesion-mse+ssim":
+    if config.loss in SSIM_WEIGHTED_LOSSES:
         # Not in the feature-oriented paper: its lesion-weighted MSE plus ssim_weight x (1 - SSIM). The MSE alone
         # averages a low-count input's uncertain texture into flat regions, which SSIM (local contrast and
         # structure) counts against it; the term keeps that structure where the MSE would give it up.
-        weight = config.ssim_weight
-        return lambda p, t: (losses.weighted_mse_loss(p, t, losses.lesion_weight_map(t))
-                             + weight * (1.0 - losses.ssim(p, t, data_range)))
-    if config.loss == "lesion-mse+bg-ssim":
-        # The same, with SSIM averaged with the inverse of the lesion weights: the lesions stay the MSE's (with
-        # the uniform SSIM term the small lesions lost contrast, docs/bench/shipped-models.md).
-        weight = config.ssim_weight
+        # "bg-ssim" averages the SSIM map with the inverse of the lesion weights, so the lesions stay the MSE's.
+        weight, off_lesions = config.ssim_weight, config.loss == "lesion-mse+bg-ssim"
 
-        def lesion_mse_bg_ssim(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def lesion_mse_plus_ssim(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             lesion = losses.lesion_weight_map(t)
-            return (losses.weighted_mse_loss(p, t, lesion)
-                    + weight * (1.0 - losses.weighted_ssim(p, t, data_range, 1.0 / lesion)))
-        return lesion_mse_bg_ssim
+            similarity = (losses.weighted_ssim(p, t, data_range, 1.0 / lesion) if off_lesions
+                          else losses.ssim(p, t, data_range))
+            return losses.weighted_mse_loss(p, t, lesion) + weight * (1.0 - similarity)
+        return lesion_mse_plus_ssim
     if config.loss == "perceptual":
         perceptual = losses.PerceptualLoss(config.vgg_weights, config.vgg_sha256, scale=data_range)
         return lambda p, t: perceptual.to(p.device)(p, t)
@@ -339,7 +338,7 @@ def train(config: TrainConfig, train_volumes: Sequence[PairedVolume], val_volume
         "extra": {"net": dict(config.net), "seed": config.seed, "optimizer": config.optimizer,
                   "learning_rate": config.learning_rate, "lr_schedule": config.lr_schedule, "patch": config.patch,
                   "fine_tune_last": config.fine_tune_last, "trained_parameters": sum(p.numel() for p in trained),
-                  **({"ssim_weight": config.ssim_weight} if "ssim" in config.loss and "+" in config.loss else {}),
+                  **({"ssim_weight": config.ssim_weight} if config.loss in SSIM_WEIGHTED_LOSSES else {}),
                   "noise_index_range": [round(min(levels), 4), round(max(levels), 4)] if levels else None},
     }
     (out_dir / "card.json").write_text(json.dumps(card, indent=2))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -21,6 +20,7 @@ import pytest
 from denoisers import models
 from denoisers.errors import DenoiserError, ModelRegistryError, WeightsError
 from denoisers.models import ModelCard, ModelStore, check_card, load_weights, parse_ref
+from tests.locks import flock_is_held
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,15 +51,8 @@ def weights(tmp_path: Path) -> Callable[..., Path]:
 
 
 def lock_is_held(root: Path) -> bool:
-    """True when someone holds the store's flock (a fresh open file description conflicts even in-process)."""
-    fd = os.open(root / models.LOCK_FILE, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    """True when someone holds the store's flock."""
+    return flock_is_held(root / models.LOCK_FILE)
 
 
 def audit(store: ModelStore) -> list[dict[str, Any]]:

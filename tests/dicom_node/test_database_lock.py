@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 import time
 from pathlib import Path
@@ -11,17 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.database import SQLiteDatabase
-
-
-def _locked_by_someone(path: Path) -> bool:
-    fd = os.open(path, os.O_RDWR)  # another open file description: flock sees it as another holder
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+from tests.locks import flock_is_held
 
 
 def test_a_write_transaction_holds_the_file_lock_and_gives_it_back(tmp_path: Path) -> None:
@@ -29,23 +17,24 @@ def test_a_write_transaction_holds_the_file_lock_and_gives_it_back(tmp_path: Pat
     try:
         with db.transaction() as c:
             c.execute("CREATE TABLE t (x INTEGER)")
-            assert _locked_by_someone(db._write_lock_path)
-        assert not _locked_by_someone(db._write_lock_path)
+            assert flock_is_held(db._write_lock_path)
+        assert not flock_is_held(db._write_lock_path)
         with pytest.raises(RuntimeError):
             with db.transaction() as c:
                 c.execute("INSERT INTO t VALUES (1)")
                 raise RuntimeError("rolled back")
-        assert not _locked_by_someone(db._write_lock_path)  # given back after a rollback too
+        assert not flock_is_held(db._write_lock_path)  # given back after a rollback too
         with db.reading() as c:
             assert c.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 0
-            assert not _locked_by_someone(db._write_lock_path)  # readers do not take it
+            assert not flock_is_held(db._write_lock_path)  # readers do not take it
     finally:
         db.close()
 
 
 def test_a_second_writer_waits_for_the_first_and_then_goes_on(tmp_path: Path) -> None:
-    """Two connections, as two receiver processes have: the second writer waits in flock (not in SQLite's busy
-    polling) and writes as soon as the first commits; both rows are there."""
+    """Two connections, as two receiver processes have: the second writer waits for the first to commit and then
+    writes; both rows are there (that it waits in flock rather than in SQLite's busy handler is the test above:
+    the lock is held for the whole transaction)."""
     first, second = SQLiteDatabase(tmp_path / "state.sqlite3"), SQLiteDatabase(tmp_path / "state.sqlite3")
     try:
         with first.transaction() as c:
