@@ -28,7 +28,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from dicom_node import reactor, tls
+from dicom_node import fastdimse, reactor, tls, uidcache
 from dicom_node.handlers import (
     ReceiveContext,
     _calling_ae_of,
@@ -211,6 +211,17 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def contexts(self, value: Sequence[Any]) -> None:  # pynetdicom's __init__ sets it
         self._petnode_contexts = _SupportedContexts(value)
 
+    def _bind_defaults(self) -> None:
+        """pynetdicom's defaults, without its PDU and DIMSE logging handlers while its logger hides INFO.
+
+        The server hands its handlers to every association it accepts, and the A-ASSOCIATE-RQ one formats all 128
+        contexts a storescu proposes (about 2 ms of CPU per association) for a logger petnode sets to WARNING
+        unless asked for DEBUG (dicom_node.cli). The associations' own copies are taken off by
+        ``fastdimse.unbind_standard_handlers``; with DEBUG logging both stay.
+        """
+        super()._bind_defaults()
+        fastdimse.unbind_standard_handlers(self)  # (it checks the logger's level itself)
+
     def get_request(self) -> tuple[Any, Any]:
         """Accept a connection; on the TLS listener wrap it without the handshake.
 
@@ -242,6 +253,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 def make_ae(settings: NodeSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     reactor.enable(ae)  # each message handled as it arrives, not on pynetdicom's 1 ms polls (dicom_node/reactor.py)
+    uidcache.install()  # the 128 contexts a scanner proposes are checked once per process, not per association
     # pynetdicom's own limit counts idle connections too; ours (ConnectionGuard) is the one that applies.
     ae.maximum_associations = settings.max_connections + 1
     ae.network_timeout = settings.network_timeout_s
