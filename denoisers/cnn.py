@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from denoisers.base import (
     DeviceNeed,
@@ -115,7 +115,18 @@ class CNNParams(DenoiserParams):
         description="give back the input's local means at this scale (FWHM in mm): the network's output plus a "
                     "Gaussian of this width applied to what the network removed. Regional SUVmeans stay "
                     "nearer the input's; the lowest-frequency noise stays too (off by default)")
+    keep_means_guided: bool = Field(
+        False, strict=True,
+        description="with keep_means_fwhm_mm: give back what the network removed only among voxels of similar "
+                    "output intensity (grey matter from grey matter, a lesion from its own voxels), so the "
+                    "regional means come back with less of the noise and without mixing neighbouring tissues")
     omit_when_none: ClassVar[frozenset[str]] = frozenset({"keep_means_fwhm_mm"})
+
+    @model_validator(mode="after")
+    def _guided_needs_a_scale(self) -> Self:
+        if self.keep_means_guided and self.keep_means_fwhm_mm is None:
+            raise ValueError("keep_means_guided needs keep_means_fwhm_mm (the scale the means are kept above)")
+        return self
 
 
 def _load(card: Any, weights_path: Path, device: str) -> tuple[Any, Any]:
@@ -220,7 +231,8 @@ class CNNDenoiser(Denoiser[CNNParams]):
             out = _to_shape(out, inputs.pet.shape)
         out /= np.float32(scale)
         if self.params.keep_means_fwhm_mm is not None:
-            _keep_means(out, inputs.pet, inputs.spacing, self.params.keep_means_fwhm_mm)
+            keep = _keep_means_guided if self.params.keep_means_guided else _keep_means
+            keep(out, inputs.pet, inputs.spacing, self.params.keep_means_fwhm_mm)
         np.maximum(out, 0.0, out=out)
         info_level: dict[str, Any] = {"noise_index": round(noise, 4), "dose_aware": spec.level_input}
         trained = card.extra.get("noise_index_range")
@@ -256,6 +268,59 @@ def _keep_means(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, float, f
     removed = np.subtract(pet, out, dtype=np.float32)
     back = GaussianDenoiser(GaussianParams(fwhm_mm=float(fwhm_mm))).denoise(
         DenoiseInputs(pet=removed, spacing=spacing)).denoised
+    out += back
+
+
+# Output-intensity levels of the guided give-back: 0, then a quarter of the body's median output times 1.5^k up
+# to the maximum. Geometric, so each tissue (grey and white matter at 4:1, a lesion over its background) falls
+# between its own two levels, and coarser than the output's own noise (levels as fine as quantiles of the body
+# split one tissue by its leftover noise and gave that noise back). Measured on the held-out brain (docs).
+GUIDE_RATIO = 1.5
+# Voxel shares (local fraction of voxels at a level) are shrunk by this prior, so a level held by a few isolated
+# voxels does not hand each its own noise back (that raised SUVmax by up to +190 % without it).
+GUIDE_PRIOR = 0.01
+
+
+def _keep_means_guided(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, float, float],
+                       fwhm_mm: float) -> None:
+    """``out += sum_k w_k (G * (w_k r)) / (G * w_k)`` in place: what the network removed (``r = pet - out``)
+    averaged with a Gaussian of ``fwhm_mm`` among voxels of similar output intensity (a bilateral grid in the
+    intensity axis with linear memberships ``w_k``, which sum to 1 in every voxel).
+
+    The unguided :func:`_keep_means` gives a voxel of grey matter the average of what was removed around it,
+    white matter's included, and at low counts needs a small scale (much noise given back) to keep a region's
+    mean. Here a region's voxels share their own regional error, averaged over more voxels at a larger scale:
+    the network's regional bias comes back with less of the input's noise. The guide is the network's output,
+    smooth, so noise spikes of the input do not get levels of their own.
+    """
+    from denoisers.gaussian import GaussianDenoiser, GaussianParams
+
+    guide = out.astype(np.float32, copy=True)
+    removed = np.subtract(pet, out, dtype=np.float32)
+    body = guide > 0.05 * float(np.percentile(guide, 99.5)) if guide.size else guide > 0
+    if not np.any(body):
+        return
+    middle = float(np.median(guide[body]))
+    count = int(np.ceil(np.log(max(float(guide.max()), middle) / (0.25 * middle)) / np.log(GUIDE_RATIO))) + 1
+    levels = np.concatenate([[0.0], 0.25 * middle * GUIDE_RATIO ** np.arange(count)]).astype(np.float32)
+    smooth = GaussianDenoiser(GaussianParams(fwhm_mm=float(fwhm_mm)))
+
+    def blur(volume: np.ndarray) -> np.ndarray:
+        return smooth.denoise(DenoiseInputs(pet=volume, spacing=spacing)).denoised
+
+    position = np.interp(guide, levels, np.arange(len(levels), dtype=np.float32)).astype(np.float32)
+    below = np.minimum(np.floor(position), len(levels) - 1).astype(np.int16)
+    frac = position - below
+    back = np.zeros_like(guide)
+    for k in range(len(levels)):
+        weight = np.where(below == k, 1.0 - frac, 0.0).astype(np.float32)
+        weight += np.where(below == k - 1, frac, 0.0).astype(np.float32)
+        if not np.any(weight):
+            continue
+        share = blur(weight)
+        mean_removed = np.divide(blur(weight * removed), share + np.float32(GUIDE_PRIOR), out=np.zeros_like(share),
+                                 where=share > 1e-4)
+        back += weight * mean_removed
     out += back
 
 

@@ -240,6 +240,7 @@ def _run(method: str, params: dict[str, Any], volume: np.ndarray, spacing: Seque
 MODEL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cnn": ("cnn", {}),
     "cnn-keep6": ("cnn", {"keep_means_fwhm_mm": 6.0}),  # the input's local means given back above 6 mm
+    # (any ``cnn-keepN``, N in mm, works the same way: see ``_model_kind``)
     "bcdpm": ("bcdpm", {}),
     "bcdpm-ddpm": ("bcdpm", {"eta": 1.0, "steps": 20}),
     "bcdpm-paper": ("bcdpm", {"mode": "paper"}),
@@ -248,10 +249,25 @@ MODEL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 FIXED_METHODS: dict[str, tuple[str, dict[str, Any]]] = {"cdip": ("cdip", {})}
 
 
+def _model_kind(kind: str) -> tuple[str, dict[str, Any]] | None:
+    """The plugin and fixed params of a model method's kind: ``MODEL_METHODS``, or ``cnn-keepN`` (N mm)."""
+    if kind in MODEL_METHODS:
+        return MODEL_METHODS[kind]
+    for prefix, guided in (("cnn-keep", False), ("cnn-gkeep", True)):
+        if kind.startswith(prefix):
+            try:
+                fwhm = float(kind.removeprefix(prefix))
+            except ValueError:
+                return None
+            params: dict[str, Any] = {"keep_means_fwhm_mm": fwhm, **({"keep_means_guided": True} if guided else {})}
+            return ("cnn", params) if fwhm > 0 else None
+    return None
+
+
 def _model_method(method: str) -> str | None:
     """The model ref of a ``KIND:NAME[@VERSION]`` method (``MODEL_METHODS``), None for the other methods."""
     kind, sep, ref = method.partition(":")
-    return ref if sep and kind in MODEL_METHODS else None
+    return ref if sep and _model_kind(kind) is not None else None
 
 
 @dataclass
@@ -388,7 +404,7 @@ def run_quality_bench(
             its = int(value)
             images = case.recons[level] if its == int(sim["iterations"]) else case.iterates[level][its]
         elif method in resolved:
-            plugin, fixed = MODEL_METHODS[method.partition(":")[0]]
+            plugin, fixed = _model_kind(method.partition(":")[0]) or MODEL_METHODS["cnn"]
             results = [_run(plugin, fixed, r, spacing, model=resolved[method], seed=k)
                        for k, r in enumerate(case.recons[level])]
             images = [r.denoised for r in results]

@@ -116,9 +116,10 @@ def test_shipped_rules_route_fdg_to_the_shipped_networks_and_other_pet_to_gaussi
     assert brain is not None and brain.name == "fdg-brain-cnn" and brain.denoiser.model == "fdg-brain-xu"
     by_part = select_rule(ruleset, _ctx(_header(SeriesDescription="PET AC", BodyPartExamined="HEAD")))
     assert by_part is not None and by_part.name == "fdg-brain-cnn-body-part"
-    # the brain rules keep the input's regional means above 6 mm (within 2 % down to 0.3 M counts per slice);
-    # the whole-body rule does not (at 4 mm voxels and low counts it would give back too much noise)
-    assert brain.denoiser.params["keep_means_fwhm_mm"] == by_part.denoiser.params["keep_means_fwhm_mm"] == 6.0
+    # the brain rules keep the input's regional means, tissue by tissue above 20 mm (within 2 % down to 0.3 M
+    # counts per slice); the whole-body rule does not (at 4 mm voxels and low counts it gave back too much noise)
+    assert brain.denoiser.params["keep_means_fwhm_mm"] == by_part.denoiser.params["keep_means_fwhm_mm"] == 20.0
+    assert brain.denoiser.params["keep_means_guided"] is by_part.denoiser.params["keep_means_guided"] is True
     assert "keep_means_fwhm_mm" not in wb.denoiser.params
     psma = _header()
     psma.RadiopharmaceuticalInformationSequence[0].Radiopharmaceutical = "Ga-68 PSMA-11"
