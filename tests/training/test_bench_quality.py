@@ -176,3 +176,16 @@ def test_counts_per_slice_full_count_reference_and_a_diffusion_model(tmp_path: P
     with pytest.raises(TrainingError, match="more than the preset's full counts"):
         run_quality_bench("brain", [], ["gaussian"], tmp_path / "x", size="ci", realizations=1, progress=False,
                           counts_per_slice=[1e8])
+
+
+def test_model_methods_take_any_give_back_scale() -> None:
+    from training import bench_quality as bq
+
+    assert bq._model_kind("cnn") == ("cnn", {})
+    assert bq._model_kind("cnn-keep6") == ("cnn", {"keep_means_fwhm_mm": 6.0})
+    assert bq._model_kind("cnn-keep4.5") == ("cnn", {"keep_means_fwhm_mm": 4.5})
+    assert bq._model_kind("cnn-gkeep20") == ("cnn", {"keep_means_fwhm_mm": 20.0, "keep_means_guided": True})
+    for bad in ("cnn-keep", "cnn-keepx", "cnn-gkeep0", "cnn-keep-3", "gaussian"):
+        assert bq._model_kind(bad) is None, bad
+    assert bq._model_method("cnn-gkeep20:fdg-brain-xu@1.1.0") == "fdg-brain-xu@1.1.0"
+    assert bq._model_method("cnn-keepx:fdg-brain-xu") is None
