@@ -263,12 +263,15 @@ def _keep_means(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, float, f
     network's, above it the measurement's. A network smooths grey matter into white matter and small nuclei into
     their surroundings (a few % of a region's mean at low counts); what it removed there is mostly that signal
     plus high-frequency noise, and the Gaussian gives back the first and little of the second."""
+    out += _blur(np.subtract(pet, out, dtype=np.float32), spacing, fwhm_mm)
+
+
+def _blur(volume: np.ndarray, spacing: tuple[float, float, float], fwhm_mm: float) -> np.ndarray:
+    """``volume`` filtered with the node's Gaussian of ``fwhm_mm`` (the keep-means give-backs)."""
     from denoisers.gaussian import GaussianDenoiser, GaussianParams
 
-    removed = np.subtract(pet, out, dtype=np.float32)
-    back = GaussianDenoiser(GaussianParams(fwhm_mm=float(fwhm_mm))).denoise(
-        DenoiseInputs(pet=removed, spacing=spacing)).denoised
-    out += back
+    return GaussianDenoiser(GaussianParams(fwhm_mm=float(fwhm_mm))).denoise(
+        DenoiseInputs(pet=volume, spacing=spacing)).denoised
 
 
 # Output-intensity levels of the guided give-back: 0, then a quarter of the body's median output times 1.5^k up
@@ -293,8 +296,6 @@ def _keep_means_guided(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, f
     the network's regional bias comes back with less of the input's noise. The guide is the network's output,
     smooth, so noise spikes of the input do not get levels of their own.
     """
-    from denoisers.gaussian import GaussianDenoiser, GaussianParams
-
     guide = out.astype(np.float32, copy=True)
     removed = np.subtract(pet, out, dtype=np.float32)
     body = guide > 0.05 * float(np.percentile(guide, 99.5)) if guide.size else guide > 0
@@ -303,11 +304,6 @@ def _keep_means_guided(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, f
     middle = float(np.median(guide[body]))
     count = int(np.ceil(np.log(max(float(guide.max()), middle) / (0.25 * middle)) / np.log(GUIDE_RATIO))) + 1
     levels = np.concatenate([[0.0], 0.25 * middle * GUIDE_RATIO ** np.arange(count)]).astype(np.float32)
-    smooth = GaussianDenoiser(GaussianParams(fwhm_mm=float(fwhm_mm)))
-
-    def blur(volume: np.ndarray) -> np.ndarray:
-        return smooth.denoise(DenoiseInputs(pet=volume, spacing=spacing)).denoised
-
     position = np.interp(guide, levels, np.arange(len(levels), dtype=np.float32)).astype(np.float32)
     below = np.minimum(np.floor(position), len(levels) - 1).astype(np.int16)
     frac = position - below
@@ -317,9 +313,9 @@ def _keep_means_guided(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, f
         weight += np.where(below == k - 1, frac, 0.0).astype(np.float32)
         if not np.any(weight):
             continue
-        share = blur(weight)
-        mean_removed = np.divide(blur(weight * removed), share + np.float32(GUIDE_PRIOR), out=np.zeros_like(share),
-                                 where=share > 1e-4)
+        share = _blur(weight, spacing, fwhm_mm)
+        mean_removed = np.divide(_blur(weight * removed, spacing, fwhm_mm), share + np.float32(GUIDE_PRIOR),
+                                 out=np.zeros_like(share), where=share > 1e-4)
         back += weight * mean_removed
     out += back
 

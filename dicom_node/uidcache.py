@@ -45,7 +45,7 @@ def make_memo(original: Callable[..., Any], max_entries: int = MAX_ENTRIES) -> C
         kind = value.__class__
         if kind is not str and kind is not bytes and (kind is not UID or hasattr(value, "_PRIVATE_TS_ENCODING")):
             return original(value, name, allow_empty, allow_none, validate)
-        key = (kind is bytes, value, allow_empty, allow_none, validate, _config.ENFORCE_UID_CONFORMANCE)
+        key = (value, allow_empty, allow_none, validate, _config.ENFORCE_UID_CONFORMANCE)  # b"x" != "x"
         hit = memo.get(key)
         if hit is not None:
             return hit

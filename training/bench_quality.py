@@ -239,8 +239,7 @@ def _run(method: str, params: dict[str, Any], volume: np.ndarray, spacing: Seque
 # DDPM steps; ``bcdpm-paper`` the paper's (white noise, 100 respaced DDPM steps, the last l conditioned, lambda 0.2).
 MODEL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cnn": ("cnn", {}),
-    "cnn-keep6": ("cnn", {"keep_means_fwhm_mm": 6.0}),  # the input's local means given back above 6 mm
-    # (any ``cnn-keepN``, N in mm, works the same way: see ``_model_kind``)
+    # and ``cnn-keepN`` / ``cnn-gkeepN``: cnn with the input's local means given back above N mm (``_model_kind``)
     "bcdpm": ("bcdpm", {}),
     "bcdpm-ddpm": ("bcdpm", {"eta": 1.0, "steps": 20}),
     "bcdpm-paper": ("bcdpm", {"mode": "paper"}),
@@ -250,7 +249,8 @@ FIXED_METHODS: dict[str, tuple[str, dict[str, Any]]] = {"cdip": ("cdip", {})}
 
 
 def _model_kind(kind: str) -> tuple[str, dict[str, Any]] | None:
-    """The plugin and fixed params of a model method's kind: ``MODEL_METHODS``, or ``cnn-keepN`` (N mm)."""
+    """The plugin and fixed params of a model method's kind: ``MODEL_METHODS``, or ``cnn-keepN`` / ``cnn-gkeepN``
+    (``keep_means_fwhm_mm`` N, the second with ``keep_means_guided``)."""
     if kind in MODEL_METHODS:
         return MODEL_METHODS[kind]
     for prefix, guided in (("cnn-keep", False), ("cnn-gkeep", True)):
@@ -404,7 +404,9 @@ def run_quality_bench(
             its = int(value)
             images = case.recons[level] if its == int(sim["iterations"]) else case.iterates[level][its]
         elif method in resolved:
-            plugin, fixed = _model_kind(method.partition(":")[0]) or MODEL_METHODS["cnn"]
+            kind = _model_kind(method.partition(":")[0])
+            assert kind is not None  # ``resolved`` holds model methods only (_model_method)
+            plugin, fixed = kind
             results = [_run(plugin, fixed, r, spacing, model=resolved[method], seed=k)
                        for k, r in enumerate(case.recons[level])]
             images = [r.denoised for r in results]

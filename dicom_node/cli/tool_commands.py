@@ -115,7 +115,8 @@ def add_subparsers(sub: Any) -> None:
                         "hours, for cdip and bcdpm on a CPU")
     q.add_argument("--methods", default="gaussian,nlm,mlem",
                    help="comma-separated (mlem = ML-EM iterations; cnn:NAME[@VERSION] = a registered model; "
-                        "cnn-keep6:NAME = the same with the input's local means kept above 6 mm; "
+                        "cnn-keepN:NAME = the same with the input's local means kept above N mm, cnn-gkeepN:NAME "
+                        "the same among voxels of similar intensity (keep_means_guided); "
                         "bcdpm:NAME (10 DDIM steps), bcdpm-ddpm:NAME (20 DDPM steps), bcdpm-paper:NAME (white "
                         "noise, 100 steps) = a diffusion model; cdip = conditional DIP with the case's MR prior)")
     q.add_argument("--data-dir", type=Path, default=None, help="node data directory whose models cnn:NAME uses")
