@@ -23,6 +23,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
 from denoisers.errors import DenoiserError, InvalidInputError, MissingInputError
+from denoisers.threads import run_released
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +317,8 @@ class Denoiser(abc.ABC, Generic[ParamsT]):
             )
         check_inputs(spec, inputs, name=self.name)
         start = time.perf_counter()
-        result = self._run(inputs)
+        # Off the caller's thread when that is a worker lane: no OpenMP team outlives the run (denoisers.threads).
+        result = run_released(lambda: self._run(inputs))
         check_result(spec, inputs, result, name=self.name)
         logger.debug("denoiser=%s shape=%s took %.3f s", self.name, inputs.pet.shape, time.perf_counter() - start)
         return result
