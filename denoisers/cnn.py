@@ -120,13 +120,31 @@ class CNNParams(DenoiserParams):
         description="with keep_means_fwhm_mm: give back what the network removed only among voxels of similar "
                     "output intensity (grey matter from grey matter, a lesion from its own voxels), so the "
                     "regional means come back with less of the noise and without mixing neighbouring tissues")
-    omit_when_none: ClassVar[frozenset[str]] = frozenset({"keep_means_fwhm_mm"})
+    keep_means_noise_ref: float | None = Field(
+        None, gt=0, strict=True, allow_inf_nan=False,
+        description="with keep_means_fwhm_mm: the series noise index (info noise_index) that scale is meant for; "
+                    "a noisier series (fewer counts) gets a wider scale, (index / ref) ** (2/3) times it, a "
+                    "quieter one a narrower scale, so about the same noise comes back at every count level")
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"keep_means_fwhm_mm", "keep_means_noise_ref"})
 
     @model_validator(mode="after")
     def _guided_needs_a_scale(self) -> Self:
         if self.keep_means_guided and self.keep_means_fwhm_mm is None:
             raise ValueError("keep_means_guided needs keep_means_fwhm_mm (the scale the means are kept above)")
+        if self.keep_means_noise_ref is not None and self.keep_means_fwhm_mm is None:
+            raise ValueError("keep_means_noise_ref needs keep_means_fwhm_mm (the scale it adapts)")
         return self
+
+    def keep_means_scale(self, noise: float) -> float | None:
+        """The give-back FWHM (mm) for a series of noise index ``noise``, None without a give-back.
+
+        The noise a Gaussian of FWHM f leaves of white noise falls as f ** -3/2 in 3-D; the voxel noise grows with
+        the index, so f ~ index ** (2/3) gives back about the same noise at every count level. Without
+        ``keep_means_noise_ref``, or with an index that cannot be estimated, the scale is the one given."""
+        fwhm, ref = self.keep_means_fwhm_mm, self.keep_means_noise_ref
+        if fwhm is None or ref is None or not (math.isfinite(noise) and noise > 0):
+            return fwhm
+        return float(fwhm * (noise / ref) ** (2.0 / 3.0))
 
 
 def _load(card: Any, weights_path: Path, device: str) -> tuple[Any, Any]:
@@ -230,11 +248,14 @@ class CNNDenoiser(Denoiser[CNNParams]):
         if resample:
             out = _to_shape(out, inputs.pet.shape)
         out /= np.float32(scale)
-        if self.params.keep_means_fwhm_mm is not None:
+        keep_fwhm = self.params.keep_means_scale(noise)
+        if keep_fwhm is not None:
             keep = _keep_means_guided if self.params.keep_means_guided else _keep_means
-            keep(out, inputs.pet, inputs.spacing, self.params.keep_means_fwhm_mm)
+            keep(out, inputs.pet, inputs.spacing, keep_fwhm)
         np.maximum(out, 0.0, out=out)
         info_level: dict[str, Any] = {"noise_index": round(noise, 4), "dose_aware": spec.level_input}
+        if keep_fwhm is not None:
+            info_level["keep_means_fwhm_mm"] = round(keep_fwhm, 2)
         trained = card.extra.get("noise_index_range")
         if trained and len(trained) == 2 and not (trained[0] / 1.5 <= noise <= trained[1] * 1.5):
             info_level["noise_index_note"] = (f"outside the trained {trained[0]:.3g}-{trained[1]:.3g}: the model "

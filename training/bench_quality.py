@@ -250,17 +250,23 @@ FIXED_METHODS: dict[str, tuple[str, dict[str, Any]]] = {"cdip": ("cdip", {})}
 
 def _model_kind(kind: str) -> tuple[str, dict[str, Any]] | None:
     """The plugin and fixed params of a model method's kind: ``MODEL_METHODS``, or ``cnn-keepN`` / ``cnn-gkeepN``
-    (``keep_means_fwhm_mm`` N, the second with ``keep_means_guided``)."""
+    (``keep_means_fwhm_mm`` N, the second with ``keep_means_guided``), either with ``nR`` after N for
+    ``keep_means_noise_ref`` R (``cnn-gkeep12n0.05``: 12 mm at noise index 0.05, wider for noisier series)."""
     if kind in MODEL_METHODS:
         return MODEL_METHODS[kind]
     for prefix, guided in (("cnn-keep", False), ("cnn-gkeep", True)):
         if kind.startswith(prefix):
+            fwhm_text, sep, ref_text = kind.removeprefix(prefix).partition("n")
             try:
-                fwhm = float(kind.removeprefix(prefix))
+                fwhm = float(fwhm_text)
+                ref = float(ref_text) if sep else None
             except ValueError:
                 return None
-            params: dict[str, Any] = {"keep_means_fwhm_mm": fwhm, **({"keep_means_guided": True} if guided else {})}
-            return ("cnn", params) if fwhm > 0 else None
+            if not fwhm > 0 or (ref is not None and not ref > 0):
+                return None
+            params: dict[str, Any] = {"keep_means_fwhm_mm": fwhm, **({"keep_means_guided": True} if guided else {}),
+                                      **({"keep_means_noise_ref": ref} if ref is not None else {})}
+            return "cnn", params
     return None
 
 
@@ -312,6 +318,7 @@ def run_quality_bench(
     series: Path | None = None,
     counts_per_slice: Sequence[float] | None = None,
     slab: int | None = None,
+    simulation_cache: Path | None = None,
 ) -> QualityReport:
     """Simulate a held-out phantom, sweep every method, score, and write the report folder.
 
@@ -325,6 +332,9 @@ def run_quality_bench(
     against the full-count reconstruction of the same realization (``psnr_full_db``, ``ssim_full``), as the
     papers do, besides the truth. ``slab``: score the central ``slab`` slices through the first hot structure
     only (the whole volume is simulated), which keeps the slow methods (cdip, bcdpm) to minutes on a CPU.
+    ``simulation_cache``: a folder where the simulated case is kept and found again (``cached_case``), so
+    comparing another method on the same held-out case does not simulate it again (half an hour for the full
+    torso on two cores).
     """
     from tqdm import tqdm
 
@@ -380,8 +390,16 @@ def run_quality_bench(
                             "iterations")
     # noiseless: the reconstruction of the expected prompts, the ceiling of every method trained to give the
     # reconstruction (its PSF and partial volume stay): reported beside the methods (``QualityReport.ceiling``).
-    case = simulate_case(ph, count_levels=tuple(count_levels), realizations=realizations, seed=seed,
-                         progress=progress, keep_iterations=keep, noiseless=True, **sim)
+    def simulate() -> Any:
+        return simulate_case(ph, count_levels=tuple(count_levels), realizations=realizations, seed=seed,
+                             progress=progress, keep_iterations=keep, noiseless=True, **sim)
+
+    if simulation_cache is None:
+        case = simulate()
+    else:
+        key = {"phantom": phantom, "size": size, "seed": seed, "series": _series_key(series), "preset": params,
+               "simulation": sim, "levels": list(count_levels), "realizations": realizations, "keep": keep}
+        case = cached_case(simulation_cache, key, simulate)
     if slab:
         case = _slab_of(case, slab)
     truth = case.truth.astype(np.float64)
@@ -438,6 +456,64 @@ def run_quality_bench(
     files += _panels(panels, truth, low_counts, out_dir, phantom, rois)
     files += _uncertainty_panels(maps, truth, low_counts, out_dir, rois)
     return QualityReport(rows, out_dir, table, files, time.perf_counter() - t0, ceiling)
+
+
+# The modules whose code makes a simulated case: a change to any of them makes every cached case stale.
+_SIMULATION_MODULES = ("training.simulate", "training.phantoms", "training.real_phantom", "denoisers.physics")
+
+
+def _series_key(series: Path | None) -> list[Any] | None:
+    """What identifies a real series used as the activity: its files' names, sizes and times."""
+    if series is None:
+        return None
+    files = sorted(p for p in Path(series).rglob("*") if p.is_file())
+    return [str(Path(series).resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+
+
+def simulation_key(key: dict[str, Any]) -> str:
+    """The cache file name of a simulated case: sha256 of its parameters and of the simulation code."""
+    import hashlib
+    import importlib.util
+    import json
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    for name in _SIMULATION_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            digest.update(Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def cached_case(folder: Path, key: dict[str, Any], simulate: Any) -> Any:
+    """The simulated case of ``key`` from ``folder``, or ``simulate()`` written there first.
+
+    Pickled, because a case is this program's own dataclass of arrays; only files this function wrote are read
+    (the name is the key's hash; a file that does not unpickle to a ``SimulatedCase`` is simulated again). A case is
+    written to a temporary name and renamed, so a stopped bench never leaves half a case behind.
+    """
+    import os
+    import pickle
+
+    from training.simulate import SimulatedCase
+
+    folder = Path(folder)
+    path = folder / f"case-{simulation_key(key)}.pkl"
+    if path.is_file():
+        try:
+            with path.open("rb") as fh:
+                case = pickle.load(fh)  # noqa: S301 - our own cache folder, our own files (see the docstring)
+            if isinstance(case, SimulatedCase):
+                logger.info("bench quality: simulated case from the cache %s", path)
+                return case
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: simulate again
+            logger.warning("bench quality: cached case %s unreadable (%s); simulating again", path, exc)
+    case = simulate()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with tmp.open("wb") as fh:
+        pickle.dump(case, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return case
 
 
 def _slab_of(case: Any, slab: int) -> Any:

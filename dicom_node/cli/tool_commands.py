@@ -123,6 +123,9 @@ def add_subparsers(sub: Any) -> None:
     q.add_argument("--realizations", type=int, default=3)
     q.add_argument("--size", choices=["ci", "full"], default="ci")
     q.add_argument("--out", type=Path, default=Path("reports/quality"), help="report folder")
+    q.add_argument("--simulation-cache", type=Path, default=None, metavar="DIR",
+                   help="keep the simulated case here and reuse it when the phantom, levels, realizations and "
+                        "simulation code are the same (the full torso takes half an hour to simulate on 2 cores)")
     q.set_defaults(func=cmd_bench_quality)
     q = bsub.add_parser("dip", help="the conditional-DIP paper's evaluation on a held-out brain with its MR prior: "
                                     "peak-to-valley vs white-matter STD (Gaussian, conditional DIP, stability "
@@ -521,7 +524,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     try:
         report = run_quality_bench(args.phantom, levels, methods, args.out, size=args.size,
                                    realizations=args.realizations, models=store, series=args.series,
-                                   counts_per_slice=counts, slab=args.slab)
+                                   counts_per_slice=counts, slab=args.slab,
+                                   simulation_cache=args.simulation_cache)
     except TrainingError as exc:
         raise ConfigError(f"bench quality: {exc}") from None
     print(report.table_md.read_text())

@@ -287,3 +287,32 @@ def test_keep_means_in_the_plugin_keeps_activity_and_is_validated(tmp_path: Path
     out = guided.denoise(DenoiseInputs(pet=pet, spacing=SPACING)).denoised
     assert float(out.min()) >= 0.0 and not np.array_equal(out, plain) and not np.array_equal(out, kept)
     assert float(out.sum(dtype=np.float64)) == pytest.approx(float(pet.sum(dtype=np.float64)), rel=1e-5)
+
+
+def test_keep_means_scale_follows_the_series_noise(tmp_path: Path) -> None:
+    """keep_means_noise_ref: the give-back scale grows as (index / ref) ** 2/3, so a noisier series gets about
+    the same noise back; the plugin records the scale it used."""
+    from denoisers.cnn import CNNParams
+
+    p = CNNParams(keep_means_fwhm_mm=12.0, keep_means_noise_ref=0.1)
+    assert p.keep_means_scale(0.1) == pytest.approx(12.0)
+    assert p.keep_means_scale(0.8) == pytest.approx(48.0)  # 8x the noise: 8 ** (2/3) = 4x the scale
+    assert p.keep_means_scale(0.0125) == pytest.approx(3.0)
+    assert p.keep_means_scale(float("nan")) == 12.0  # no estimate: the scale as given
+    assert CNNParams(keep_means_fwhm_mm=12.0).keep_means_scale(0.8) == 12.0
+    assert CNNParams().keep_means_scale(0.8) is None
+    with pytest.raises(ValueError, match="keep_means_noise_ref needs keep_means_fwhm_mm"):
+        CNNParams(keep_means_noise_ref=0.1)
+    pet = _pet(2)
+    model = _model(tmp_path, "gong-resnet", {"features": 6, "blocks": 1}, seed=3)
+    fixed = registry.create("cnn", {"batch": 3, "keep_means_fwhm_mm": 8.0, "keep_means_guided": True}, model=model)
+    first = fixed.denoise(DenoiseInputs(pet=pet, spacing=SPACING))
+    noise = float(first.info["noise_index"])
+    assert first.info["keep_means_fwhm_mm"] == 8.0
+    # A reference a quarter of this series' index: the scale used is 4 ** (2/3) x 8 mm, and the output differs.
+    adapted = registry.create("cnn", {"batch": 3, "keep_means_fwhm_mm": 8.0, "keep_means_guided": True,
+                                      "keep_means_noise_ref": noise / 4}, model=model)
+    second = adapted.denoise(DenoiseInputs(pet=pet, spacing=SPACING))
+    assert second.info["keep_means_fwhm_mm"] == pytest.approx(8.0 * 4 ** (2 / 3), abs=0.01)
+    assert not np.array_equal(second.denoised, first.denoised)
+    assert float(second.denoised.sum(dtype=np.float64)) == pytest.approx(float(pet.sum(dtype=np.float64)), rel=1e-5)

@@ -185,7 +185,36 @@ def test_model_methods_take_any_give_back_scale() -> None:
     assert bq._model_kind("cnn-keep6") == ("cnn", {"keep_means_fwhm_mm": 6.0})
     assert bq._model_kind("cnn-keep4.5") == ("cnn", {"keep_means_fwhm_mm": 4.5})
     assert bq._model_kind("cnn-gkeep20") == ("cnn", {"keep_means_fwhm_mm": 20.0, "keep_means_guided": True})
-    for bad in ("cnn-keep", "cnn-keepx", "cnn-gkeep0", "cnn-keep-3", "gaussian"):
+    assert bq._model_kind("cnn-gkeep12n0.05") == ("cnn", {"keep_means_fwhm_mm": 12.0, "keep_means_guided": True,
+                                                         "keep_means_noise_ref": 0.05})
+    assert bq._model_kind("cnn-keep8n0.1") == ("cnn", {"keep_means_fwhm_mm": 8.0, "keep_means_noise_ref": 0.1})
+    for bad in ("cnn-keep", "cnn-keepx", "cnn-gkeep0", "cnn-keep-3", "gaussian", "cnn-gkeep12n", "cnn-gkeep12n0",
+                "cnn-gkeep12nx"):
         assert bq._model_kind(bad) is None, bad
     assert bq._model_method("cnn-gkeep20:fdg-brain-xu@1.1.0") == "fdg-brain-xu@1.1.0"
     assert bq._model_method("cnn-keepx:fdg-brain-xu") is None
+
+
+def test_simulation_cache_gives_the_same_case_without_simulating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from training import simulate
+
+    cache = tmp_path / "cache"
+    kwargs = dict(size="ci", realizations=1, progress=False, sweeps={"gaussian": ("fwhm_mm", (4.0,))},
+                  simulation_cache=cache)
+    first = run_quality_bench("torso", [0.2], ["gaussian"], tmp_path / "a", **kwargs)
+    cached = sorted(cache.glob("case-*.pkl"))
+    assert len(cached) == 1 and not list(cache.glob("*.tmp*"))
+
+    def no_simulation(*args: object, **kw: object) -> None:
+        raise AssertionError("simulated again although the case is in the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(simulate, "simulate_case", no_simulation)
+        second = run_quality_bench("torso", [0.2], ["gaussian"], tmp_path / "b", **kwargs)
+        assert [r["psnr_db"] for r in second.rows] == [r["psnr_db"] for r in first.rows]
+        with pytest.raises(AssertionError, match="simulated again"):  # another level is another case
+            run_quality_bench("torso", [0.3], ["gaussian"], tmp_path / "c", **kwargs)
+    cached[0].write_bytes(b"not a pickle")  # a damaged file is simulated again and replaced
+    third = run_quality_bench("torso", [0.2], ["gaussian"], tmp_path / "d", **kwargs)
+    assert [r["psnr_db"] for r in third.rows] == [r["psnr_db"] for r in first.rows]
+    assert cached[0].read_bytes()[:1] != b"n"
