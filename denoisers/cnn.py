@@ -125,7 +125,13 @@ class CNNParams(DenoiserParams):
         description="with keep_means_fwhm_mm: the series noise index (info noise_index) that scale is meant for; "
                     "a noisier series (fewer counts) gets a wider scale, (index / ref) ** (2/3) times it, a "
                     "quieter one a narrower scale, so about the same noise comes back at every count level")
-    omit_when_none: ClassVar[frozenset[str]] = frozenset({"keep_means_fwhm_mm", "keep_means_noise_ref"})
+    keep_means_max_noise: float | None = Field(
+        None, gt=0, strict=True, allow_inf_nan=False,
+        description="with keep_means_fwhm_mm: give back only for series up to about this noise index (info "
+                    "noise_index), tapered over a factor of 2 around it (all below max/sqrt2, none above "
+                    "max*sqrt2); at ultra-low counts the noise that comes back costs more than the means it keeps")
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"keep_means_fwhm_mm", "keep_means_noise_ref",
+                                                          "keep_means_max_noise"})
 
     @model_validator(mode="after")
     def _guided_needs_a_scale(self) -> Self:
@@ -133,7 +139,18 @@ class CNNParams(DenoiserParams):
             raise ValueError("keep_means_guided needs keep_means_fwhm_mm (the scale the means are kept above)")
         if self.keep_means_noise_ref is not None and self.keep_means_fwhm_mm is None:
             raise ValueError("keep_means_noise_ref needs keep_means_fwhm_mm (the scale it adapts)")
+        if self.keep_means_max_noise is not None and self.keep_means_fwhm_mm is None:
+            raise ValueError("keep_means_max_noise needs keep_means_fwhm_mm (the give-back it limits)")
         return self
+
+    def keep_means_weight(self, noise: float) -> float:
+        """How much of the give-back a series of noise index ``noise`` gets: 1 without ``keep_means_max_noise``
+        or at most max/sqrt2, 0 from max*sqrt2 on, linear in log(index) between (no step at one index value). An
+        index that cannot be estimated gets the whole give-back, as without the limit."""
+        top = self.keep_means_max_noise
+        if top is None or not (math.isfinite(noise) and noise > 0):
+            return 1.0
+        return float(min(1.0, max(0.0, 0.5 - math.log2(noise / top))))
 
     def keep_means_scale(self, noise: float) -> float | None:
         """The give-back FWHM (mm) for a series of noise index ``noise``, None without a give-back.
@@ -249,13 +266,20 @@ class CNNDenoiser(Denoiser[CNNParams]):
             out = _to_shape(out, inputs.pet.shape)
         out /= np.float32(scale)
         keep_fwhm = self.params.keep_means_scale(noise)
-        if keep_fwhm is not None:
+        keep_weight = self.params.keep_means_weight(noise) if keep_fwhm is not None else 0.0
+        if keep_fwhm is not None and keep_weight > 0:
             keep = _keep_means_guided if self.params.keep_means_guided else _keep_means
-            keep(out, inputs.pet, inputs.spacing, keep_fwhm)
+            if keep_weight < 1:
+                given = out.copy()
+                keep(given, inputs.pet, inputs.spacing, keep_fwhm)
+                out += np.float32(keep_weight) * (given - out)
+            else:
+                keep(out, inputs.pet, inputs.spacing, keep_fwhm)
         np.maximum(out, 0.0, out=out)
         info_level: dict[str, Any] = {"noise_index": round(noise, 4), "dose_aware": spec.level_input}
         if keep_fwhm is not None:
             info_level["keep_means_fwhm_mm"] = round(keep_fwhm, 2)
+            info_level["keep_means_weight"] = round(keep_weight, 3)
         trained = card.extra.get("noise_index_range")
         if trained and len(trained) == 2 and not (trained[0] / 1.5 <= noise <= trained[1] * 1.5):
             info_level["noise_index_note"] = (f"outside the trained {trained[0]:.3g}-{trained[1]:.3g}: the model "

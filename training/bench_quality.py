@@ -251,21 +251,25 @@ FIXED_METHODS: dict[str, tuple[str, dict[str, Any]]] = {"cdip": ("cdip", {})}
 def _model_kind(kind: str) -> tuple[str, dict[str, Any]] | None:
     """The plugin and fixed params of a model method's kind: ``MODEL_METHODS``, or ``cnn-keepN`` / ``cnn-gkeepN``
     (``keep_means_fwhm_mm`` N, the second with ``keep_means_guided``), either with ``nR`` after N for
-    ``keep_means_noise_ref`` R (``cnn-gkeep12n0.05``: 12 mm at noise index 0.05, wider for noisier series)."""
+    ``keep_means_noise_ref`` R (``cnn-gkeep12n0.05``: 12 mm at noise index 0.05, wider for noisier series) and
+    ``mM`` last for ``keep_means_max_noise`` M (``cnn-gkeep12m0.2``: none above noise index about 0.2)."""
     if kind in MODEL_METHODS:
         return MODEL_METHODS[kind]
     for prefix, guided in (("cnn-keep", False), ("cnn-gkeep", True)):
         if kind.startswith(prefix):
-            fwhm_text, sep, ref_text = kind.removeprefix(prefix).partition("n")
+            rest, msep, top_text = kind.removeprefix(prefix).partition("m")
+            fwhm_text, sep, ref_text = rest.partition("n")
             try:
                 fwhm = float(fwhm_text)
                 ref = float(ref_text) if sep else None
+                top = float(top_text) if msep else None
             except ValueError:
                 return None
-            if not fwhm > 0 or (ref is not None and not ref > 0):
+            if not fwhm > 0 or any(v is not None and not v > 0 for v in (ref, top)):
                 return None
             params: dict[str, Any] = {"keep_means_fwhm_mm": fwhm, **({"keep_means_guided": True} if guided else {}),
-                                      **({"keep_means_noise_ref": ref} if ref is not None else {})}
+                                      **({"keep_means_noise_ref": ref} if ref is not None else {}),
+                                      **({"keep_means_max_noise": top} if top is not None else {})}
             return "cnn", params
     return None
 

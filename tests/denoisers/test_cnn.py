@@ -316,3 +316,36 @@ def test_keep_means_scale_follows_the_series_noise(tmp_path: Path) -> None:
     assert second.info["keep_means_fwhm_mm"] == pytest.approx(8.0 * 4 ** (2 / 3), abs=0.01)
     assert not np.array_equal(second.denoised, first.denoised)
     assert float(second.denoised.sum(dtype=np.float64)) == pytest.approx(float(pet.sum(dtype=np.float64)), rel=1e-5)
+
+
+def test_keep_means_max_noise_tapers_the_give_back_off_at_ultra_low_counts(tmp_path: Path) -> None:
+    from denoisers.cnn import CNNParams
+
+    p = CNNParams(keep_means_fwhm_mm=12.0, keep_means_guided=True, keep_means_max_noise=0.2)
+    assert p.keep_means_weight(0.1) == 1.0 and p.keep_means_weight(0.2 / 2 ** 0.5) == pytest.approx(1.0)
+    assert p.keep_means_weight(0.2) == pytest.approx(0.5)
+    assert p.keep_means_weight(0.2 * 2 ** 0.5) == pytest.approx(0.0) and p.keep_means_weight(0.7) == 0.0
+    assert 0.5 < p.keep_means_weight(0.17) < 1.0  # no step between the ends
+    assert p.keep_means_weight(float("nan")) == 1.0
+    with pytest.raises(ValueError, match="keep_means_max_noise needs keep_means_fwhm_mm"):
+        CNNParams(keep_means_max_noise=0.2)
+    pet = _pet(2)
+    model = _model(tmp_path, "gong-resnet", {"features": 6, "blocks": 1}, seed=3)
+    spacing_inputs = DenoiseInputs(pet=pet, spacing=SPACING)
+    plain = _run(model, pet).denoised
+    full = registry.create("cnn", {"batch": 3, "keep_means_fwhm_mm": 8.0, "keep_means_guided": True},
+                           model=model).denoise(spacing_inputs)
+    noise = float(full.info["noise_index"])
+    base = {"batch": 3, "keep_means_fwhm_mm": 8.0, "keep_means_guided": True}
+    off = registry.create("cnn", {**base, "keep_means_max_noise": noise / 2}, model=model).denoise(spacing_inputs)
+    half = registry.create("cnn", {**base, "keep_means_max_noise": noise}, model=model).denoise(spacing_inputs)
+    assert off.info["keep_means_weight"] == 0.0 and half.info["keep_means_weight"] == pytest.approx(0.5, abs=1e-3)
+    np.testing.assert_allclose(off.denoised, plain, rtol=0, atol=1e-6 * float(plain.max()))
+    # Halfway: nearer each end than the ends are to each other (the clip at zero and the activity scaling come
+    # after the mix, so it is not their exact mean).
+    def dist(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).mean())
+
+    ends = dist(full.denoised, plain)
+    assert dist(half.denoised, plain) < 0.8 * ends and dist(half.denoised, full.denoised) < 0.8 * ends
+    assert float(half.denoised.sum(dtype=np.float64)) == pytest.approx(float(pet.sum(dtype=np.float64)), rel=1e-5)

@@ -188,8 +188,11 @@ def test_model_methods_take_any_give_back_scale() -> None:
     assert bq._model_kind("cnn-gkeep12n0.05") == ("cnn", {"keep_means_fwhm_mm": 12.0, "keep_means_guided": True,
                                                          "keep_means_noise_ref": 0.05})
     assert bq._model_kind("cnn-keep8n0.1") == ("cnn", {"keep_means_fwhm_mm": 8.0, "keep_means_noise_ref": 0.1})
+    assert bq._model_kind("cnn-gkeep12m0.2") == ("cnn", {"keep_means_fwhm_mm": 12.0, "keep_means_guided": True,
+                                                        "keep_means_max_noise": 0.2})
+    assert bq._model_kind("cnn-gkeep12n0.07m0.2")[1]["keep_means_noise_ref"] == 0.07  # type: ignore[index]
     for bad in ("cnn-keep", "cnn-keepx", "cnn-gkeep0", "cnn-keep-3", "gaussian", "cnn-gkeep12n", "cnn-gkeep12n0",
-                "cnn-gkeep12nx"):
+                "cnn-gkeep12nx", "cnn-gkeep12m", "cnn-gkeep12m0", "cnn-gkeep12m0.2n0.1"):
         assert bq._model_kind(bad) is None, bad
     assert bq._model_method("cnn-gkeep20:fdg-brain-xu@1.1.0") == "fdg-brain-xu@1.1.0"
     assert bq._model_method("cnn-keepx:fdg-brain-xu") is None
