@@ -117,10 +117,13 @@ def test_shipped_rules_route_fdg_to_the_shipped_networks_and_other_pet_to_gaussi
     by_part = select_rule(ruleset, _ctx(_header(SeriesDescription="PET AC", BodyPartExamined="HEAD")))
     assert by_part is not None and by_part.name == "fdg-brain-cnn-body-part"
     # the brain rules keep the input's regional means, tissue by tissue above 20 mm (within 2 % down to 0.3 M
-    # counts per slice); the whole-body rule does not (at 4 mm voxels and low counts it gave back too much noise)
+    # counts per slice) at every count level; the whole-body rule above 12 mm, tapered off for series noisier
+    # than a noise index of about 0.2 (at ultra-low counts it gave back too much noise)
     assert brain.denoiser.params["keep_means_fwhm_mm"] == by_part.denoiser.params["keep_means_fwhm_mm"] == 20.0
     assert brain.denoiser.params["keep_means_guided"] is by_part.denoiser.params["keep_means_guided"] is True
-    assert "keep_means_fwhm_mm" not in wb.denoiser.params
+    assert "keep_means_max_noise" not in brain.denoiser.params
+    assert wb.denoiser.params["keep_means_fwhm_mm"] == 12.0 and wb.denoiser.params["keep_means_guided"] is True
+    assert wb.denoiser.params["keep_means_max_noise"] == 0.2
     psma = _header()
     psma.RadiopharmaceuticalInformationSequence[0].Radiopharmaceutical = "Ga-68 PSMA-11"
     del psma.RadiopharmaceuticalInformationSequence[0].RadiopharmaceuticalCodeSequence
