@@ -113,11 +113,12 @@ def test_shipped_rules_route_fdg_to_the_shipped_networks_and_other_pet_to_gaussi
     assert wb.denoiser.name == "cnn" and wb.denoiser.model == "fdg-wb-fo" and wb.denoiser.params["resample"]
     assert wb.destinations == (ReturnToSender(),) and wb.non_quantitative == "process"
     brain = select_rule(ruleset, _ctx(_header(SeriesDescription="Brain FDG 3D")))
-    assert brain is not None and brain.name == "fdg-brain-cnn" and brain.denoiser.model == "fdg-brain-xu"
+    assert brain is not None and brain.name == "fdg-brain-cnn" and brain.denoiser.model == "fdg-brain-fo"
     by_part = select_rule(ruleset, _ctx(_header(SeriesDescription="PET AC", BodyPartExamined="HEAD")))
     assert by_part is not None and by_part.name == "fdg-brain-cnn-body-part"
-    # the brain rules keep the input's regional means, tissue by tissue above 20 mm (within 2 % down to 0.3 M
-    # counts per slice) at every count level; the whole-body rule above 12 mm, tapered off for series noisier
+    assert by_part.denoiser.model == "fdg-brain-fo"
+    # the brain rules keep the input's regional means, tissue by tissue above 20 mm (within 2 % from 3 M down to
+    # 0.1 M counts per slice) at every count level; the whole-body rule above 12 mm, tapered off for series noisier
     # than a noise index of about 0.2 (at ultra-low counts it gave back too much noise)
     assert brain.denoiser.params["keep_means_fwhm_mm"] == by_part.denoiser.params["keep_means_fwhm_mm"] == 20.0
     assert brain.denoiser.params["keep_means_guided"] is by_part.denoiser.params["keep_means_guided"] is True

@@ -183,7 +183,7 @@ def test_shipped_rules_send_fdg_series_to_the_shipped_models(start_node, storesc
                               "port": storescp_sink.port}])
     cases = [("fdg-wb-fo", make_pet_series(shape=(12, 40, 40), spacing=(3.27, 4.6875, 4.6875), seed=61,
                                            activity=_phantom((12, 40, 40), 1), series_description="PET WB AC")),
-             ("fdg-brain-xu", make_pet_series(shape=(10, 48, 48), spacing=(2.0, 2.0, 2.0), seed=62,
+             ("fdg-brain-fo", make_pet_series(shape=(10, 48, 48), spacing=(2.0, 2.0, 2.0), seed=62,
                                               activity=_phantom((10, 48, 48), 2), series_description="Brain FDG"))]
     for model, series in cases:
         assert send_datasets(series, node.port) == [0] * len(series)
