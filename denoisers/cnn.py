@@ -26,7 +26,7 @@ in the log and in ``info``, for a series well outside it.
 Quantitation. The network's output is clipped at zero and then scaled so that its total equals the input's: total
 activity is kept exactly (to float rounding) whatever the network does; regional SUVmean depends on the network and
 is what ``petnode bench quality`` reports. The scale applied is in ``info["activity_scale"]``. A rule can ask
-for the input's regional means back above a scale (``keep_means_fwhm_mm``; see :func:`_keep_means`), at the
+for the input's regional means back above a scale (``keep_means_fwhm_mm``; see :func:`_give_back`), at the
 price of the noise above that scale.
 
 Inputs: PET, SPACING (+ the SUV factor for ``suv`` cards). Outputs: DENOISED. GPU preferred; runs on CPU.
@@ -134,13 +134,13 @@ class CNNParams(DenoiserParams):
                                                           "keep_means_max_noise"})
 
     @model_validator(mode="after")
-    def _guided_needs_a_scale(self) -> Self:
-        if self.keep_means_guided and self.keep_means_fwhm_mm is None:
-            raise ValueError("keep_means_guided needs keep_means_fwhm_mm (the scale the means are kept above)")
-        if self.keep_means_noise_ref is not None and self.keep_means_fwhm_mm is None:
-            raise ValueError("keep_means_noise_ref needs keep_means_fwhm_mm (the scale it adapts)")
-        if self.keep_means_max_noise is not None and self.keep_means_fwhm_mm is None:
-            raise ValueError("keep_means_max_noise needs keep_means_fwhm_mm (the give-back it limits)")
+    def _give_back_options_need_a_scale(self) -> Self:
+        if self.keep_means_fwhm_mm is None:
+            for name, what in (("keep_means_guided", "the scale the means are kept above"),
+                               ("keep_means_noise_ref", "the scale it adapts"),
+                               ("keep_means_max_noise", "the give-back it limits")):
+                if getattr(self, name) not in (None, False):
+                    raise ValueError(f"{name} needs keep_means_fwhm_mm ({what})")
         return self
 
     def keep_means_weight(self, noise: float) -> float:
@@ -268,13 +268,11 @@ class CNNDenoiser(Denoiser[CNNParams]):
         keep_fwhm = self.params.keep_means_scale(noise)
         keep_weight = self.params.keep_means_weight(noise) if keep_fwhm is not None else 0.0
         if keep_fwhm is not None and keep_weight > 0:
-            keep = _keep_means_guided if self.params.keep_means_guided else _keep_means
+            give_back = _give_back_guided if self.params.keep_means_guided else _give_back
+            back = give_back(out, inputs.pet, inputs.spacing, keep_fwhm)
             if keep_weight < 1:
-                given = out.copy()
-                keep(given, inputs.pet, inputs.spacing, keep_fwhm)
-                out += np.float32(keep_weight) * (given - out)
-            else:
-                keep(out, inputs.pet, inputs.spacing, keep_fwhm)
+                back *= np.float32(keep_weight)
+            out += back
         np.maximum(out, 0.0, out=out)
         info_level: dict[str, Any] = {"noise_index": round(noise, 4), "dose_aware": spec.level_input}
         if keep_fwhm is not None:
@@ -303,12 +301,13 @@ class CNNDenoiser(Denoiser[CNNParams]):
         return cls(CNNParams(), seed=seed, model=_example_model(0 if seed is None else seed))
 
 
-def _keep_means(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, float, float], fwhm_mm: float) -> None:
-    """``out += G * (pet - out)`` in place, G a Gaussian of ``fwhm_mm``: below that scale the image is the
-    network's, above it the measurement's. A network smooths grey matter into white matter and small nuclei into
+def _give_back(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, float, float], fwhm_mm: float
+               ) -> np.ndarray:
+    """What to add to the network's ``out``: ``G * (pet - out)``, G a Gaussian of ``fwhm_mm``; with it the image
+    is the network's below that scale and the measurement's above it. A network smooths grey matter into white matter and small nuclei into
     their surroundings (a few % of a region's mean at low counts); what it removed there is mostly that signal
     plus high-frequency noise, and the Gaussian gives back the first and little of the second."""
-    out += _blur(np.subtract(pet, out, dtype=np.float32), spacing, fwhm_mm)
+    return _blur(np.subtract(pet, out, dtype=np.float32), spacing, fwhm_mm)
 
 
 def _blur(volume: np.ndarray, spacing: tuple[float, float, float], fwhm_mm: float) -> np.ndarray:
@@ -329,30 +328,30 @@ GUIDE_RATIO = 1.5
 GUIDE_PRIOR = 0.01
 
 
-def _keep_means_guided(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, float, float],
-                       fwhm_mm: float) -> None:
-    """``out += sum_k w_k (G * (w_k r)) / (G * w_k)`` in place: what the network removed (``r = pet - out``)
+def _give_back_guided(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, float, float],
+                      fwhm_mm: float) -> np.ndarray:
+    """What to add to the network's ``out``: ``sum_k w_k (G * (w_k r)) / (G * w_k)``, what it removed (``r = pet - out``)
     averaged with a Gaussian of ``fwhm_mm`` among voxels of similar output intensity (a bilateral grid in the
     intensity axis with linear memberships ``w_k``, which sum to 1 in every voxel).
 
-    The unguided :func:`_keep_means` gives a voxel of grey matter the average of what was removed around it,
+    The unguided :func:`_give_back` gives a voxel of grey matter the average of what was removed around it,
     white matter's included, and at low counts needs a small scale (much noise given back) to keep a region's
     mean. Here a region's voxels share their own regional error, averaged over more voxels at a larger scale:
     the network's regional bias comes back with less of the input's noise. The guide is the network's output,
     smooth, so noise spikes of the input do not get levels of their own.
     """
-    guide = out.astype(np.float32, copy=True)
+    guide = np.asarray(out, dtype=np.float32)
     removed = np.subtract(pet, out, dtype=np.float32)
+    back = np.zeros_like(guide)
     body = guide > 0.05 * float(np.percentile(guide, 99.5)) if guide.size else guide > 0
     if not np.any(body):
-        return
+        return back
     middle = float(np.median(guide[body]))
     count = int(np.ceil(np.log(max(float(guide.max()), middle) / (0.25 * middle)) / np.log(GUIDE_RATIO))) + 1
     levels = np.concatenate([[0.0], 0.25 * middle * GUIDE_RATIO ** np.arange(count)]).astype(np.float32)
     position = np.interp(guide, levels, np.arange(len(levels), dtype=np.float32)).astype(np.float32)
     below = np.minimum(np.floor(position), len(levels) - 1).astype(np.int16)
     frac = position - below
-    back = np.zeros_like(guide)
     for k in range(len(levels)):
         weight = np.where(below == k, 1.0 - frac, 0.0).astype(np.float32)
         weight += np.where(below == k - 1, frac, 0.0).astype(np.float32)
@@ -362,7 +361,7 @@ def _keep_means_guided(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, f
         mean_removed = np.divide(_blur(weight * removed, spacing, fwhm_mm), share + np.float32(GUIDE_PRIOR),
                                  out=np.zeros_like(share), where=share > 1e-4)
         back += weight * mean_removed
-    out += back
+    return back
 
 
 @functools.cache

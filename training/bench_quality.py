@@ -12,9 +12,14 @@ Held-out means the phantoms are drawn with seeds no training run uses (``HELD_OU
 from __future__ import annotations
 
 import csv
+import hashlib
+import importlib.util
+import json
 import logging
+import os
+import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,10 +481,6 @@ def _series_key(series: Path | None) -> list[Any] | None:
 
 def simulation_key(key: dict[str, Any]) -> str:
     """The cache file name of a simulated case: sha256 of its parameters and of the simulation code."""
-    import hashlib
-    import importlib.util
-    import json
-
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
     for name in _SIMULATION_MODULES:
         spec = importlib.util.find_spec(name)
@@ -488,16 +489,13 @@ def simulation_key(key: dict[str, Any]) -> str:
     return digest.hexdigest()[:32]
 
 
-def cached_case(folder: Path, key: dict[str, Any], simulate: Any) -> Any:
+def cached_case(folder: Path, key: dict[str, Any], simulate: Callable[[], Any]) -> Any:
     """The simulated case of ``key`` from ``folder``, or ``simulate()`` written there first.
 
     Pickled, because a case is this program's own dataclass of arrays; only files this function wrote are read
     (the name is the key's hash; a file that does not unpickle to a ``SimulatedCase`` is simulated again). A case is
     written to a temporary name and renamed, so a stopped bench never leaves half a case behind.
     """
-    import os
-    import pickle
-
     from training.simulate import SimulatedCase
 
     folder = Path(folder)
