@@ -7,7 +7,8 @@ Four rows, each a ratio to a reference taken in the same run on the same machine
 2. ``petnode denoise --method gaussian`` (the command, a process of its own) against the same naive round trip;
 3. receive rate over one association (DCMTK storescu, TCP_NODELAY on) against a minimal pynetdicom SCP that writes
    ``event.encoded_dataset()`` and fsyncs it (pynetdicom as shipped, and with petnode's event-driven reactors), and
-   DCMTK storescp (no fsync); then 1, 4 and 10 senders at once;
+   DCMTK storescp (no fsync); then 1, 4 and 10 senders at once (the series split between them, and a copy of the
+   series each), in one process and with the default ``receive_processes``;
 4. NLM in the node's own path against scikit-image's ``denoise_nl_means`` (patch 3, distance 2, fast mode, one
    thread) on the same volume: the denoise step of a running node's NLM route (torch imported once, as a node
    has it), and ``petnode denoise --method nlm`` minus the Gaussian command (which includes importing torch).
@@ -49,9 +50,13 @@ class ReceiveFigures:
     denoise_gaussian_s: list[float] = field(default_factory=list)
     denoise_nlm_s: list[float] = field(default_factory=list)
     skimage_nlm_s: list[float] = field(default_factory=list)
-    concurrent_per_s: dict[int, list[float]] = field(default_factory=dict)  # senders -> instances/s
-    # The same with receive_processes = the machine's cores (SO_REUSEPORT receivers, dicom_node/receivers.py).
+    # Concurrent senders (senders -> instances/s), the node receiving in one process: the series split between
+    # the senders, and each sender its own copy of the series (new UIDs: ten scanners sending ten series).
+    concurrent_per_s: dict[int, list[float]] = field(default_factory=dict)
+    concurrent_own_per_s: dict[int, list[float]] = field(default_factory=dict)
+    # The same with the default receive_processes ("auto": dicom_node/receivers.py), when that is more than one.
     concurrent_multi_per_s: dict[int, list[float]] = field(default_factory=dict)
+    concurrent_multi_own_per_s: dict[int, list[float]] = field(default_factory=dict)
     receive_processes: int = 1
     peak_rss_mb: float = 0.0  # the Gaussian command
     baseline_rss_mb: float = 0.0  # the same interpreter with petnode's CLI imported, doing nothing
@@ -348,30 +353,76 @@ def _node_nlm(figures: ReceiveFigures, series_dir: Path, tmpdir: Path, sink_port
             node.stop()
 
 
+def series_copies(files: list[Path], out_dir: Path, copies: int) -> list[list[Path]]:
+    """``copies`` copies of a series, each with its own study, series and instance UIDs (derived from the originals,
+    so the same in every run): what several scanners sending at once deliver."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    result = []
+    for k in range(copies):
+        folder = out_dir / f"copy{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, path in enumerate(files):
+            ds = dcmread(path)
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+                if keyword in ds:
+                    setattr(ds, keyword, generate_uid(entropy_srcs=[f"petnode-bench-copy-{k}", str(ds[keyword].value)]))
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            target = folder / f"{i:04d}.dcm"
+            ds.save_as(target)
+            paths.append(target)
+        result.append(paths)
+    return result
+
+
+def _storescu_each(series: list[list[Path]], port: int, called: str) -> float:
+    """Seconds for one storescu process per series (one association each) to send them all at once."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([_tool("storescu"), "-aec", called, "-aet", f"SCANNER{i}", "127.0.0.1", str(port),
+                               *map(str, paths)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i, paths in enumerate(series)]
+    for proc in procs:
+        if proc.wait() != 0:
+            raise DicomNodeError(f"storescu failed (exit {proc.returncode}) in the concurrent receive benchmark")
+    return time.perf_counter() - t0
+
+
 def _concurrent(figures: ReceiveFigures, files: list[Path], tmpdir: Path, repeats: int) -> None:
-    """Receive rate with 1, 4 and 10 senders at once (a rule that routes nothing: receiving alone)."""
+    """Receive rate with 1, 4 and 10 senders at once (a rule that routes nothing: receiving alone), in one process
+    and with the default receive_processes; the series split between the senders, and a series per sender."""
     from dicom_node.node import Node
     from dicom_node.rules import load_rules
     from dicom_node.settings import load_settings
 
     rules_path = tmpdir / "receive-only.yaml"
     rules_path.write_text("rules:\n  - name: keep\n    match: {modality: [MG]}\n    drop: true\n")
-    figures.receive_processes = max(2, os.cpu_count() or 1)
-    for processes, table in ((1, figures.concurrent_per_s), (figures.receive_processes,
-                                                              figures.concurrent_multi_per_s)):
+    figures.receive_processes = load_settings(None).receive_process_count
+    copies = series_copies(files, tmpdir / "copies", 10)
+    runs = [(1, False, figures.concurrent_per_s), (1, True, figures.concurrent_own_per_s)]
+    if figures.receive_processes > 1:
+        runs += [(figures.receive_processes, False, figures.concurrent_multi_per_s),
+                 (figures.receive_processes, True, figures.concurrent_multi_own_per_s)]
+    for processes, own, table in runs:
         for senders in (1, 4, 10):
             rates = table.setdefault(senders, [])
             for i in range(repeats):
                 settings = load_settings(None, port=0, bind_address="127.0.0.1",
-                                         data_dir=tmpdir / f"c{processes}-{senders}-{i}", disk={"min_free_mb": 1},
-                                         max_associations=20, web={"enabled": False},
+                                         data_dir=tmpdir / f"c{processes}-{own}-{senders}-{i}",
+                                         disk={"min_free_mb": 1}, max_associations=20, web={"enabled": False},
                                          receive_processes=processes)
                 node = Node(settings, load_rules(rules_path))
                 node.start()
                 try:
-                    rates.append(len(files) / _storescu_parallel(files, node.port, "PETNODE", senders))
+                    if own:
+                        rates.append(senders * len(files) / _storescu_each(copies[:senders], node.port, "PETNODE"))
+                    else:
+                        rates.append(len(files) / _storescu_parallel(files, node.port, "PETNODE", senders))
                 finally:
                     node.stop()
+                    shutil.rmtree(settings.data_dir, ignore_errors=True)  # ten series a run: keep the disk free
 
 
 def _offline(figures: ReceiveFigures, series_dir: Path, files: list[Path], tmpdir: Path, repeats: int) -> None:

@@ -144,7 +144,9 @@ def conformance_statement() -> str:
             ("TCP connections at once, per remote address", settings.max_connections_per_host,
              "`max_connections_per_host`"),
             ("TCP connections at once, in all", settings.max_connections, "`max_connections`"),
-            ("Processes receiving on the port (the limits above apply per process)", settings.receive_processes,
+            ("Processes receiving DICOM (the limits above apply per process)",
+             "auto: one per CPU core, at most 4" if settings.receive_processes == "auto"
+             else settings.receive_processes,
              "`receive_processes`"),
             ("A-ASSOCIATE-RQ must arrive within (s)", settings.association_request_timeout_s,
              "`association_request_timeout_s`"),

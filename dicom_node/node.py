@@ -81,7 +81,7 @@ class Node:
         # Receiver processes (receive_processes > 1) sharing this spool: a lock file per series stripe.
         self.spool = Spool(settings.data_dir, settings.disk,
                            series_guard=self.db.series_lock if self.db.shared else series_locks_for(settings))
-        self.db.multi_process = settings.receive_processes > 1
+        self.db.multi_process = settings.receive_process_count > 1
         self.receivers: Receivers | None = None
         self.models = open_model_store(settings)
         self.decoded = DecodedCache(int(settings.workers.decoded_cache_mb * 2**20))
@@ -168,15 +168,17 @@ class Node:
                                                                make_room=self.make_room,
                                                                on_received=self.on_received,
                                                                decoded=self.decoded if self.decoded.max_bytes
-                                                               else None, metrics=self.metrics.stored),
-                                 reuse_port=self.settings.receive_processes > 1)
-        if self.settings.receive_processes > 1:
-            self.receivers = Receivers(self.settings, self.port, self.tls_port)
+                                                               else None, metrics=self.metrics.stored))
+        processes = self.settings.receive_process_count
+        if processes > 1:
+            self.receivers = Receivers(self.settings, on_received=self.on_received, on_status=self.metrics.stored,
+                                       on_pressure=lambda: self._wake("disk"))
             try:
-                self.receivers.start(self.settings.receive_processes - 1)
+                self.receivers.start(processes - 1)
             except Exception:
                 self._server.shutdown()
                 raise
+            self.receivers.attach(self._server.servers)
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                             "misfire_grace_time": None})
         now = datetime.now()

@@ -122,12 +122,25 @@ class _GuardedRequestHandler(RequestHandler):
             assoc = self._create_association()
             opened = time.monotonic()
             run = assoc.run
+            counted = [True] if server.board is not None else []
+
+            def ended(_event: Any = None) -> None:
+                if counted:  # once per connection (list.pop is atomic under the GIL)
+                    counted.pop()
+                    server.connection_ended()
+
+            if counted:
+                # Off the receivers' board as soon as the association is released or aborted: its thread lives on
+                # a little (closing the transport), and a scanner's next association should find this process idle.
+                assoc.bind(evt.EVT_RELEASED, ended)
+                assoc.bind(evt.EVT_ABORTED, ended)
 
             def run_and_release() -> None:
                 try:
                     run()
                 finally:
                     guard.close_connection(host, id(assoc))
+                    ended()
                     if assoc.requestor.primitive is None:
                         logger.warning("connection from %s closed after %.1f s without an association request "
                                        "(association_request_timeout_s=%.1f); it held no association slot",
@@ -140,6 +153,7 @@ class _GuardedRequestHandler(RequestHandler):
         finally:
             if not started:  # the association thread never ran: give its slot back here
                 guard.close_connection(host, None)
+                server.connection_ended()
 
     def _tls_handshake(self, peer: str, timeout_s: float) -> bool:
         """The TLS handshake, on this connection's own thread and within the association request timeout; a
@@ -199,6 +213,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     """The threaded association server with per-address and total connection limits."""
 
     guard: ConnectionGuard
+    kind = "plain"  # or "tls": which of a receiver's listeners takes a connection handed over from this one
+    # With receiver processes (dicom_node/receivers.py): on the node's listeners, what hands a connection to a less
+    # busy receiver; on every process's listeners, the board its connections are counted on, and its place there.
+    dispatcher: Any = None
+    board: Any = None
+    board_index = 0
     # Listen backlog. socketserver's default of 5 makes a burst of connections (idle ones included) wait in SYN
     # retries of 1 s, 3 s ... before we even see them, a scanner's among them.
     request_queue_size = 128
@@ -239,6 +259,21 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 pass
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        dispatcher = self.dispatcher
+        if dispatcher is not None and dispatcher.hand_over(request, client_address, self.kind):
+            # A receiver process has the connection now: give back the slot verify_request took here, and close
+            # only this process's descriptor (no shutdown(): that would end the connection for the receiver too).
+            self.guard.close_connection(str(client_address[0]), None)
+            request.close()
+            return
+        super().process_request(request, client_address)
+
+    def connection_ended(self) -> None:
+        """A connection this process handled is over: one less on the receivers' board."""
+        if self.board is not None:
+            self.board.release(self.board_index)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])
@@ -297,6 +332,11 @@ class Listeners:
     plain: GuardedAssociationServer | None
     tls: GuardedAssociationServer | None
     guard: ConnectionGuard
+    handed: bool = False  # a receiver process's: nothing listens, see HandedServer
+
+    @property
+    def servers(self) -> list[GuardedAssociationServer]:
+        return [server for server in (self.plain, self.tls) if server is not None]
 
     @property
     def server_address(self) -> Any:
@@ -314,32 +354,41 @@ class Listeners:
         return int(self.tls.server_address[1]) if self.tls is not None else None
 
     def shutdown(self) -> None:
-        for server in (self.plain, self.tls):
-            if server is not None:
+        for server in self.servers:
+            if self.handed:
+                server.server_close()  # it never served: socketserver's shutdown() would wait for it forever
+            else:
                 server.shutdown()
 
 
-def _serve(ae: AE, server: GuardedAssociationServer, guard: ConnectionGuard, kind: str) -> None:
+def _serve(ae: AE, server: GuardedAssociationServer, guard: ConnectionGuard, kind: str, handed: bool) -> None:
     server.guard = guard
+    if handed:  # no port of its own: connections come from the node (receivers.take_connections)
+        return
     thread = threading.Thread(target=server.serve_forever, name=f"petnode-scp{kind}-{server.server_address[1]}",
                               daemon=True)
     thread.start()
     ae._servers.append(server)  # so ae.shutdown() finds it, as with ae.start_server
 
 
-class SharedPortServer(GuardedAssociationServer):
-    """A listener that shares its port with the node's receiver processes (``receive_processes``)."""
+class HandedServer(GuardedAssociationServer):
+    """A receiver process's listener: it listens on no port. The node accepts every connection and hands some
+    over (``receivers.take_connections`` feeds them to ``verify_request`` / ``process_request``), so it never
+    runs ``serve_forever`` and is closed with ``server_close``."""
 
     def server_bind(self) -> None:
-        # pynetdicom's server_bind replaces socketserver's and ignores allow_reuse_port: set it before binding.
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.server_address = ("", 0)
+
+    def server_activate(self) -> None:
+        pass
 
 
-def start_scp(settings: NodeSettings, ctx: ReceiveContext, *, reuse_port: bool = False) -> Listeners:
+def start_scp(settings: NodeSettings, ctx: ReceiveContext, *, handed: bool = False) -> Listeners:
     """Start listening (non-blocking): the plain port and, with ``tls.port``, the TLS port (instead of the plain
-    one when ``tls.plain_port_enabled`` is false). ``listeners.port`` / ``tls_port`` are the ports (port 0)."""
+    one when ``tls.plain_port_enabled`` is false). ``listeners.port`` / ``tls_port`` are the ports (port 0).
+
+    ``handed``: a receiver process's listeners, which take only connections the node hands over (HandedServer).
+    """
     ae = make_ae(settings)
     guard = ConnectionGuard(max_connections=settings.max_connections, max_per_host=settings.max_connections_per_host,
                             max_associations=settings.max_associations,
@@ -356,15 +405,16 @@ def start_scp(settings: NodeSettings, ctx: ReceiveContext, *, reuse_port: bool =
         (evt.EVT_C_STORE, handle_store, [ctx]),
     ]
     tls_settings = settings.tls
-    server_class = SharedPortServer if reuse_port else GuardedAssociationServer
+    server_class = HandedServer if handed else GuardedAssociationServer
     plain = secure = None
     try:
         if tls_settings.plain_port_enabled:
             plain = ae.make_server((settings.bind_address, settings.port), evt_handlers=handlers,
                                    server_class=server_class, request_handler=_GuardedRequestHandler)
-            _serve(ae, plain, guard, "")
-            logger.info("listening as %s on %s:%d", settings.ae_title, settings.bind_address,
-                        plain.server_address[1])
+            _serve(ae, plain, guard, "", handed)
+            if not handed:
+                logger.info("listening as %s on %s:%d", settings.ae_title, settings.bind_address,
+                            plain.server_address[1])
         if tls_settings.port is not None:
             tls_handlers = [h if h[0] is not evt.EVT_REQUESTED else
                             (evt.EVT_REQUESTED, handle_tls_requested, [ctx, dict(tls_settings.client_ae_titles)])
@@ -372,8 +422,10 @@ def start_scp(settings: NodeSettings, ctx: ReceiveContext, *, reuse_port: bool =
             secure = ae.make_server((settings.bind_address, tls_settings.port), evt_handlers=tls_handlers,
                                     ssl_context=tls.server_context(tls_settings),
                                     server_class=server_class, request_handler=_GuardedRequestHandler)
-            _serve(ae, secure, guard, "-tls")
-            logger.info("listening as %s on %s:%d over TLS (%s; client certificates %s%s)", settings.ae_title,
+            secure.kind = "tls"
+            _serve(ae, secure, guard, "-tls", handed)
+            if not handed:
+                logger.info("listening as %s on %s:%d over TLS (%s; client certificates %s%s)", settings.ae_title,
                         settings.bind_address, secure.server_address[1], tls.TLS_PROFILE_NAME,
                         "required" if tls_settings.require_client_cert else "optional",
                         f", {len(tls_settings.client_ae_titles)} mapped to AE titles"
@@ -381,6 +433,6 @@ def start_scp(settings: NodeSettings, ctx: ReceiveContext, *, reuse_port: bool =
     except BaseException:
         for server in (plain, secure):
             if server is not None:
-                server.shutdown()
+                server.server_close() if handed else server.shutdown()
         raise
-    return Listeners(plain=plain, tls=secure, guard=guard)
+    return Listeners(plain=plain, tls=secure, guard=guard, handed=handed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +25,20 @@ DEFAULT_RULES_FILE = Path("config/rules.yaml")
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
 """The trained models shipped with petnode (``models/`` at the repository root)."""
 _AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+# "auto" receive processes: one per usable core, but no more than this. Each is an interpreter of about 80 MB, and
+# beyond four the state database's single writer, not the interpreters, limits receiving.
+AUTO_RECEIVE_PROCESSES_MAX = 4
+
+
+def auto_receive_processes() -> int:
+    """The number of receiving processes "auto" means on this machine (the cores this process may run on)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(AUTO_RECEIVE_PROCESSES_MAX, cores))
 
 
 def _check_ae(value: str) -> str:
@@ -349,10 +364,12 @@ class NodeSettings(_Frozen):
     # all; beyond them a new connection is closed at once.
     max_connections_per_host: int = Field(20, ge=1, le=10000)
     max_connections: int = Field(200, ge=1, le=10000)
-    # Processes receiving on the port (SO_REUSEPORT, Linux): 1 = the node alone; N adds N - 1 receiver processes
-    # so receive scales with concurrent associations beyond one interpreter (dicom_node/receivers.py). The
-    # connection and association limits above apply per process.
-    receive_processes: int = Field(1, ge=1, le=64)
+    # Processes receiving DICOM: 1 = the node alone; N adds N - 1 receiver processes, so receive scales with
+    # concurrent associations beyond one interpreter's lock (dicom_node/receivers.py). The node accepts every
+    # connection and keeps it while it is the least busy process (a lone scanner's series stays in the node, with
+    # its decoded cache); others are handed to the receiver with the fewest connections. "auto": one per usable
+    # CPU core, at most AUTO_RECEIVE_PROCESSES_MAX. The connection and association limits above apply per process.
+    receive_processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # Seconds a new connection may take to send its A-ASSOCIATE-RQ (ACSE timeout) before it is closed.
     association_request_timeout_s: float = Field(5.0, gt=0, le=600)
     allowed_calling_aes: tuple[AETitle, ...] = ()  # empty: accept any calling AE
@@ -415,6 +432,13 @@ class NodeSettings(_Frozen):
     def model_store_dir(self) -> Path:
         """The model store (``petnode models ...``): installed weights, cards, ACTIVE pointers, audit log."""
         return self.data_dir / "models"
+
+    @property
+    def receive_process_count(self) -> int:
+        """``receive_processes`` resolved: "auto" is the usable CPU cores, at most AUTO_RECEIVE_PROCESSES_MAX."""
+        if self.receive_processes == "auto":
+            return auto_receive_processes()
+        return self.receive_processes
 
     def resolved_rules_file(self) -> Path:
         return self.rules_file if self.rules_file is not None else DEFAULT_RULES_FILE

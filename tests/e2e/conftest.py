@@ -33,6 +33,9 @@ FAST = {
              "max_attempts": 30},
     "disk": {"min_free_mb": 1, "max_used_percent": 100},
     "web": {"port": 0},  # the status page on any free port: test nodes never contend for 8080
+    # One receiving process (the default, "auto", starts one per core): a receiver costs a node about 0.8 s to start
+    # and stop, and these tests are about other things; test_receivers.py tests receiving on several processes.
+    "receive_processes": 1,
 }
 
 

@@ -1,8 +1,9 @@
-"""Receiving on several processes that share the port (``receive_processes``): same guarantees, more senders."""
+"""Receiving on several processes (``receive_processes``): the node hands connections over; same guarantees."""
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +12,14 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 
 from dicom_node.node import Node
+from dicom_node import tls
 from dicom_node.receivers import SeriesFileLocks
+from dicom_node.settings import AUTO_RECEIVE_PROCESSES_MAX, PeerTls, load_settings
 from tests.conftest import wait_until
 from tests.dicomtools import StoreSCP
 from tests.e2e.conftest import NodeProcess, pet_rule, send_datasets, wait_state, write_config
 from tests.factories import make_pet_series
+from tests.pki import Pki, pki  # noqa: F401 - fixture
 
 
 def _open(port: int, n: int, sop_class: str, syntax: str) -> list[object]:
@@ -32,7 +36,7 @@ def test_receivers_share_the_port_and_the_series_is_delivered_once(start_node: C
     node = start_node([pet_rule([{"peer": "sink"}])], receive_processes=2, max_associations=20,
                       peers=[{"name": "sink", "ae_title": "SINK", "host": "127.0.0.1", "port": storescp_sink.port}])
     assert node.receivers is not None and node.receivers.alive() == 1
-    # 16 associations open at once: the kernel spreads them over both listeners (all on one: p = 2**-15).
+    # 16 associations open at once: the node keeps one while it is the least busy and hands the next over.
     assocs = _open(node.port, 16, str(datasets[0].SOPClassUID), str(datasets[0].file_meta.TransferSyntaxUID))
     rows = wait_until(lambda: len(node.db.associations()) == 16 and node.db.associations(), timeout=20)
     assert rows, node.db.associations()
@@ -64,6 +68,60 @@ def test_receivers_share_the_port_and_the_series_is_delivered_once(start_node: C
     assert len(node.db.instance_paths(uid)) == 32
 
 
+def test_a_lone_sender_stays_in_the_node_and_tls_connections_are_handed_over(start_node: Callable[..., Node],
+                                                                            pki: Pki) -> None:  # noqa: F811
+    drop = {"name": "keep", "match": {"modality": ["PT"]}, "drop": True}
+    node = start_node([drop], receive_processes=2,
+                      tls={"port": 0, "cert": str(pki.server.cert), "key": str(pki.server.key), "ca": str(pki.ca),
+                           "client_ae_titles": {"scanner-1": ["SCANNER"]}})
+    assert node.receivers is not None and node.receivers.board is not None
+    datasets = make_pet_series(shape=(4, 16, 16), seed=13)
+    # One association at a time, plain or TLS: always the node's (it keeps its decoded cache for the series).
+    for _ in range(3):
+        assert send_datasets(datasets[:1], node.port) == [0]
+        assert node.receivers.board.counts()[1] == 0
+    context = tls.client_context(PeerTls(ca=pki.ca, cert=pki.client.cert, key=pki.client.key))
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(str(datasets[0].SOPClassUID), [str(datasets[0].file_meta.TransferSyntaxUID)])
+    first = ae.associate("127.0.0.1", node.tls_port, ae_title="PETNODE", tls_args=(context, "127.0.0.1"))
+    second = ae.associate("127.0.0.1", node.tls_port, ae_title="PETNODE", tls_args=(context, "127.0.0.1"))
+    try:
+        assert first.is_established and second.is_established
+        assert node.receivers.board.counts() == [1, 1]  # the second went to the receiver, over TLS
+        rows = wait_until(lambda: len(node.db.associations()) == 2 and node.db.associations(), timeout=10)
+        assert rows and len({r["owner"] for r in rows}) == 2, rows
+        assert [int(a.send_c_store(ds).Status) for a, ds in ((first, datasets[1]), (second, datasets[2]))] == [0, 0]
+    finally:
+        first.release()
+        second.release()
+    assert wait_until(lambda: node.receivers.board.counts() == [0, 0], timeout=10)
+    uid = str(datasets[0].SeriesInstanceUID)
+    assert wait_until(lambda: len(node.db.instance_paths(uid)) == 3, timeout=10)
+
+
+def test_a_dead_receiver_gets_nothing_more_and_the_node_keeps_receiving(start_node: Callable[..., Node]) -> None:
+    drop = {"name": "keep", "match": {"modality": ["PT"]}, "drop": True}
+    node = start_node([drop], receive_processes=2)
+    assert node.receivers is not None and node.receivers.dispatcher is not None
+    os.kill(node.receivers.pids[0], signal.SIGKILL)
+    assert wait_until(lambda: node.receivers is not None and node.receivers.alive() == 0, timeout=10)
+    datasets = make_pet_series(shape=(6, 16, 16), seed=14)
+    assocs = _open(node.port, 3, str(datasets[0].SOPClassUID), str(datasets[0].file_meta.TransferSyntaxUID))
+    try:  # all three in the node: the dead receiver is skipped (its socket pair ended)
+        assert [int(a.send_c_store(ds).Status) for a, ds in zip(assocs, datasets)] == [0, 0, 0]  # type: ignore
+        assert node.receivers.board is not None and node.receivers.board.counts() == [3, 0]
+    finally:
+        for a in assocs:
+            a.release()  # type: ignore[attr-defined]
+
+
+def test_receive_processes_auto_is_one_per_core_up_to_the_cap() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert load_settings(None).receive_processes == "auto"
+    assert load_settings(None).receive_process_count == min(cores, AUTO_RECEIVE_PROCESSES_MAX)
+    assert load_settings(None, receive_processes=3).receive_process_count == 3
+
+
 def test_receivers_die_with_a_node_killed_by_sigkill(tmp_path: Path) -> None:
     drop = {"name": "keep", "match": {"modality": ["PT"]}, "drop": True}
     config = write_config(tmp_path, [drop], receive_processes=3, log_level="INFO")
@@ -72,7 +130,7 @@ def test_receivers_die_with_a_node_killed_by_sigkill(tmp_path: Path) -> None:
 
     def receiver_pids() -> list[int]:
         return [int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in log.read_text().splitlines()
-                if "receiving on port" in line]
+                if "taking connections from the node" in line]
 
     pids = wait_until(lambda: len(receiver_pids()) == 2 and receiver_pids(), timeout=30)
     assert pids, log.read_text()[-2000:]
