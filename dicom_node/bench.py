@@ -58,6 +58,8 @@ class ReceiveFigures:
     concurrent_multi_per_s: dict[int, list[float]] = field(default_factory=dict)
     concurrent_multi_own_per_s: dict[int, list[float]] = field(default_factory=dict)
     receive_processes: int = 1
+    # The machine's cores busy during each of those runs (/proc/stat; senders and node together), same keys.
+    concurrent_busy: dict[tuple[int, bool, int], list[float]] = field(default_factory=dict)
     peak_rss_mb: float = 0.0  # the Gaussian command
     baseline_rss_mb: float = 0.0  # the same interpreter with petnode's CLI imported, doing nothing
     libraries_rss_mb: float = 0.0  # ... and the libraries the Gaussian command loads (numpy, pydicom, pydantic)
@@ -390,6 +392,17 @@ def _storescu_each(series: list[list[Path]], port: int, called: str) -> float:
     return time.perf_counter() - t0
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
 def _concurrent(figures: ReceiveFigures, files: list[Path], tmpdir: Path, repeats: int) -> None:
     """Receive rate with 1, 4 and 10 senders at once (a rule that routes nothing: receiving alone), in one process
     and with the default receive_processes; the series split between the senders, and a series per sender."""
@@ -405,10 +418,11 @@ def _concurrent(figures: ReceiveFigures, files: list[Path], tmpdir: Path, repeat
     if figures.receive_processes > 1:
         runs += [(figures.receive_processes, False, figures.concurrent_multi_per_s),
                  (figures.receive_processes, True, figures.concurrent_multi_own_per_s)]
-    for processes, own, table in runs:
-        for senders in (1, 4, 10):
-            rates = table.setdefault(senders, [])
-            for i in range(repeats):
+    # Interleaved (every configuration once per round): the machine's drift then touches them all alike.
+    for i in range(repeats):
+        for processes, own, table in runs:
+            for senders in (1, 4, 10):
+                rates = table.setdefault(senders, [])
                 settings = load_settings(None, port=0, bind_address="127.0.0.1",
                                          data_dir=tmpdir / f"c{processes}-{own}-{senders}-{i}",
                                          disk={"min_free_mb": 1}, max_associations=20, web={"enabled": False},
@@ -416,10 +430,15 @@ def _concurrent(figures: ReceiveFigures, files: list[Path], tmpdir: Path, repeat
                 node = Node(settings, load_rules(rules_path))
                 node.start()
                 try:
+                    before = _cpu_ticks()
                     if own:
                         rates.append(senders * len(files) / _storescu_each(copies[:senders], node.port, "PETNODE"))
                     else:
                         rates.append(len(files) / _storescu_parallel(files, node.port, "PETNODE", senders))
+                    after = _cpu_ticks()
+                    if before and after and after[1] > before[1]:
+                        figures.concurrent_busy.setdefault((processes, own, senders), []).append(
+                            (after[0] - before[0]) / (after[1] - before[1]))
                 finally:
                     node.stop()
                     shutil.rmtree(settings.data_dir, ignore_errors=True)  # ten series a run: keep the disk free

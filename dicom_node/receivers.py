@@ -306,6 +306,7 @@ class Receivers:
         self._hints: threading.Thread | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
 
     def start(self, count: int, timeout_s: float = 60.0) -> None:
         """Start ``count`` receivers and wait until each is ready (a failure to start is the node's failure)."""
@@ -362,7 +363,9 @@ class Receivers:
                     selector.unregister(key.fileobj)
                     if self.dispatcher is not None:
                         self.dispatcher.forget(index)
-                    logger.warning("receiver process %d is gone; its share of connections stays in the node", index)
+                    if not self._stopping:
+                        logger.warning("receiver process %d is gone; its share of connections stays in the node",
+                                       index)
                     continue
                 self._hint(message)
 
@@ -386,6 +389,7 @@ class Receivers:
         return sum(1 for p in self._procs if p.is_alive())
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping = True
         for proc in self._procs:
             if proc.is_alive():
                 proc.terminate()

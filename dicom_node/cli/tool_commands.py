@@ -404,19 +404,24 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
     print(f"floors: petnode's SCU (pynetdicom) sending the {f.instances} files alone to the same storescp "
           f"{send_only:.2f} s ({send_only / naive:.2f}x the naive round trip); an interpreter importing the "
           f"Gaussian command's libraries {libraries:.2f} s ({libraries / naive:.2f}x)")
-    def scaling(table: dict[int, list[float]]) -> str:
-        return ", ".join(f"{n} sender(s) {median(r):.1f}/s" for n, r in sorted(table.items()))
+    def scaling(table: dict[int, list[float]], processes: int, own: bool) -> str:
+        cells = []
+        for n, rates in sorted(table.items()):
+            busy = f.concurrent_busy.get((processes, own, n))
+            cells.append(f"{n} sender(s) {median(rates):.1f}/s" + (f" ({median(busy):.0%} busy)" if busy else ""))
+        return ", ".join(cells)
 
-    print("receive with concurrent senders (DCMTK storescu, each its own association), instances/s:")
-    tables = [("one process, the series split between the senders", f.concurrent_per_s),
-              ("one process, each sender its own copy of the series", f.concurrent_own_per_s),
+    print("receive with concurrent senders (DCMTK storescu, each its own association), instances/s (how busy the "
+          "machine's cores were, senders and node together):")
+    tables = [("one process, the series split between the senders", f.concurrent_per_s, 1, False),
+              ("one process, each sender its own copy of the series", f.concurrent_own_per_s, 1, True),
               (f"receive_processes={f.receive_processes} (the default, auto), the series split",
-               f.concurrent_multi_per_s),
+               f.concurrent_multi_per_s, f.receive_processes, False),
               (f"receive_processes={f.receive_processes} (the default, auto), each sender its own series",
-               f.concurrent_multi_own_per_s)]
-    for label, table in tables:
+               f.concurrent_multi_own_per_s, f.receive_processes, True)]
+    for label, table, processes, own in tables:
         if table:
-            print(f"  {label}: {scaling(table)}")
+            print(f"  {label}: {scaling(table, processes, own)}")
     for label, base in (("interpreter with petnode's CLI", f.baseline_rss_mb),
                         ("interpreter with the command's libraries (numpy, pydicom, pydantic)", f.libraries_rss_mb)):
         print(f"peak memory of the gaussian command: {f.peak_rss_mb:.0f} MB = {label} {base:.0f} MB + "
