@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,6 +98,29 @@ def test_a_lone_sender_stays_in_the_node_and_tls_connections_are_handed_over(sta
     assert wait_until(lambda: node.receivers.board.counts() == [0, 0], timeout=10)
     uid = str(datasets[0].SeriesInstanceUID)
     assert wait_until(lambda: len(node.db.instance_paths(uid)) == 3, timeout=10)
+
+
+def test_a_series_a_receiver_took_completes_at_once_and_is_counted_by_the_node(start_node: Callable[..., Node],
+                                                                             storescp_sink: StoreSCP) -> None:
+    # Completion polls every 30 s here: the series can only be processed within the test's wait if the receiver's
+    # hint (the last slice is here) wakes the node's completion job, as the node's own handler does.
+    node = start_node([pet_rule([{"peer": "sink"}])], receive_processes=2,
+                      completion={"quiet_period_s": 60.0, "poll_interval_s": 30.0},
+                      peers=[{"name": "sink", "ae_title": "SINK", "host": "127.0.0.1", "port": storescp_sink.port}])
+    assert node.receivers is not None and node.receivers.board is not None
+    datasets = make_pet_series(shape=(8, 16, 16), seed=15)
+    time.sleep(0.5)  # the completion job's first run (at start) is behind us
+    busy, taken = _open(node.port, 2, str(datasets[0].SOPClassUID), str(datasets[0].file_meta.TransferSyntaxUID))
+    try:  # the node holds the first association, so the second is the receiver's
+        assert node.receivers.board.counts() == [1, 1]
+        assert [int(taken.send_c_store(ds).Status) for ds in datasets] == [0] * 8  # type: ignore[attr-defined]
+        taken.release()  # type: ignore[attr-defined]
+        uid = str(datasets[0].SeriesInstanceUID)
+        assert wait_state(node, uid, ["delivered", "failed"], timeout=20) == "delivered", node.db.series(uid)
+    finally:
+        busy.release()  # type: ignore[attr-defined]
+    scrape = node.metrics.exposition().decode()
+    assert 'petnode_store_instances_total{result="received",status="0x0000"} 8.0' in scrape, scrape[:2000]
 
 
 def test_a_dead_receiver_gets_nothing_more_and_the_node_keeps_receiving(start_node: Callable[..., Node]) -> None:
