@@ -144,7 +144,8 @@ def conformance_statement() -> str:
             ("TCP connections at once, per remote address", settings.max_connections_per_host,
              "`max_connections_per_host`"),
             ("TCP connections at once, in all", settings.max_connections, "`max_connections`"),
-            ("Processes receiving DICOM (the limits above apply per process)",
+            ("Processes receiving DICOM (the connection and association limits hold for all together; "
+             "the per-address limit for each)",
              "auto: one per CPU core, at most 4" if settings.receive_processes == "auto"
              else settings.receive_processes,
              "`receive_processes`"),

@@ -10,6 +10,9 @@ node, whose decoded cache saves loading its series again, and concurrent senders
 (The first version let the kernel spread connections over ``SO_REUSEPORT`` listeners, by hash: a lone scanner
 landed on a receiver half the time, and the series then had to be read back from the spool.)
 
+The board also counts negotiated associations, so ``max_connections`` and ``max_associations`` hold for all the
+processes together (``scp.ConnectionGuard``); ``max_connections_per_host`` holds per process.
+
 A receiver does exactly what the node's own C-STORE handler does (write, fsync, record in the state database,
 then answer). What it would have done in the node besides, it asks the node to do over the same socket pair, as
 hints that may be lost without harm (:func:`_hint`): wake completion when a series has all its slices and forward
@@ -127,6 +130,8 @@ class LoadBoard:
 
     def __init__(self, ctx: Any, processes: int) -> None:
         self._counts = ctx.Array("i", processes)
+        # Negotiated associations per process (under the same lock): max_associations holds for all together.
+        self._associations = ctx.Array("i", processes, lock=False)
 
     def least_busy(self, candidates: Sequence[int]) -> int:
         """The candidate with the fewest connections (the first on a tie), counted as one more from now on."""
@@ -147,6 +152,31 @@ class LoadBoard:
     def counts(self) -> list[int]:
         with self._counts.get_lock():
             return list(self._counts)
+
+    def connections(self) -> int:
+        """Connections in progress in all the processes."""
+        with self._counts.get_lock():
+            return sum(self._counts)
+
+    def admit_association(self, index: int, limit: int) -> int | None:
+        """Count one more association for process ``index``; the number in progress instead when ``limit`` is
+        reached in all the processes together."""
+        with self._counts.get_lock():
+            held = sum(self._associations)
+            if held >= limit:
+                return held
+            self._associations[index] += 1
+            return None
+
+    def release_association(self, index: int) -> None:
+        with self._counts.get_lock():
+            self._associations[index] = max(0, self._associations[index] - 1)
+
+    def forget(self, index: int) -> None:
+        """Process ``index`` is gone: what it held is free again."""
+        with self._counts.get_lock():
+            self._counts[index] = 0
+            self._associations[index] = 0
 
 
 class Dispatcher:
@@ -274,6 +304,7 @@ def _receiver_main(settings_json: str, index: int, parent_pid: int, log_level: s
     listeners = start_scp(settings, ctx, handed=True)
     for server in listeners.servers:
         server.board, server.board_index = board, index
+    listeners.guard.board, listeners.guard.board_index = board, index
     taker = threading.Thread(target=take_connections, args=(channel, listeners, board, index),
                              name=f"petnode-receiver-{index}-take", daemon=True)
     taker.start()
@@ -344,6 +375,7 @@ class Receivers:
         """Let the node's listeners hand connections over and count their own on the board."""
         for server in servers:
             server.board, server.board_index = self.board, 0
+            server.guard.board, server.guard.board_index = self.board, 0
             server.dispatcher = self.dispatcher
 
     def _take_hints(self) -> None:
@@ -363,6 +395,8 @@ class Receivers:
                     selector.unregister(key.fileobj)
                     if self.dispatcher is not None:
                         self.dispatcher.forget(index)
+                    if self.board is not None:
+                        self.board.forget(index)
                     if not self._stopping:
                         logger.warning("receiver process %d is gone; its share of connections stays in the node",
                                        index)

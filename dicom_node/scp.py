@@ -51,7 +51,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ConnectionGuard:
-    """Counts TCP connections (per remote address and in all) and negotiated associations."""
+    """Counts TCP connections (per remote address and in all) and negotiated associations.
+
+    With receiver processes (``receive_processes``) ``board`` is the board they share (``receivers.LoadBoard``):
+    ``max_connections`` and ``max_associations`` then hold for all the processes together, and
+    ``max_connections_per_host`` for each process.
+    """
 
     max_connections: int
     max_per_host: int
@@ -61,12 +66,19 @@ class ConnectionGuard:
     _connections: int = 0
     _associations: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    board: Any = None
+    board_index: int = 0
 
     def open_connection(self, host: str) -> str | None:
         """Take a connection slot for ``host``; the reason when there is none (the connection is then closed)."""
         with self._lock:
             if self._connections >= self.max_connections:
                 return f"{self._connections} connections open (max_connections={self.max_connections})"
+            # The node accepts for every process: the board counts what the receivers hold too.
+            total = self.board.connections() if self.board is not None and self.board_index == 0 else 0
+            if total >= self.max_connections:
+                return (f"{total} connections open in the receiving processes together "
+                        f"(max_connections={self.max_connections})")
             held = self._per_host.get(host, 0)
             if held >= self.max_per_host:
                 return (f"{held} connections already open from this address "
@@ -83,8 +95,10 @@ class ConnectionGuard:
                 self._per_host[host] = left
             else:
                 self._per_host.pop(host, None)
-            if assoc_key is not None:
+            if assoc_key is not None and assoc_key in self._associations:
                 self._associations.discard(assoc_key)
+                if self.board is not None:
+                    self.board.release_association(self.board_index)
 
     def admit_association(self, assoc_key: int) -> str | None:
         """Take an association slot (after the A-ASSOCIATE-RQ); the reason when there is none."""
@@ -92,6 +106,11 @@ class ConnectionGuard:
             if len(self._associations) >= self.max_associations:
                 return (f"{len(self._associations)} associations in progress "
                         f"(max_associations={self.max_associations})")
+            if self.board is not None:
+                held = self.board.admit_association(self.board_index, self.max_associations)
+                if held is not None:
+                    return (f"{held} associations in progress in the receiving processes together "
+                            f"(max_associations={self.max_associations})")
             self._associations.add(assoc_key)
             return None
 

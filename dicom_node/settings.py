@@ -368,7 +368,8 @@ class NodeSettings(_Frozen):
     # concurrent associations beyond one interpreter's lock (dicom_node/receivers.py). The node accepts every
     # connection and keeps it while it is the least busy process (a lone scanner's series stays in the node, with
     # its decoded cache); others are handed to the receiver with the fewest connections. "auto": one per usable
-    # CPU core, at most AUTO_RECEIVE_PROCESSES_MAX. The connection and association limits above apply per process.
+    # CPU core, at most AUTO_RECEIVE_PROCESSES_MAX. max_connections and max_associations hold for all the processes
+    # together (the node counts on a board they share), max_connections_per_host for each process.
     receive_processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # Seconds a new connection may take to send its A-ASSOCIATE-RQ (ACSE timeout) before it is closed.
     association_request_timeout_s: float = Field(5.0, gt=0, le=600)

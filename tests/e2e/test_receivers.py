@@ -139,6 +139,27 @@ def test_a_dead_receiver_gets_nothing_more_and_the_node_keeps_receiving(start_no
             a.release()  # type: ignore[attr-defined]
 
 
+def test_max_associations_holds_for_the_node_and_its_receivers_together(start_node: Callable[..., Node]) -> None:
+    drop = {"name": "keep", "match": {"modality": ["PT"]}, "drop": True}
+    node = start_node([drop], receive_processes=2, max_associations=2)
+    assert node.receivers is not None and node.receivers.board is not None
+    datasets = make_pet_series(shape=(2, 16, 16), seed=16)
+    sop, syntax = str(datasets[0].SOPClassUID), str(datasets[0].file_meta.TransferSyntaxUID)
+    held = _open(node.port, 2, sop, syntax)  # one in the node, one in the receiver: each process below its limit
+    try:
+        assert node.receivers.board.counts() == [1, 1]
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(sop, [syntax])
+        third = ae.associate("127.0.0.1", node.port, ae_title="PETNODE")
+        assert third.is_rejected  # ... but two are in progress in all, and max_associations is 2
+    finally:
+        for assoc in held:
+            assoc.release()  # type: ignore[attr-defined]
+    assert wait_until(lambda: node.receivers is not None and node.receivers.board is not None
+                      and node.receivers.board.counts() == [0, 0], timeout=10)
+    assert send_datasets(datasets, node.port) == [0, 0]  # the slots are free again
+
+
 def test_receive_processes_auto_is_one_per_core_up_to_the_cap() -> None:
     cores = len(os.sched_getaffinity(0))
     assert load_settings(None).receive_processes == "auto"
