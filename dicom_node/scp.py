@@ -100,6 +100,14 @@ class ConnectionGuard:
                 if self.board is not None:
                     self.board.release_association(self.board_index)
 
+    def end_association(self, assoc_key: int) -> None:
+        """The association is released or aborted: its slot is free (its connection may linger a moment)."""
+        with self._lock:
+            if assoc_key in self._associations:
+                self._associations.discard(assoc_key)
+                if self.board is not None:
+                    self.board.release_association(self.board_index)
+
     def admit_association(self, assoc_key: int) -> str | None:
         """Take an association slot (after the A-ASSOCIATE-RQ); the reason when there is none."""
         with self._lock:
@@ -144,15 +152,16 @@ class _GuardedRequestHandler(RequestHandler):
             counted = [True] if server.board is not None else []
 
             def ended(_event: Any = None) -> None:
+                # The association slot and the receivers' board place go as soon as the association is released or
+                # aborted: its thread lives on a little (closing the transport), and a scanner that opens its next
+                # association at once must find the slot free and this process idle.
+                guard.end_association(id(assoc))
                 if counted:  # once per connection (list.pop is atomic under the GIL)
                     counted.pop()
                     server.connection_ended()
 
-            if counted:
-                # Off the receivers' board as soon as the association is released or aborted: its thread lives on
-                # a little (closing the transport), and a scanner's next association should find this process idle.
-                assoc.bind(evt.EVT_RELEASED, ended)
-                assoc.bind(evt.EVT_ABORTED, ended)
+            assoc.bind(evt.EVT_RELEASED, ended)
+            assoc.bind(evt.EVT_ABORTED, ended)
 
             def run_and_release() -> None:
                 try:
