@@ -260,9 +260,15 @@ def take_connections(channel: socket.socket, listeners: Any, board: LoadBoard, i
                 sock.close()
                 board.release(index)
                 continue
-        if server.verify_request(request, address):
+        if not server.verify_request(request, address):
+            server.shutdown_request(request)
+            board.release(index)
+            continue
+        try:
             server.process_request(request, address)
-        else:
+        except Exception:  # noqa: BLE001 - e.g. no thread could be started: this connection fails, the loop goes on
+            logger.exception("connection from %s could not be served; closed", address[0])
+            server.guard.close_connection(address[0], None)
             server.shutdown_request(request)
             board.release(index)
 

@@ -95,18 +95,19 @@ class ConnectionGuard:
                 self._per_host[host] = left
             else:
                 self._per_host.pop(host, None)
-            if assoc_key is not None and assoc_key in self._associations:
-                self._associations.discard(assoc_key)
-                if self.board is not None:
-                    self.board.release_association(self.board_index)
+            if assoc_key is not None:
+                self._free_association(assoc_key)
 
     def end_association(self, assoc_key: int) -> None:
         """The association is released or aborted: its slot is free (its connection may linger a moment)."""
         with self._lock:
-            if assoc_key in self._associations:
-                self._associations.discard(assoc_key)
-                if self.board is not None:
-                    self.board.release_association(self.board_index)
+            self._free_association(assoc_key)
+
+    def _free_association(self, assoc_key: int) -> None:  # under self._lock; once per association
+        if assoc_key in self._associations:
+            self._associations.discard(assoc_key)
+            if self.board is not None:
+                self.board.release_association(self.board_index)
 
     def admit_association(self, assoc_key: int) -> str | None:
         """Take an association slot (after the A-ASSOCIATE-RQ); the reason when there is none."""
@@ -454,13 +455,17 @@ def start_scp(settings: NodeSettings, ctx: ReceiveContext, *, handed: bool = Fal
             _serve(ae, secure, guard, "-tls", handed)
             if not handed:
                 logger.info("listening as %s on %s:%d over TLS (%s; client certificates %s%s)", settings.ae_title,
-                        settings.bind_address, secure.server_address[1], tls.TLS_PROFILE_NAME,
-                        "required" if tls_settings.require_client_cert else "optional",
-                        f", {len(tls_settings.client_ae_titles)} mapped to AE titles"
-                        if tls_settings.client_ae_titles else "")
+                            settings.bind_address, secure.server_address[1], tls.TLS_PROFILE_NAME,
+                            "required" if tls_settings.require_client_cert else "optional",
+                            f", {len(tls_settings.client_ae_titles)} mapped to AE titles"
+                            if tls_settings.client_ae_titles else "")
     except BaseException:
         for server in (plain, secure):
-            if server is not None:
-                server.server_close() if handed else server.shutdown()
+            if server is None:
+                continue
+            if handed:
+                server.server_close()
+            else:
+                server.shutdown()
         raise
     return Listeners(plain=plain, tls=secure, guard=guard, handed=handed)
