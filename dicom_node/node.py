@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node import scu, tls
+from dicom_node import heap, scu, tls
 from dicom_node.completion import Verdict, decide
 from dicom_node.decoded import DecodedCache
 from dicom_node.errors import DicomNodeError, PriorError, ProcessingInterrupted, RoutingError
@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from dicom_node.distributed import RemotePipeline
 
 logger = logging.getLogger(__name__)
+
+# Seconds between looks at whether the heap grew (dicom_node/heap.py); it is frozen again only when idle.
+HEAP_CHECK_S = 30
 
 
 def open_model_store(settings: NodeSettings) -> ModelStore:
@@ -191,6 +194,7 @@ class Node:
         self._scheduler.add_job(self.make_room, "interval", id="disk", next_run_time=now,
                                 seconds=self.settings.disk.pressure_check_interval_s)
         self._scheduler.add_job(self.sweep_stuck, "interval", id="stuck", seconds=60)
+        self._scheduler.add_job(self.freeze_heap, "interval", id="heap", seconds=HEAP_CHECK_S)
         if shared:
             self.db.register_node(host=socket.gethostname(), pid=os.getpid(), ae_title=self.settings.ae_title,
                                   port=self.port)
@@ -207,6 +211,7 @@ class Node:
         from dicom_node import __version__
 
         self.check_certificates()
+        heap.freeze_if_grown()  # before the first association: the modules imported so far are here for good
         logger.info("petnode %s started: AE %s port %d, data %s, %d rule(s), device %s", __version__,
                     self.settings.ae_title, self.port, self.settings.data_dir, len(self.ruleset.rules),
                     self.settings.device)
@@ -937,6 +942,18 @@ class Node:
                              what, f.exception())
 
         future.add_done_callback(done)
+
+    def freeze_heap(self) -> bool:
+        """Scheduler job: freeze the heap again once later imports (torch at the first CNN or NLM series) have grown
+        it, but only while nothing is received, processed or sent here (the full collection holds the GIL)."""
+        with self._lock:
+            busy = bool(self._processing or self._sending)
+        server = self._server
+        if busy or (server is not None and server.guard.connections) or (
+                self.receivers is not None and self.receivers.board is not None
+                and self.receivers.board.connections()):
+            return False
+        return heap.freeze_if_grown()
 
     def sweep_stuck(self, now: float | None = None) -> dict[str, int]:
         """Scheduler job: put back work whose worker is gone (an error in the error path, a dead thread).

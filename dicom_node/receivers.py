@@ -282,6 +282,7 @@ def _receiver_main(settings_json: str, index: int, parent_pid: int, log_level: s
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)-7s %(name)s[receiver {index}]: "
                                                 "%(message)s", force=True)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from dicom_node import heap
     from dicom_node.handlers import ReceiveContext
     from dicom_node.scp import start_scp
     from dicom_node.spool import Spool
@@ -314,6 +315,7 @@ def _receiver_main(settings_json: str, index: int, parent_pid: int, log_level: s
     taker = threading.Thread(target=take_connections, args=(channel, listeners, board, index),
                              name=f"petnode-receiver-{index}-take", daemon=True)
     taker.start()
+    heap.freeze_if_grown()  # as the node: its long-lived heap out of the garbage collector's full passes
     ready.set()
     logger.info("taking connections from the node (pid %d)", os.getpid())
     try:
