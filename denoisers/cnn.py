@@ -304,9 +304,10 @@ class CNNDenoiser(Denoiser[CNNParams]):
 def _give_back(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, float, float], fwhm_mm: float
                ) -> np.ndarray:
     """What to add to the network's ``out``: ``G * (pet - out)``, G a Gaussian of ``fwhm_mm``; with it the image
-    is the network's below that scale and the measurement's above it. A network smooths grey matter into white matter and small nuclei into
-    their surroundings (a few % of a region's mean at low counts); what it removed there is mostly that signal
-    plus high-frequency noise, and the Gaussian gives back the first and little of the second."""
+    is the network's below that scale and the measurement's above it. A network smooths grey matter into white
+    matter and small nuclei into their surroundings (a few % of a region's mean at low counts); what it removed
+    there is mostly that signal plus high-frequency noise, and the Gaussian gives back the first and little of the
+    second."""
     return _blur(np.subtract(pet, out, dtype=np.float32), spacing, fwhm_mm)
 
 
@@ -330,9 +331,9 @@ GUIDE_PRIOR = 0.01
 
 def _give_back_guided(out: np.ndarray, pet: np.ndarray, spacing: tuple[float, float, float],
                       fwhm_mm: float) -> np.ndarray:
-    """What to add to the network's ``out``: ``sum_k w_k (G * (w_k r)) / (G * w_k)``, what it removed (``r = pet - out``)
-    averaged with a Gaussian of ``fwhm_mm`` among voxels of similar output intensity (a bilateral grid in the
-    intensity axis with linear memberships ``w_k``, which sum to 1 in every voxel).
+    """What to add to the network's ``out``: ``sum_k w_k (G * (w_k r)) / (G * w_k)``, what it removed
+    (``r = pet - out``) averaged with a Gaussian of ``fwhm_mm`` among voxels of similar output intensity (a
+    bilateral grid in the intensity axis with linear memberships ``w_k``, which sum to 1 in every voxel).
 
     The unguided :func:`_give_back` gives a voxel of grey matter the average of what was removed around it,
     white matter's included, and at low counts needs a small scale (much noise given back) to keep a region's

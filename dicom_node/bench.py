@@ -101,18 +101,23 @@ def _storescu(series_dir: Path, port: int, called: str) -> float:
     return time.perf_counter() - t0
 
 
-def _storescu_parallel(files: list[Path], port: int, called: str, senders: int) -> float:
-    """Seconds for ``senders`` storescu processes (one association each) to send ``files`` between them."""
+def _storescu_each(series: list[list[Path]], port: int, called: str) -> float:
+    """Seconds for one storescu process per series (one association each) to send them all at once."""
     env = {**os.environ, "TCP_NODELAY": "1"}
-    chunks = [files[i::senders] for i in range(senders)]
     t0 = time.perf_counter()
     procs = [subprocess.Popen([_tool("storescu"), "-aec", called, "-aet", f"SCANNER{i}", "127.0.0.1", str(port),
-                               *map(str, chunk)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for i, chunk in enumerate(chunks) if chunk]
+                               *map(str, paths)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i, paths in enumerate(series)]
     for proc in procs:
         if proc.wait() != 0:
             raise DicomNodeError(f"storescu failed (exit {proc.returncode}) in the concurrent receive benchmark")
     return time.perf_counter() - t0
+
+
+def _storescu_parallel(files: list[Path], port: int, called: str, senders: int) -> float:
+    """Seconds for ``senders`` storescu processes (one association each) to send ``files`` between them."""
+    chunks = [files[i::senders] for i in range(senders)]
+    return _storescu_each([chunk for chunk in chunks if chunk], port, called)
 
 
 def naive_round_trip(files: list[Path], out_dir: Path) -> float:
@@ -377,19 +382,6 @@ def series_copies(files: list[Path], out_dir: Path, copies: int) -> list[list[Pa
             paths.append(target)
         result.append(paths)
     return result
-
-
-def _storescu_each(series: list[list[Path]], port: int, called: str) -> float:
-    """Seconds for one storescu process per series (one association each) to send them all at once."""
-    env = {**os.environ, "TCP_NODELAY": "1"}
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen([_tool("storescu"), "-aec", called, "-aet", f"SCANNER{i}", "127.0.0.1", str(port),
-                               *map(str, paths)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for i, paths in enumerate(series)]
-    for proc in procs:
-        if proc.wait() != 0:
-            raise DicomNodeError(f"storescu failed (exit {proc.returncode}) in the concurrent receive benchmark")
-    return time.perf_counter() - t0
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
