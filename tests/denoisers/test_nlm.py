@@ -112,8 +112,9 @@ def reference_symmetric(
     rows = c * (w @ c)
     if row_sums is not None:
         row_sums.append(rows)
-    limit = np.maximum(rows, 1.0)
-    b = c[:, None] * w * c[None, :] / np.maximum(limit[:, None], limit[None, :])
+    limited = c / np.maximum(rows, 1.0)  # c' = c / max(r, 1): every row of diag(c') w diag(c') sums to <= 1
+    b = limited[:, None] * w * limited[None, :]
+    assert (b.sum(axis=1) <= 1.0 + 1e-12).all()
     x = v.ravel()
     return (x + b @ x - b.sum(axis=1) * x).reshape(v.shape)
 
