@@ -279,6 +279,11 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sink = subprocess.Popen([_tool("storescp"), "-aet", "SINK", "-od", str(tmpdir / "sink"), "-uf",
                                  str(sink_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The references run in the same rounds as petnode, each right after it: a ratio then compares two runs
+        # made under the same load (a shared machine's load drifts over the minutes a benchmark takes).
+        minimals = [(MinimalScp(tmpdir / f"minimal-{event_driven}", event_driven=event_driven), table)
+                    for event_driven, table in ((False, figures.minimal_per_s),
+                                                (True, figures.minimal_event_driven_per_s))]
         try:
             wait_listening(ref_port)
             wait_listening(sink_port)
@@ -312,19 +317,16 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
                     figures.latency_s.append(float(row["delivered_at"]) - float(row["last_received"]))
                 finally:
                     node.stop()
+                for minimal, table in minimals:
+                    table.append(len(files) / _storescu(series_dir, minimal.port, "MINIMAL"))
             _node_nlm(figures, series_dir, tmpdir, sink_port, repeats)
             for _ in range(repeats):  # the latency's floor: only sending, the same way, to the same sink
                 figures.send_only_s.append(_send_only(sorted(files), sink_port))
-            for event_driven, table in ((False, figures.minimal_per_s), (True, figures.minimal_event_driven_per_s)):
-                minimal = MinimalScp(tmpdir / f"minimal-{event_driven}", event_driven=event_driven)
-                try:
-                    for _ in range(repeats):
-                        table.append(len(files) / _storescu(series_dir, minimal.port, "MINIMAL"))
-                finally:
-                    minimal.stop()
             _concurrent(figures, files, tmpdir, repeats)
             _offline(figures, series_dir, files, tmpdir, repeats)
         finally:
+            for minimal, _ in minimals:
+                minimal.stop()
             for proc in (ref, sink):
                 proc.terminate()
                 proc.wait(timeout=10)
@@ -332,10 +334,14 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
 
 
 def _node_nlm(figures: ReceiveFigures, series_dir: Path, tmpdir: Path, sink_port: int, repeats: int) -> None:
-    """The denoise step of a running node's NLM route on the series (torch imported once, as in a node)."""
+    """The denoise step of a running node's NLM route on the series (torch imported once, as in a node), each run
+    followed by scikit-image's NLM on the same volume (the reference, under the same load)."""
     import torch  # noqa: F401 - a running node has it; its import is the command's cost, not the step's
 
     from dicom_node.node import Node
+    from dicom_node.series import load_pet_series
+
+    volume = load_pet_series(sorted(p for p in series_dir.rglob("*") if p.is_file())).array
     from dicom_node.rules import load_rules
     from dicom_node.settings import load_settings
 
@@ -358,6 +364,7 @@ def _node_nlm(figures: ReceiveFigures, series_dir: Path, tmpdir: Path, sink_port
             figures.node_nlm_s.append(next(iter(node.timings.values()))["denoise"])
         finally:
             node.stop()
+        figures.skimage_nlm_s.append(_skimage_nlm_s(volume))
 
 
 def series_copies(files: list[Path], out_dir: Path, copies: int) -> list[list[Path]]:
@@ -454,7 +461,6 @@ def _offline(figures: ReceiveFigures, series_dir: Path, files: list[Path], tmpdi
         figures.peak_rss_mb = max(figures.peak_rss_mb, rss)
         figures.denoise_nlm_s.append(_run_measured(["denoise", str(series_dir), str(tmpdir / f"nlm{i}"),
                                                     "--method", "nlm"])[0])
-        figures.skimage_nlm_s.append(_skimage_nlm_s(volume))
     import torch
 
     figures.torch_threads = torch.get_num_threads()

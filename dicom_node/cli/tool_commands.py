@@ -379,8 +379,15 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
     minimal_ed = median(f.minimal_event_driven_per_s)
     lat, naive, naive_command = median(f.latency_s), median(f.naive_round_trip_s), median(f.naive_command_s)
     gauss, nlm, sk = median(f.denoise_gaussian_s), median(f.denoise_nlm_s), median(f.skimage_nlm_s)
+
+    def paired(ours_runs: list[float], references: list[float], speed_up: bool = False) -> float:
+        """The median of the rounds' ratios: each reference ran in the same round as petnode, right after it."""
+        pairs = zip(ours_runs, references)
+        return median((r / max(o, 1e-9)) if speed_up else (o / max(r, 1e-9)) for o, r in pairs)
+
     print(f"series {args.series_dir}: {f.instances} instances; DCMTK storescu with TCP_NODELAY=1; {args.repeats} "
-          f"repeat(s), medians; {os.cpu_count()} CPUs")
+          f"repeat(s), medians; {os.cpu_count()} CPUs; ratios marked * are the median of per-round ratios (the "
+          f"reference measured in the same round, right after petnode)")
     print(f"{'what':<64} {'petnode':>10} {'reference':>10} {'ratio':>7}  reference")
     rows = [
         ("latency: last instance acked -> last derived stored at storescp", lat, naive, lat / naive,
@@ -388,13 +395,15 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
         ("petnode denoise --method gaussian (s)", gauss, naive, gauss / naive, "naive pydicom round trip (s)"),
         ("petnode denoise --method gaussian (s)", gauss, naive_command, gauss / naive_command,
          "the same round trip as a program (start, imports) (s)"),
-        ("receive, one association (instances/s)", ours, minimal, ours / minimal,
-         "minimal pynetdicom SCP, fsync (/s)"),
-        ("receive, one association (instances/s)", ours, minimal_ed, ours / minimal_ed,
-         "the same, with petnode's reactors and C-STORE messages (/s)"),
+        ("receive, one association (instances/s)", ours, minimal, paired(f.petnode_per_s, f.minimal_per_s),
+         "* minimal pynetdicom SCP, fsync (/s)"),
+        ("receive, one association (instances/s)", ours, minimal_ed,
+         paired(f.petnode_per_s, f.minimal_event_driven_per_s),
+         "* the same, with petnode's reactors and C-STORE messages (/s)"),
         ("receive, one association (instances/s)", ours, ref, ours / ref, "DCMTK storescp, no fsync (/s)"),
         (f"NLM in a running node (its denoise step, torch {f.torch_threads} threads) (s)", median(f.node_nlm_s), sk,
-         sk / max(median(f.node_nlm_s), 1e-9), "scikit-image fast NLM, 1 thread (s); ratio = speed-up"),
+         paired(f.node_nlm_s, f.skimage_nlm_s, speed_up=True),
+         "* scikit-image fast NLM, 1 thread (s); ratio = speed-up"),
         ("NLM command (nlm - gaussian command, with import torch) (s)", nlm - gauss, sk,
          sk / max(nlm - gauss, 1e-9), "scikit-image fast NLM, 1 thread (s); ratio = speed-up"),
     ]
