@@ -95,9 +95,44 @@ def write_durable(path: Path, data: bytes, *, fsync: bool = True) -> None:
             fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"out of space writing {path.name!r} in {str(path.parent)!r}") from exc
-        raise StorageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+        raise _storage_error(path, exc) from exc
+
+
+def write_new_durable(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data``, fsync it and its directory; False (nothing written) when it exists.
+
+    No temp file and rename: on ext4 and XFS the file's fsync also commits its new directory entry, so the
+    directory's fsync finds nothing left to do, where a rename after the fsync is one more journal commit (about
+    0.2 ms of the 3 ms an instance takes to receive here). Only for files whose readers learn of them after this
+    returns (received instances: the database is the commit point); on failure the partial file is removed.
+    """
+    make_dirs_durable(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise _storage_error(path, exc) from exc
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise _storage_error(path, exc) from exc
+    return True
+
+
+def _storage_error(path: Path, exc: OSError) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"out of space writing {path.name!r} in {str(path.parent)!r}")
+    return StorageError(f"cannot write {str(path)!r}: {exc.strerror or exc}")
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
@@ -225,9 +260,18 @@ class Spool:
             raise DiskFullError(problem)
 
     def store(self, study_uid: str, series_uid: str, sop_instance_uid: str, data: bytes) -> Path:
+        """Write a received instance durably (data and directory entry) and return its path.
+
+        A new instance is written straight under its final name (``write_new_durable``): the database records
+        the file only after this returns, so a write a crash interrupts is an unrecorded file that the start-up
+        sweep removes (``sweep_orphans``), and nothing reads spool files the database does not know. Where the
+        name exists already (a changed version of a recorded instance, or such a left-over) the new bytes
+        replace it atomically (``write_durable``).
+        """
         self.check_space()
         path = self.instance_path(study_uid, series_uid, sop_instance_uid)
-        write_durable(path, data)
+        if not write_new_durable(path, data):
+            write_durable(path, data)
         return path
 
     def keep_previous_version(self, path: str | Path, *, digest: str) -> Path:

@@ -11,7 +11,7 @@ import pytest
 from dicom_node.errors import ConfigError, DiskFullError
 from dicom_node.node import backoff_delay
 from dicom_node.settings import DiskSettings, load_settings
-from dicom_node.spool import Spool, safe_name, write_durable
+from dicom_node.spool import Spool, safe_name, write_durable, write_new_durable
 from dicom_node.state import InstanceRecord, Payload, SendState, SeriesState, StateDB
 
 
@@ -151,6 +151,32 @@ def test_write_durable_is_atomic_and_cleans_up(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(DiskFullError):
         write_durable(tmp_path / "a" / "b" / "y.dcm", b"data")
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["x.dcm"]  # no temp left behind
+
+
+def test_received_instances_are_written_under_their_name_and_replace_only_atomically(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import errno
+    import os
+
+    spool = Spool(tmp_path / "var", DiskSettings(min_free_mb=1, max_used_percent=100))
+    path = spool.store("1.2", "1.2.3", "1.2.3.4", b"first")
+    assert path.read_bytes() == b"first"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["1.2.3.4.dcm"]  # straight there: no temp, no rename
+    assert write_new_durable(path, b"other") is False and path.read_bytes() == b"first"  # never over a file
+    # What a crash in the middle of a write leaves (never recorded, so never acknowledged): the sender's retry
+    # replaces it whole, through a temp file and a rename.
+    path.write_bytes(b"fir")
+    inode = path.stat().st_ino
+    assert spool.store("1.2", "1.2.3", "1.2.3.4", b"first again") == path
+    assert path.read_bytes() == b"first again" and path.stat().st_ino != inode
+
+    def no_space(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", no_space)
+    with pytest.raises(DiskFullError, match="out of space"):
+        spool.store("1.2", "1.2.3", "1.2.3.5", b"data")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["1.2.3.4.dcm"]  # the partial file is gone
 
 
 def test_spool_watermark_and_safe_names(tmp_path: Path):
