@@ -68,6 +68,9 @@ class ReceiveFigures:
     send_only_s: list[float] = field(default_factory=list)  # petnode's SCU sending the series to the same sink
     libraries_s: list[float] = field(default_factory=list)  # starting an interpreter and importing the libraries
     node_nlm_s: list[float] = field(default_factory=list)  # a running node's NLM step on the series
+    # The naive round trip again, each right after a latency measurement (same round, same load): the latency's
+    # paired reference.
+    naive_paired_s: list[float] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -258,8 +261,11 @@ def _skimage_nlm_s(volume: Any) -> float:
     return time.perf_counter() - t0
 
 
-def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> ReceiveFigures:
-    """Send ``series_dir`` ``repeats`` times to storescp and to petnode (gaussian route back to a storescp)."""
+def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True, pairs: int = 5) -> ReceiveFigures:
+    """Send ``series_dir`` to storescp and to petnode (gaussian route back to a storescp), with the references.
+
+    ``pairs`` rounds for the rows whose reference runs in the same round as petnode (one association, the latency,
+    NLM in a node); ``repeats`` for the rest (commands, concurrent senders)."""
     from tqdm import tqdm
 
     from dicom_node.node import Node
@@ -287,7 +293,7 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
         try:
             wait_listening(ref_port)
             wait_listening(sink_port)
-            for i in tqdm(range(repeats), desc="bench receive", disable=not progress):
+            for i in tqdm(range(pairs), desc="bench receive", disable=not progress):
                 figures.storescp_per_s.append(len(files) / _storescu(series_dir, ref_port, "REF"))
                 rules_path = tmpdir / f"rules{i}.yaml"
                 rules_path.write_text(
@@ -319,7 +325,9 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True) -> 
                     node.stop()
                 for minimal, table in minimals:
                     table.append(len(files) / _storescu(series_dir, minimal.port, "MINIMAL"))
-            _node_nlm(figures, series_dir, tmpdir, sink_port, repeats)
+                figures.naive_paired_s.append(naive_round_trip(sorted(files), tmpdir / f"naive-paired{i}"))
+                shutil.rmtree(tmpdir / f"naive-paired{i}", ignore_errors=True)
+            _node_nlm(figures, series_dir, tmpdir, sink_port, pairs)
             for _ in range(repeats):  # the latency's floor: only sending, the same way, to the same sink
                 figures.send_only_s.append(_send_only(sorted(files), sink_port))
             _concurrent(figures, files, tmpdir, repeats)

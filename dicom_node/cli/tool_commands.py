@@ -89,7 +89,9 @@ def add_subparsers(sub: Any) -> None:
     q = bsub.add_parser("receive", help="receive rate beside DCMTK storescp (same series, same run) and the "
                                         "latency from last instance received to last derived instance delivered")
     q.add_argument("series_dir", type=Path, metavar="SERIES_DIR")
-    q.add_argument("--repeats", type=int, default=3)
+    q.add_argument("--repeats", type=int, default=3, help="rounds of the commands and of the concurrent senders")
+    q.add_argument("--pairs", type=int, default=5,
+                   help="rounds of the rows whose reference runs in the same round (one association, latency, NLM)")
     q.set_defaults(func=cmd_bench_receive)
     q = bsub.add_parser("speed", help="time each method per volume and per slice (CPU, and CUDA when present); "
                                       "NLM against scikit-image in the same run")
@@ -374,7 +376,7 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
 
     from dicom_node.bench import bench_receive
 
-    f = bench_receive(args.series_dir, repeats=args.repeats)
+    f = bench_receive(args.series_dir, repeats=args.repeats, pairs=args.pairs)
     ref, ours, minimal = (median(x) for x in (f.storescp_per_s, f.petnode_per_s, f.minimal_per_s))
     minimal_ed = median(f.minimal_event_driven_per_s)
     lat, naive, naive_command = median(f.latency_s), median(f.naive_round_trip_s), median(f.naive_command_s)
@@ -387,14 +389,16 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
 
     print(f"series {args.series_dir}: {f.instances} instances; DCMTK storescu with TCP_NODELAY=1; {args.repeats} "
           f"repeat(s), medians; {os.cpu_count()} CPUs; ratios marked * are the median of per-round ratios (the "
-          f"reference measured in the same round, right after petnode)")
+          f"reference measured in the same round as petnode: {args.pairs} rounds for one association, latency and "
+          f"NLM in a node, {args.repeats} for the commands)")
     print(f"{'what':<64} {'petnode':>10} {'reference':>10} {'ratio':>7}  reference")
     rows = [
-        ("latency: last instance acked -> last derived stored at storescp", lat, naive, lat / naive,
-         "naive pydicom round trip (s)"),
-        ("petnode denoise --method gaussian (s)", gauss, naive, gauss / naive, "naive pydicom round trip (s)"),
-        ("petnode denoise --method gaussian (s)", gauss, naive_command, gauss / naive_command,
-         "the same round trip as a program (start, imports) (s)"),
+        ("latency: last instance acked -> last derived stored at storescp", lat, median(f.naive_paired_s),
+         paired(f.latency_s, f.naive_paired_s), "* naive pydicom round trip (s)"),
+        ("petnode denoise --method gaussian (s)", gauss, naive, paired(f.denoise_gaussian_s, f.naive_round_trip_s),
+         "* naive pydicom round trip (s)"),
+        ("petnode denoise --method gaussian (s)", gauss, naive_command,
+         paired(f.denoise_gaussian_s, f.naive_command_s), "* the same round trip as a program (start, imports) (s)"),
         ("receive, one association (instances/s)", ours, minimal, paired(f.petnode_per_s, f.minimal_per_s),
          "* minimal pynetdicom SCP, fsync (/s)"),
         ("receive, one association (instances/s)", ours, minimal_ed,
