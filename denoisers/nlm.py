@@ -78,9 +78,10 @@ comparison image is smoothed with float32 torch slabs (``gaussian_guide``, 8x fa
 whole z-slices bound memory (``peak_memory_bytes``) and keep the working set in cache. All arithmetic is float32;
 results do not depend on the slab size or on caching beyond float32 rounding, nor on the run (no atomics, fixed
 order). On the 2-core development machine with torch on 2 threads, the node's whole NLM step (noise estimate,
-comparison image, symmetric filter; ``NLMDenoiser``) on a 267 x 128 x 128 FDG series takes 0.77-0.8 s (median;
-1.2-1.4 s on one thread), against 5.2-5.4 s for scikit-image's fast mode on one thread and 2.4 s before the weights
-were cached; the row filter takes 0.42 s (``training/bench_speed.py``, ``docs/bench/nlm-speed.md``).
+comparison image, symmetric filter; ``NLMDenoiser``) on a 267 x 128 x 128 FDG series takes 0.75-0.95 s (medians
+at different moments of the shared machine; 1.2-1.3 s on one thread), against 5.2-5.9 s for scikit-image's fast
+mode on one thread, 2.4 s before the weights were cached and 0.86-1.02 s before the exchange's factorised limiter;
+the row filter takes 0.42 s (``training/bench_speed.py``, ``docs/bench/nlm-speed.md``).
 
 Inputs: PET (+ SPACING when a window is given in mm or the comparison image is pre-smoothed, the default). Outputs: DENOISED. GPU preferred (CUDA when the instance's
 device is "cuda", "cuda:N", or "auto" with CUDA present); runs on CPU. Deterministic.

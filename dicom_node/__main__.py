@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
+from dicom_node.cli import run
 
-from dicom_node.cli import main
-
-sys.exit(main())
+run()

@@ -195,13 +195,16 @@ class MinimalScp:
         self.server.shutdown()
 
 
+# The command as the ``petnode`` program runs it (``dicom_node.cli.run``, which ends the way the program does), with
+# its peak RSS reported by an exit handler.
 _MEASURED = (
-    "import sys\n"
-    "from dicom_node.cli import main\n"
-    "code = main(sys.argv[1:])\n"
-    "peak = [line for line in open('/proc/self/status') if line.startswith('VmHWM:')]\n"
-    "print('PEAK_KB', peak[0].split()[1] if peak else 0, file=sys.stderr)\n"
-    "sys.exit(code)\n"
+    "import atexit, sys\n"
+    "from dicom_node.cli import run\n"
+    "def peak():\n"
+    "    lines = [line for line in open('/proc/self/status') if line.startswith('VmHWM:')]\n"
+    "    print('PEAK_KB', lines[0].split()[1] if lines else 0, file=sys.stderr)\n"
+    "atexit.register(peak)\n"
+    "run(sys.argv[1:])\n"
 )
 
 

@@ -1,4 +1,4 @@
-"""The ``petnode`` command: ``main(argv) -> int`` so tests run it in-process.
+"""The ``petnode`` command: ``main(argv) -> int`` so tests run it in-process; ``run()`` is the program.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
 """
@@ -6,9 +6,13 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
+import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 from dicom_node import __version__
 from dicom_node.cli import conformance_command, model_commands, node_commands, tool_commands, train_commands
@@ -73,3 +77,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def run(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``petnode`` program (console script, ``python -m dicom_node``): ``main``, then exit.
+
+    When nothing but daemon threads is left, the exit handlers run (logging's flush, temporary folders) and the
+    process ends without the interpreter's teardown, which frees every object and module one by one: 0.1-0.13 s
+    after a 267-slice ``petnode denoise`` that takes 0.9 s in all, for nothing a finished command needs. With
+    other threads alive the exit is the ordinary one, which waits for them.
+    """
+    code = main(argv)
+    if all(t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+        if run_exit_handlers is not None:
+            run_exit_handlers()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):  # a closed pipe or stream: what the ordinary exit would meet too
+                    pass
+            os._exit(code)
+    sys.exit(code)
