@@ -747,7 +747,7 @@ class _SymmetricFilter:
         span = geo.slab_voxels + 2 * geo.reach
         self.sq = torch.empty(span, dtype=f32, device=device)
         self.spare = torch.empty(span, dtype=f32, device=device)
-        self.tmp = [torch.empty(geo.slab_voxels, dtype=f32, device=device)]
+        self.tmp = torch.empty(geo.slab_voxels, dtype=f32, device=device)  # the exchange's per-offset term
         self.field = None if cache else torch.empty(geo.slab_voxels, dtype=f32, device=device)
         self.plans: dict[int, list[FilterStep]] = {}
         ring = min(geo.ring, z_n) * geo.plane
@@ -865,8 +865,8 @@ class _SymmetricFilter:
             c = self.acc[1][lo:hi]
             acc.mul_(c).clamp_min_(1.0)  # l = max(r, 1), r = c (W' c) the off-diagonal row sums of diag(c) w diag(c)
             torch.div(c, acc, out=acc)  # c' = c / l (0 in the padding, where c is 0)
-            # c v in place of c: pass 2 reads c only at and ahead of its range, pass 3 (behind it) only c' and c' v.
-            c.copy_(acc).mul_(self.v[lo:hi])
+            # c' v in place of c: pass 2 reads c only at and ahead of its range, pass 3 (behind it) only c' and c' v.
+            torch.mul(acc, self.v[lo:hi], out=c)
             if z1 == geo.shape[0]:  # behind the volume pass 2's sums were pushed, not turned into c' (0 there)
                 self.acc[2][hi:].zero_()
         if p < 2:
@@ -892,7 +892,7 @@ class _SymmetricFilter:
         torch = self.torch
         n = hi - lo
         flux, cv, cl = self.acc[0], self.acc[1], self.acc[2]
-        t = self.tmp[0][:n]
+        t = self.tmp[:n]
         flux_p, cv_p, cl_p = flux[lo:hi], cv[lo:hi], cl[lo:hi]
         for s, w in self.fields(lo, hi, at, first=False):
             torch.mul(cl_p, cv[lo + s : hi + s], out=t)
