@@ -82,10 +82,7 @@ def write_durable(path: Path, data: bytes, *, fsync: bool = True) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, data)
             if fsync:
                 os.fsync(fd)
         finally:
@@ -115,10 +112,7 @@ def write_new_durable(path: Path, data: bytes) -> bool:
         raise _storage_error(path, exc) from exc
     try:
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -127,6 +121,13 @@ def write_new_durable(path: Path, data: bytes) -> bool:
         path.unlink(missing_ok=True)
         raise _storage_error(path, exc) from exc
     return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _storage_error(path: Path, exc: OSError) -> StorageError:
