@@ -249,17 +249,13 @@ def take_connections(channel: socket.socket, listeners: Any, board: LoadBoard, i
             sock.close()
             board.release(index)
             continue
-        request: socket.socket = sock
-        if server.ssl_context is not None:  # as GuardedAssociationServer.get_request: wrapped, handshake later
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                request = server.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            except (OSError, ssl.SSLError) as exc:
-                logger.warning("TLS connection from %s could not be set up: %s", address[0], exc)
-                sock.close()
-                board.release(index)
-                continue
+        try:
+            request = server.wrap_accepted(sock)  # as the node's accept loop: TLS wrapped, handshake later
+        except (OSError, ssl.SSLError) as exc:
+            logger.warning("TLS connection from %s could not be set up: %s", address[0], exc)
+            sock.close()
+            board.release(index)
+            continue
         if not server.verify_request(request, address):
             server.shutdown_request(request)
             board.release(index)

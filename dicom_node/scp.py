@@ -281,13 +281,17 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         """
         assert self.socket is not None
         client, address = self.socket.accept()
-        if self.ssl_context is not None:
-            try:
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the handshake's round trips too
-            except OSError:  # pragma: no cover - not a TCP socket
-                pass
-            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
-        return client, address
+        return self.wrap_accepted(client), address
+
+    def wrap_accepted(self, client: socket.socket) -> Any:
+        """On a TLS listener, the accepted connection wrapped for TLS without the handshake; else as it is."""
+        if self.ssl_context is None:
+            return client
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the handshake's round trips too
+        except OSError:  # pragma: no cover - not a TCP socket
+            pass
+        return self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         dispatcher = self.dispatcher
@@ -460,12 +464,6 @@ def start_scp(settings: NodeSettings, ctx: ReceiveContext, *, handed: bool = Fal
                             f", {len(tls_settings.client_ae_titles)} mapped to AE titles"
                             if tls_settings.client_ae_titles else "")
     except BaseException:
-        for server in (plain, secure):
-            if server is None:
-                continue
-            if handed:
-                server.server_close()
-            else:
-                server.shutdown()
+        Listeners(plain=plain, tls=secure, guard=guard, handed=handed).shutdown()
         raise
     return Listeners(plain=plain, tls=secure, guard=guard, handed=handed)
