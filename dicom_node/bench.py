@@ -14,6 +14,8 @@ Four rows, each a ratio to a reference taken in the same run on the same machine
    has it), and ``petnode denoise --method nlm`` minus the Gaussian command (which includes importing torch).
 
 Plus the peak memory of the Gaussian command against the volume's size in float32 and the interpreter's baseline.
+Rows 1, 3 (one association) and 4 (the node's step) take petnode and its reference in the same round, the
+reference right after it, ``pairs`` rounds; the commands take theirs in the round of each repeat.
 """
 
 from __future__ import annotations
@@ -275,8 +277,12 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True, pai
     from dicom_node.rules import RuleSet, load_rules
     from dicom_node.settings import load_settings
 
+    from dicom_node.series import load_pet_series
+
     files = [p for p in series_dir.rglob("*") if p.is_file()]
     figures = ReceiveFigures(len(files), [], [], [])
+    volume = load_pet_series(sorted(files)).array  # scikit-image's input, and the memory rows' yardstick
+    figures.volume_mb = volume.astype("float32").nbytes / 2**20
     env = {**os.environ, "TCP_NODELAY": "1"}
     with tempfile.TemporaryDirectory(prefix="petnode-bench-") as tmp:
         tmpdir = Path(tmp)
@@ -330,7 +336,7 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True, pai
                     table.append(len(files) / _storescu(series_dir, minimal.port, "MINIMAL"))
                 figures.naive_paired_s.append(naive_round_trip(sorted(files), tmpdir / f"naive-paired{i}"))
                 shutil.rmtree(tmpdir / f"naive-paired{i}", ignore_errors=True)
-            _node_nlm(figures, series_dir, tmpdir, sink_port, pairs)
+            _node_nlm(figures, series_dir, volume, tmpdir, sink_port, pairs)
             for _ in range(repeats):  # the latency's floor: only sending, the same way, to the same sink
                 figures.send_only_s.append(_send_only(sorted(files), sink_port))
             _concurrent(figures, files, tmpdir, repeats)
@@ -344,22 +350,20 @@ def bench_receive(series_dir: Path, repeats: int = 3, progress: bool = True, pai
     return figures
 
 
-def _node_nlm(figures: ReceiveFigures, series_dir: Path, tmpdir: Path, sink_port: int, repeats: int) -> None:
+def _node_nlm(figures: ReceiveFigures, series_dir: Path, volume: Any, tmpdir: Path, sink_port: int,
+              rounds: int) -> None:
     """The denoise step of a running node's NLM route on the series (torch imported once, as in a node), each run
     followed by scikit-image's NLM on the same volume (the reference, under the same load)."""
     import torch  # noqa: F401 - a running node has it; its import is the command's cost, not the step's
 
     from dicom_node.node import Node
-    from dicom_node.series import load_pet_series
-
-    volume = load_pet_series(sorted(p for p in series_dir.rglob("*") if p.is_file())).array
     from dicom_node.rules import load_rules
     from dicom_node.settings import load_settings
 
     rules_path = tmpdir / "nlm.yaml"
     rules_path.write_text("rules:\n  - name: bench-nlm\n    match: {modality: [PT]}\n    denoiser: {name: nlm}\n"
                           f"    destinations: [{{ae_title: SINK, host: 127.0.0.1, port: {sink_port}}}]\n")
-    for i in range(repeats):
+    for i in range(rounds):
         settings = load_settings(None, port=0, bind_address="127.0.0.1", data_dir=tmpdir / f"nlm-node{i}",
                                  completion={"poll_interval_s": 0.05}, send={"poll_interval_s": 0.05},
                                  disk={"min_free_mb": 1}, web={"enabled": False})
@@ -455,11 +459,7 @@ def _concurrent(figures: ReceiveFigures, files: list[Path], tmpdir: Path, repeat
 
 
 def _offline(figures: ReceiveFigures, series_dir: Path, files: list[Path], tmpdir: Path, repeats: int) -> None:
-    """The naive round trip, the denoise commands (time and peak memory) and scikit-image's NLM."""
-    from dicom_node.series import load_pet_series
-
-    volume = load_pet_series(sorted(files)).array
-    figures.volume_mb = volume.astype("float32").nbytes / 2**20
+    """The naive round trip and the denoise commands (time and peak memory)."""
     _, figures.baseline_rss_mb = _run_measured(["--version"])
     figures.libraries_rss_mb = _libraries_rss_mb()
     for i in range(repeats):

@@ -417,6 +417,7 @@ def cmd_bench_receive(args: argparse.Namespace) -> int:
     print(f"floors: petnode's SCU (pynetdicom) sending the {f.instances} files alone to the same storescp "
           f"{send_only:.2f} s ({send_only / naive:.2f}x the naive round trip); an interpreter importing the "
           f"Gaussian command's libraries {libraries:.2f} s ({libraries / naive:.2f}x)")
+
     def scaling(table: dict[int, list[float]], processes: int, own: bool) -> str:
         cells = []
         for n, rates in sorted(table.items()):
